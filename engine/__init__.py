@@ -1,0 +1,25 @@
+"""pibackup-async's engine: configuration, the backup pipeline, and its report."""
+
+from .config import Config as Config
+from .config import load_config as load_config
+from .context import Interruption as Interruption
+from .context import RunOptions as RunOptions
+from .errors import ConfigError as ConfigError
+from .errors import LockHeld as LockHeld
+from .errors import PibackupError as PibackupError
+from .pipeline import run_backup as run_backup
+from .plan import plan_run as plan_run
+from .report import Report as Report
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "Interruption",
+    "LockHeld",
+    "PibackupError",
+    "Report",
+    "RunOptions",
+    "load_config",
+    "plan_run",
+    "run_backup",
+]

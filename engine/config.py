@@ -74,9 +74,17 @@ class _SourceBase(_Model, tag_field="type"):
 class RsyncSource(_SourceBase, tag="rsync"):
     exclude: list[str] = []
 
+    @property
+    def kind(self) -> str:
+        return "rsync"
+
 
 class BtrfsSource(_SourceBase, tag="btrfs"):
     snapshot_dir: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return "btrfs"
 
 
 Source = RsyncSource | BtrfsSource

@@ -1,0 +1,131 @@
+"""The subcommands: each loads the configuration, calls the engine and returns an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections.abc import Callable
+
+import anyio
+import structlog
+from anyio.abc import TaskStatus
+
+from pibackup_async.engine import (
+    Config,
+    ConfigError,
+    Interruption,
+    LockHeld,
+    Report,
+    RunOptions,
+    load_config,
+    plan_run,
+    run_backup,
+)
+
+from .logs import configure_logging
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
+
+log = structlog.get_logger("pibackup")
+
+# Filesystems that cannot keep owners, ACLs or xattrs (NOTES pitfall 13).
+_POOR_FILESYSTEMS = {"vfat", "msdos", "exfat", "fat", "ntfs", "fuseblk"}
+
+
+def dispatch(args: argparse.Namespace, config_path: str) -> int:
+    configure_logging(args.log_format, -1 if args.quiet else (1 if args.verbose else 0))
+    try:
+        config = load_config(config_path)
+    except ConfigError as e:
+        for problem in e.problems:
+            print(f"error: {e.path}: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    command: Callable[[argparse.Namespace, Config], int] = {
+        "run": _run, "check": _check, "list": _unsupported, "prune": _unsupported,
+    }[args.command]
+    return command(args, config)
+
+
+def _unsupported(args: argparse.Namespace, config: Config) -> int:
+    print(f"error: `{args.command}` is not supported yet by this version", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _run(args: argparse.Namespace, config: Config) -> int:
+    if args.dry_run:
+        print("\n".join(plan_run(config, args.jobs)))
+        return EXIT_OK
+    options = RunOptions(jobs=args.jobs, no_report=args.no_report)
+    interruption = Interruption()
+    try:
+        report = anyio.run(_run_with_signals, config, options, interruption, backend="asyncio")
+    except LockHeld as e:
+        print(f"error: another run holds the lock {e.lock_path}; not starting", file=sys.stderr)
+        return EXIT_LOCKED
+    if report.status == "interrupted":
+        return 128 + (interruption.signum or signal.SIGINT)
+    if report.status != "ok" or report.delivery.status == "failed":
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+async def _run_with_signals(config: Config, options: RunOptions,
+                            interruption: Interruption) -> Report:
+    async with anyio.create_task_group() as tg:
+        await tg.start(_watch_signals, interruption)
+        report = await run_backup(config, options, interruption)
+        tg.cancel_scope.cancel()
+    return report
+
+
+async def _watch_signals(interruption: Interruption,
+                         *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+    # Children run in their own sessions and never see the terminal's
+    # Ctrl-C (NOTES pitfall 2): the engine must catch it and end them.
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
+        async for signum in signals:
+            interruption.trigger(signum)
+
+
+def _check(args: argparse.Namespace, config: Config) -> int:
+    dest = config.destination
+    if not os.path.isdir(dest):
+        log.warning("destination does not exist (yet): a backup hook may mount or create it",
+                    destination=dest)
+    else:
+        fstype = _filesystem_type(dest)
+        keeps_all = not any(
+            "--no-A" in s.rsync_args and "--no-X" in s.rsync_args for s in config.sources)
+        if fstype in _POOR_FILESYSTEMS and keeps_all:
+            log.warning(f"the destination's filesystem ({fstype}) cannot keep owners, ACLs or "
+                        'xattrs; add rsync_args = ["--no-A", "--no-X"] to the sources',
+                        destination=dest)
+    if args.connect or args.send_test:
+        print("error: --connect and --send-test are not supported yet by this version",
+              file=sys.stderr)
+        return EXIT_USAGE
+    print(f"{args.config or 'configuration'}: ok ({len(config.sources)} sources, "
+          f"{len(config.backup_hooks) + len(config.snapshot_hooks)} hooks)", file=sys.stderr)
+    return EXIT_OK
+
+
+def _filesystem_type(path: str) -> str | None:
+    """The type of the filesystem that holds ``path``, from /proc/self/mounts."""
+    best, best_type = "", None
+    real = os.path.realpath(path)
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                mount = fields[1].replace("\\040", " ")
+                if (real == mount or real.startswith(mount.rstrip("/") + "/")) and len(
+                        mount) >= len(best):
+                    best, best_type = mount, fields[2]
+    except OSError:
+        return None
+    return best_type

@@ -1,0 +1,66 @@
+"""The ``pibackup-async`` command: parse arguments, call the engine, map the outcome to an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
+DEFAULT_CONFIG = "/etc/pibackup-async/config.toml"
+
+
+def _jobs(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pibackup-async",
+        description="Concurrent backups of a small server: hooks, rsync sources, reports.",
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", help="configuration file (default: $PIBACKUP_CONFIG, "
+                        f"then {DEFAULT_CONFIG})")
+    common.add_argument("--log-format", choices=("console", "json"), default="console",
+                        help="log lines on stderr: human-readable (default) or JSON")
+    noise = common.add_mutually_exclusive_group()
+    noise.add_argument("-v", "--verbose", action="store_true", help="debug logs")
+    noise.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", parents=[common], help="make one backup")
+    run.add_argument("-j", "--jobs", type=_jobs, help="sources at once (overrides concurrency)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print every step and command, change nothing")
+    run.add_argument("--no-report", action="store_true",
+                     help="send no mail (the JSON report is still written)")
+
+    check = commands.add_parser("check", parents=[common], help="validate the configuration")
+    check.add_argument("--connect", action="store_true",
+                       help="also connect to SSH hosts and the mail server")
+    check.add_argument("--send-test", action="store_true", help="mail a test message")
+
+    listing = commands.add_parser("list", parents=[common], help="list backups")
+    listing.add_argument("--json", action="store_true", help="a JSON array instead of a table")
+
+    prune = commands.add_parser("prune", parents=[common], help="apply retention alone")
+    prune.add_argument("--dry-run", action="store_true", help="say what would go, delete nothing")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        from .commands import dispatch  # deferred: `--help` stays fast
+
+        return dispatch(args, args.config or os.environ.get("PIBACKUP_CONFIG") or DEFAULT_CONFIG)
+    except KeyboardInterrupt:
+        # A Ctrl-C before the run installed its own handler: nothing started yet.
+        print("pibackup-async: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT

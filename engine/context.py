@@ -1,0 +1,122 @@
+"""What one run knows about itself while it goes: names, paths, report, failure, interruption."""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+
+import anyio
+import structlog
+
+from .config import Config
+from .destination import Entry
+from .names import IN_PROGRESS
+from .report import Report
+
+log = structlog.get_logger("pibackup")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What the command line may change about a run."""
+
+    jobs: int | None = None
+    no_report: bool = False
+
+
+class StepFailed(Exception):
+    """A step failed; the reason is already recorded as the run's failure."""
+
+
+class CriticalStop(Exception):
+    """A critical hook failed: stop at once, as a crash would (SPEC §2)."""
+
+
+class Interruption:
+    """The bridge from a signal handler to the run's cancel scope.
+
+    Only the first signal cancels; later ones are remembered but change
+    nothing, so a second Ctrl-C cannot skip the post hooks.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._scope: anyio.CancelScope | None = None
+
+    def attach(self, scope: anyio.CancelScope) -> None:
+        self._scope = scope
+        if self.signum is not None:
+            scope.cancel()
+
+    def trigger(self, signum: int) -> None:
+        if self.signum is not None:
+            log.warning("signal received again; still cleaning up",
+                        signal=signal.Signals(signum).name)
+            return
+        self.signum = signum
+        log.warning("signal received; cancelling the run", signal=signal.Signals(signum).name)
+        if self._scope is not None:
+            self._scope.cancel()
+
+    @property
+    def happened(self) -> bool:
+        return self.signum is not None
+
+
+class RunContext:
+    """The state of one run, shared by the pipeline's steps."""
+
+    def __init__(self, config: Config, options: RunOptions, name: str,
+                 interruption: Interruption, report: Report) -> None:
+        self.config = config
+        self.options = options
+        self.name = name
+        self.interruption = interruption
+        self.report = report
+        self.destination = config.destination
+        self.final_dir = os.path.join(config.destination, name)
+        self.in_progress_dir = self.final_dir + IN_PROGRESS
+        self.in_progress_created = False
+        # The complete backups found at step 1, newest first (link-dest, parents).
+        self.previous: list[Entry] = []
+        self.halted = False
+
+    @property
+    def concurrency(self) -> int:
+        return self.report.concurrency
+
+    @property
+    def backup_dir(self) -> str:
+        """``PIBACKUP_BACKUP_DIR``: the in-progress path while it exists, then the final one."""
+        if self.report.saved:
+            return self.final_dir
+        return self.in_progress_dir
+
+    def fail(self, message: str) -> None:
+        """Record a failure; the first one is the run's ``failure``."""
+        log.error(message)
+        if self.report.failure is None:
+            self.report.failure = message
+
+    @property
+    def post_status(self) -> str:
+        """``PIBACKUP_STATUS`` for a post hook starting now."""
+        if self.interruption.happened:
+            return "interrupted"
+        return "failed" if self.report.failure is not None else "ok"
+
+    def hook_env(self, phase: str, extra: dict[str, str]) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(extra)
+        env.update(
+            PIBACKUP_NAME=self.name,
+            PIBACKUP_DESTINATION=self.destination,
+            PIBACKUP_BACKUP_DIR=self.final_dir if phase == "post" else self.backup_dir,
+            PIBACKUP_PHASE=phase,
+        )
+        if phase == "post":
+            env["PIBACKUP_STATUS"] = self.post_status
+        else:
+            env.pop("PIBACKUP_STATUS", None)
+        return env

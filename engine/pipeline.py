@@ -1,0 +1,266 @@
+"""One backup run: the seven steps of SPEC §2, in ``_steps``, each step a call."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+
+import anyio
+import structlog
+from structlog.contextvars import bound_contextvars
+
+from .config import Config, Hook, RsyncSource, Source
+from .context import CriticalStop, Interruption, RunContext, RunOptions, StepFailed
+from .destination import (
+    choose_name,
+    clean_stale,
+    complete,
+    name_is_free,
+    newest_holding,
+    remove_tree,
+    run_lock,
+    scan,
+    space,
+)
+from .hooks import Kind, hook_stage
+from .report import (
+    DestinationSpace,
+    HookStep,
+    Report,
+    SourceReport,
+    Step,
+    now,
+    write_report,
+)
+from .pruning import prune
+from .sources import rsync
+from .sources.errors import SourceError
+
+log = structlog.get_logger("pibackup")
+
+
+async def run_backup(config: Config, options: RunOptions, interruption: Interruption) -> Report:
+    """Make one backup as SPEC §2 describes, and write its report.
+
+    Returns the report (its ``status`` says how the run went). Raises
+    LockHeld, before anything is touched, if another run holds the lock.
+    """
+    name, started = await choose_name(config.destination)
+    report = Report(name=name, start=started.isoformat(),
+                    concurrency=options.jobs or config.concurrency)
+    for source in config.sources:
+        report.sources[source.name] = SourceReport(
+            type=source.kind, save=None if isinstance(source, RsyncSource) else Step())
+    ctx = RunContext(config, options, name, interruption, report)
+    os.makedirs(config.state_dir, exist_ok=True)
+    with run_lock(config.lock_path), bound_contextvars(backup=name):  # step 0
+        log.info("run started", destination=config.destination, concurrency=ctx.concurrency)
+        t0 = time.monotonic()
+        with anyio.CancelScope() as scope:
+            interruption.attach(scope)
+            try:
+                await _steps(ctx)
+            except (StepFailed, CriticalStop):
+                pass
+        _finish_report(ctx, time.monotonic() - t0)
+        path = write_report(report, config.reports_dir)
+        log.info("run finished", status=report.status, saved=report.saved,
+                 duration_s=report.duration_s, report=path)
+    return report
+
+
+async def _steps(ctx: RunContext) -> None:
+    config = ctx.config
+    async with hook_stage(ctx, "backup", config.backup_hooks):  # 1 (and 7 on the way out)
+        await _open_destination(ctx)  # 1
+        try:
+            with _snapshot_window(ctx):
+                async with hook_stage(ctx, "snapshot", config.snapshot_hooks):  # 2 (and 4)
+                    await _for_each_source(ctx, _snapshot)  # 3
+            await _for_each_source(ctx, _save)  # 5
+            await _finish_backup(ctx)  # 6
+        finally:
+            await _discard_unfinished(ctx)
+
+
+# --- step 1 -----------------------------------------------------------------------
+
+
+async def _open_destination(ctx: RunContext) -> None:
+    """Check the destination, clean up after crashed runs, create ``<name>.in-progress``."""
+    dest = ctx.destination
+    if not os.path.isdir(dest):
+        _fail(ctx, f"destination {dest} does not exist (is the backup disk mounted?)")
+    if ctx.config.require_mountpoint and not os.path.ismount(dest):
+        _fail(ctx, f"destination {dest} is not a mount point (require_mountpoint = true)")
+    entries = scan(dest)
+    done = complete(entries)
+    started = now()
+    if done and done[0].time > started:
+        _fail(ctx, f"destination: the clock reads {started.isoformat()}, earlier than the "
+                   f"newest backup {done[0].name}; is the time set (NTP synced)?")
+    if not name_is_free(dest, ctx.name):
+        _fail(ctx, f"destination: the backup name {ctx.name} is already taken")
+    await clean_stale(dest, entries)
+    ctx.previous = done
+    os.mkdir(ctx.in_progress_dir)
+    ctx.in_progress_created = True
+    log.info("in-progress folder created", folder=ctx.in_progress_dir)
+
+
+def _fail(ctx: RunContext, message: str) -> None:
+    ctx.fail(message)
+    raise StepFailed(message)
+
+
+# --- steps 3 and 5 ------------------------------------------------------------------
+
+Work = Callable[[RunContext, Source, Step], Awaitable[int]]
+
+
+async def _for_each_source(ctx: RunContext, work: Work) -> None:
+    """Run ``work`` for every source, concurrently, at most ``concurrency`` at once.
+
+    A required source's failure cancels the others (their processes are
+    ended as groups) and fails the step; an optional one's only removes its
+    own folder from the backup.
+    """
+    limiter = anyio.CapacityLimiter(ctx.concurrency)
+    failed_required = False
+
+    async def one(source: Source) -> None:
+        nonlocal failed_required
+        record = ctx.report.sources[source.name]
+        step = record.snapshot if work is _snapshot else record.save
+        if step is None or record.status in ("failed",):
+            return
+        async with limiter:
+            with bound_contextvars(source=source.name):
+                problem = await _run_step(ctx, source, step, work, record)
+        if problem is None:
+            return
+        ctx.fail(f'source "{source.name}" {"snapshot" if work is _snapshot else "save"} '
+                 f"failed: {problem}")
+        record.status = "failed"
+        if source.optional:
+            await remove_tree(os.path.join(ctx.in_progress_dir, source.name))
+        else:
+            failed_required = True
+            tg.cancel_scope.cancel()
+
+    async with anyio.create_task_group() as tg:
+        for source in ctx.config.sources:
+            tg.start_soon(one, source)
+    if failed_required:
+        raise StepFailed("a source failed")
+
+
+async def _run_step(ctx: RunContext, source: Source, step: Step, work: Work,
+                    record: SourceReport) -> str | None:
+    """Run one source's step with its timeout; return what went wrong, or None."""
+    kind = "snapshot" if work is _snapshot else "save"
+    log.info(f"{kind} started")
+    try:
+        with anyio.fail_after(source.timeout_s):
+            record.bytes += await work(ctx, source, step)
+    except anyio.get_cancelled_exc_class():
+        step.finish("cancelled")
+        record.status = "cancelled"
+        log.warning(f"{kind} cancelled", duration_s=step.duration_s)
+        raise
+    except TimeoutError:
+        problem = f"timed out after {source.timeout}"
+    except (SourceError, OSError) as e:
+        problem = str(e)
+    else:
+        step.finish("ok")
+        log.info(f"{kind} finished", duration_s=step.duration_s, bytes=record.bytes)
+        return None
+    if step.start is None:
+        step.begin()
+    step.finish("failed")
+    log.error(f"{kind} failed", problem=problem, duration_s=step.duration_s)
+    return problem
+
+
+async def _snapshot(ctx: RunContext, source: Source, step: Step) -> int:
+    if not isinstance(source, RsyncSource):
+        raise SourceError("btrfs sources are not supported yet")
+    link_dest = newest_holding(ctx.destination, ctx.previous, source.name)
+    argv = rsync.rsync_argv(ctx.config, source, os.path.join(ctx.in_progress_dir, source.name),
+                            link_dest)
+    return await rsync.copy(argv, source.rsync_ok_codes, step)
+
+
+async def _save(ctx: RunContext, source: Source, step: Step) -> int:
+    raise SourceError("btrfs sources are not supported yet")
+
+
+@contextmanager
+def _snapshot_window(ctx: RunContext) -> Iterator[None]:
+    t0 = time.monotonic()
+    try:
+        yield
+    finally:
+        ctx.report.snapshot_window_s = round(time.monotonic() - t0, 6)
+        log.info("snapshot window closed", duration_s=ctx.report.snapshot_window_s)
+
+
+# --- step 6 and the clean-up --------------------------------------------------------
+
+
+async def _finish_backup(ctx: RunContext) -> None:
+    """Rename the in-progress folder to the backup's name, then apply retention."""
+    os.rename(ctx.in_progress_dir, ctx.final_dir)
+    ctx.report.saved = True
+    log.info("backup saved", folder=ctx.final_dir)
+    retention = ctx.report.retention
+    await prune(ctx.config, retention, protect=ctx.name)
+    if retention.errors:
+        ctx.fail(f"retention: {retention.errors[0]}")
+
+
+async def _discard_unfinished(ctx: RunContext) -> None:
+    """Remove this run's in-progress folder unless the backup was saved.
+
+    After a critical hook's failure nothing is cleaned, as after a crash;
+    the next run removes it.
+    """
+    if ctx.report.saved or not ctx.in_progress_created or ctx.halted:
+        return
+    log.info("removing the unfinished backup", folder=ctx.in_progress_dir)
+    await remove_tree(ctx.in_progress_dir)
+
+
+# --- the report -----------------------------------------------------------------------
+
+
+def _finish_report(ctx: RunContext, duration: float) -> None:
+    report = ctx.report
+    report.end = now().isoformat()
+    report.duration_s = round(duration, 6)
+    if ctx.interruption.happened:
+        report.status = "interrupted"
+    elif report.failure is not None:
+        report.status = "failed"
+    ran = {(h.hook, h.phase) for h in report.hooks}
+    stages: tuple[tuple[Kind, list[Hook]], ...] = (
+        ("backup", ctx.config.backup_hooks), ("snapshot", ctx.config.snapshot_hooks))
+    for kind, hooks in stages:
+        for hook in hooks:
+            if hook.pre is not None and (hook.name, "pre") not in ran:
+                report.hooks.append(HookStep(hook=hook.name, kind=kind, phase="pre"))
+            if hook.post is not None and (hook.name, "post") not in ran:
+                report.hooks.append(HookStep(hook=hook.name, kind=kind, phase="post"))
+    total = 0.0
+    for record in report.sources.values():
+        steps = [record.snapshot] + ([record.save] if record.save is not None else [])
+        total += sum(s.duration_s or 0.0 for s in steps)
+        if record.status == "skipped" and steps[0].status != "skipped":
+            record.status = "ok" if all(s.status == "ok" for s in steps) else steps[0].status
+    report.source_seconds_total = round(total, 6)
+    free_total = space(ctx.destination)
+    report.destination = None if free_total is None else DestinationSpace(*free_total)
+

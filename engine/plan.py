@@ -1,0 +1,89 @@
+"""The ``--dry-run`` plan: every step a run would take, in order, with the exact commands.
+
+It reads the destination as it is now and changes nothing: no lock, no
+hook, no folder, no report.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from datetime import datetime
+
+from .config import Config, Hook, RsyncSource
+from .destination import complete, newest_holding, scan
+from .hooks import hook_argv
+from .names import DELETING, IN_PROGRESS, format_name
+from .retention import plan_retention
+from .sources import rsync
+
+
+def _hooks(lines: list[str], hooks: list[Hook], phase: str) -> None:
+    ordered = hooks if phase == "pre" else list(reversed(hooks))
+    commands = [(h, h.pre if phase == "pre" else h.post) for h in ordered]
+    commands = [(h, c) for h, c in commands if c is not None]
+    if not commands:
+        lines.append("   (no hook)")
+    for hook, command in commands:
+        assert command is not None
+        where = f" on {hook.host}" if hook.host else ""
+        lines.append(f"   - {hook.name}{where} (timeout {hook.timeout}"
+                     f"{', critical' if hook.critical else ''}): {shlex.join(hook_argv(command))}")
+
+
+def plan_run(config: Config, jobs: int | None = None) -> list[str]:
+    """The lines of the plan of ``run`` with this configuration."""
+    name = format_name(datetime.now().astimezone())
+    dest = config.destination
+    visible = os.path.isdir(dest)
+    entries = scan(dest) if visible else []
+    previous = complete(entries)
+    in_progress = os.path.join(dest, name + IN_PROGRESS)
+    lines = [
+        f"Plan of a run (dry run: nothing is changed). Backup name: {name} "
+        "(fixed again when the run starts)",
+        f"0. take the lock {config.lock_path}",
+        "1. backup hooks, pre, in order:",
+    ]
+    _hooks(lines, config.backup_hooks, "pre")
+    if not visible:
+        lines.append(f"   then check that {dest} exists (it does not now: a backup hook may "
+                     "mount it; stale folders, link-dest and retention are decided then)")
+    else:
+        stale = [e.folder for e in entries if e.state != "complete"]
+        for folder in stale:
+            verb = "remove" if folder.endswith(IN_PROGRESS) else "finish deleting"
+            lines.append(f"   then {verb} {os.path.join(dest, folder)} (left by a crashed run)")
+        if config.require_mountpoint:
+            lines.append(f"   then check that {dest} is a mount point")
+    lines.append(f"   then create {in_progress}/")
+    lines.append("2. snapshot hooks, pre, in order:")
+    _hooks(lines, config.snapshot_hooks, "pre")
+    concurrency = jobs or config.concurrency
+    lines.append(f"3. snapshots, concurrently, at most {concurrency} at a time:")
+    for source in config.sources:
+        target = os.path.join(in_progress, source.name)
+        if isinstance(source, RsyncSource):
+            link_dest = newest_holding(dest, previous, source.name) if visible else None
+            argv = rsync.rsync_argv(config, source, target, link_dest)
+            note = "" if visible else "  (--link-dest decided at run time)"
+            lines.append(f"   - {source.name}: {shlex.join(argv)}{note}")
+    lines.append("4. snapshot hooks, post, in reverse order:")
+    _hooks(lines, config.snapshot_hooks, "post")
+    lines.append("5. save snapshots: nothing to do for rsync sources")
+    lines.append(f"6. rename {in_progress} to {os.path.join(dest, name)}")
+    if config.retention is None:
+        lines.append("   retention: none configured, every backup is kept")
+    elif not visible:
+        lines.append("   retention: what it deletes is decided at run time")
+    else:
+        plan = plan_retention([e.name for e in previous] + [name], config.retention)
+        for gone in plan.deleted:
+            lines.append(f"   retention: delete {os.path.join(dest, gone)} "
+                         f"(renamed to {gone}{DELETING} first)")
+        if not plan.deleted:
+            lines.append("   retention: nothing to delete")
+    lines.append("7. backup hooks, post, in reverse order:")
+    _hooks(lines, config.backup_hooks, "post")
+    lines.append(f"then write the report {os.path.join(config.reports_dir, name + '.json')}")
+    return lines

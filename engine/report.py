@@ -1,0 +1,132 @@
+"""The run report (SPEC §6): msgspec structs, built as the run goes, written as JSON."""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import datetime
+from typing import Literal
+
+import msgspec
+from msgspec import Struct
+
+Status = Literal["ok", "failed", "cancelled", "skipped"]
+RunStatus = Literal["ok", "failed", "interrupted"]
+KEEP_REPORTS = 100
+
+
+def now() -> datetime:
+    """The local time, aware, with sub-second precision."""
+    return datetime.now().astimezone()
+
+
+class Step(Struct, kw_only=True):
+    """One timed piece of work: a hook phase, or a source's snapshot or save."""
+
+    status: Status = "skipped"
+    start: str | None = None
+    end: str | None = None
+    duration_s: float | None = None
+    exit_code: int | None = None
+    stderr_tail: str = ""
+    command: list[str] | None = None
+    _t0: float = 0.0
+
+    def begin(self, command: list[str] | None = None) -> None:
+        self.start = now().isoformat()
+        self._t0 = time.monotonic()
+        self.command = command
+
+    def finish(self, status: Status) -> None:
+        self.status = status
+        if self.start is not None:
+            self.end = now().isoformat()
+            self.duration_s = round(time.monotonic() - self._t0, 6)
+
+
+class HookStep(Step, kw_only=True):
+    hook: str
+    kind: Literal["backup", "snapshot"]
+    phase: Literal["pre", "post"]
+
+
+class SourceReport(Struct, kw_only=True):
+    type: str
+    status: Status = "skipped"
+    bytes: int = 0
+    snapshot: Step = msgspec.field(default_factory=Step)
+    save: Step | None = None
+
+
+class DestinationSpace(Struct):
+    free_bytes: int
+    total_bytes: int
+
+
+class RetentionResult(Struct):
+    kept: dict[str, list[str]] = {}
+    deleted: list[str] = []
+    errors: list[str] = []
+
+
+class Delivery(Struct):
+    status: Literal["sent", "failed", "skipped"] = "skipped"
+    error: str | None = None
+
+
+class Report(Struct, kw_only=True):
+    name: str
+    status: RunStatus = "ok"
+    saved: bool = False
+    start: str
+    end: str | None = None
+    duration_s: float | None = None
+    concurrency: int
+    failure: str | None = None
+    hooks: list[HookStep] = []
+    sources: dict[str, SourceReport] = {}
+    snapshot_window_s: float | None = None
+    source_seconds_total: float = 0.0
+    destination: DestinationSpace | None = None
+    retention: RetentionResult = msgspec.field(default_factory=RetentionResult)
+    delivery: Delivery = msgspec.field(default_factory=Delivery)
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode_report(report: Report) -> bytes:
+    """The report as indented JSON, without the engine's private bookkeeping."""
+    data = msgspec.to_builtins(report)
+    _strip(data)
+    return msgspec.json.format(_encoder.encode(data), indent=2) + b"\n"
+
+
+def _strip(data: object) -> None:
+    if isinstance(data, dict):
+        for key in [k for k in data if k.startswith("_")]:
+            del data[key]
+        for value in data.values():
+            _strip(value)
+    elif isinstance(data, list):
+        for value in data:
+            _strip(value)
+
+
+def write_report(report: Report, reports_dir: str) -> str:
+    """Write ``<reports_dir>/<name>.json`` atomically; keep the newest 100 reports."""
+    os.makedirs(reports_dir, exist_ok=True)
+    path = os.path.join(reports_dir, f"{report.name}.json")
+    partial = path + ".partial"
+    with open(partial, "wb") as f:
+        f.write(encode_report(report))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)
+    reports = sorted(
+        (e for e in os.scandir(reports_dir) if e.name.endswith(".json")),
+        key=lambda e: e.stat().st_mtime,
+    )
+    for old in reports[:-KEEP_REPORTS]:
+        os.unlink(old.path)
+    return path

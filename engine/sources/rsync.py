@@ -1,0 +1,79 @@
+"""rsync sources: one copy into the in-progress folder, hard-linked against the last backup."""
+
+from __future__ import annotations
+
+import os
+import re
+
+from ..config import Config, RsyncSource
+from ..processes import describe_exit, run_process
+from ..report import Step
+from .errors import SourceError
+
+# Everything a restore needs: archive mode (permissions, times, symlinks,
+# devices and owners when root), hard links, ACLs, xattrs, numeric owners so
+# a restore onto a fresh system does not remap ids by name, sparse files.
+# --stats gives the transferred size for the report.
+RSYNC_BASE = ("rsync", "-aHAX", "--numeric-ids", "--sparse", "--stats")
+
+_TRANSFERRED = re.compile(r"Total transferred file size: ([\d,.]+)")
+
+
+def _escape(pattern: str) -> str:
+    # rsync treats * ? [ as wildcards; a backslash escapes them only in a
+    # pattern that has one, which is exactly when escaping matters.
+    return re.sub(r"([*?\[\\])", r"\\\1", pattern)
+
+
+def _inside(child: str, parent: str) -> bool:
+    child, parent = os.path.normpath(child), os.path.normpath(parent)
+    return child != parent and (parent == "/" or child.startswith(parent + "/"))
+
+
+def auto_excludes(config: Config, source_path: str) -> list[str]:
+    """Anchored excludes for the engine's own folders that lie inside the source.
+
+    Backing up ``/`` to ``/mnt/backup`` must not copy the backups into
+    themselves, nor the state folder or the lock.
+    """
+    own = [config.destination, config.state_dir, config.lock_path]
+    own += [s.snapshot_dir for s in config.sources if getattr(s, "snapshot_dir", None)]
+    excludes = []
+    for path in own:
+        if isinstance(path, str) and _inside(path, source_path):
+            rel = os.path.relpath(os.path.normpath(path), os.path.normpath(source_path))
+            excludes.append(f"--exclude=/{_escape(rel)}")
+    return excludes
+
+
+def rsync_argv(config: Config, source: RsyncSource, target: str,
+               link_dest: str | None) -> list[str]:
+    """The exact rsync command for a local source copied into ``target``."""
+    argv = list(RSYNC_BASE)
+    argv += auto_excludes(config, source.path)
+    argv += [f"--exclude={pattern}" for pattern in source.exclude]
+    if link_dest is not None:
+        argv.append(f"--link-dest={link_dest}")
+    argv += source.rsync_args
+    # A trailing slash copies the contents of the folder, whichever way the
+    # user wrote the path.
+    argv += [source.path.rstrip("/") + "/", target.rstrip("/") + "/"]
+    return argv
+
+
+def transferred_bytes(stdout: str) -> int:
+    """rsync's "Total transferred file size" from ``--stats`` output (0 if absent)."""
+    match = _TRANSFERRED.search(stdout)
+    return int(re.sub(r"[,.]", "", match.group(1))) if match else 0
+
+
+async def copy(argv: list[str], ok_codes: list[int], step: Step) -> int:
+    """Run one rsync; return the bytes it transferred; raise SourceError if it failed."""
+    step.begin(argv)
+    finished = await run_process(argv, stdout_lines=40)
+    step.exit_code = finished.exit_code
+    step.stderr_tail = finished.stderr.text()
+    if finished.exit_code not in ok_codes:
+        last = finished.stderr.lines[-1] if finished.stderr.lines else "no error output"
+        raise SourceError(f"rsync {describe_exit(finished.exit_code)}: {last}")
+    return transferred_bytes(finished.stdout.text())

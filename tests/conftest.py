@@ -1,0 +1,131 @@
+"""Shared fixtures: a private workspace per test and the real CLI run as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+CLI = [sys.executable, "-m", "pibackup_async.cli"]
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+needs_rsync = pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync is not installed")
+
+
+def processes_mentioning(text: str) -> list[tuple[int, str]]:
+    """Live (non-zombie) processes whose command line contains ``text``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{entry}/stat") as f:
+                state = f.read().rpartition(")")[2].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and text in cmdline:
+            found.append((int(entry), cmdline))
+    return found
+
+
+def wait_for(predicate: Any, timeout: float = 30.0, what: str = "condition") -> None:
+    """Poll ``predicate`` until it is true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+class Workspace:
+    """A test's own folders: sources, destination, state, and a hook event log."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.dest = root / "dest"
+        self.state = root / "state"
+        self.src = root / "src"
+        self.events = root / "events.log"
+        self.markers = root / "markers"
+        for d in (self.dest, self.src, self.markers):
+            d.mkdir()
+        self.config_path = root / "config.toml"
+
+    def make_source(self, name: str, files: dict[str, str] | None = None) -> Path:
+        path = self.src / name
+        path.mkdir(parents=True, exist_ok=True)
+        for rel, content in (files or {"file.txt": f"content of {name}\n"}).items():
+            target = path / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(content)
+        return path
+
+    def write_config(self, body: str, *, header: str = "") -> Path:
+        """Write a config: ``header`` top-level keys, then ``body`` (tables)."""
+        text = (
+            f'destination = "{self.dest}"\n'
+            f'state_dir = "{self.state}"\n'
+            f"{header}\n{body}\n"
+        )
+        self.config_path.write_text(text)
+        return self.config_path
+
+    def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        env = dict(os.environ)
+        env["EVENTS"] = str(self.events)
+        env["MARKERS"] = str(self.markers)
+        env.update(extra or {})
+        return env
+
+    def run(self, *args: str, timeout: float = 120, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*CLI, *args, "-c", str(self.config_path)],
+            capture_output=True, text=True, timeout=timeout, env=self.env(env),
+        )
+
+    def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [*CLI, *args, "-c", str(self.config_path)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env(env),
+        )
+
+    def event_lines(self) -> list[str]:
+        if not self.events.exists():
+            return []
+        return self.events.read_text().splitlines()
+
+    def backups(self) -> list[str]:
+        return sorted(p.name for p in self.dest.iterdir())
+
+    def reports(self) -> list[Path]:
+        folder = self.state / "reports"
+        return sorted(folder.glob("*.json")) if folder.exists() else []
+
+    def report(self) -> dict[str, Any]:
+        reports = self.reports()
+        assert reports, "no report was written"
+        return dict(json.loads(reports[-1].read_text()))
+
+
+@pytest.fixture
+def ws(tmp_path: Path) -> Iterator[Workspace]:
+    workspace = Workspace(tmp_path)
+    yield workspace
+    # Whatever a failed test left running is ended, so later tests start clean.
+    for pid, _ in processes_mentioning(str(tmp_path)):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -1,0 +1,340 @@
+"""Configuration: every refusal of SPEC §4 through ``check``/``run``, and ``load_config`` itself.
+
+A refused config exits 2 with a message naming the file and the key path,
+no traceback, and nothing created on disk.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import pytest
+from datakit import rsync_source, table, write_raw_config
+from pibackup_async.engine.config import load_config
+from pibackup_async.engine.durations import parse_duration
+from pibackup_async.engine.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from conftest import Workspace
+
+# Placeholders filled per workspace: {dest}, {state}, {src}, {root}.
+HEAD = 'destination = "{dest}"\nstate_dir = "{state}"\n'
+SOURCE = '[[sources]]\nname = "data"\ntype = "rsync"\npath = "{src}/data"\n'
+HOOK = '[[backup_hooks]]\nname = "mount"\npre = "echo pre >> \\"$EVENTS\\""\n'
+
+# (id, config text, key paths the message must name)
+REFUSED: list[tuple[str, str, list[str]]] = [
+    ("relative-destination",
+     'destination = "backups"\nstate_dir = "{state}"\n' + SOURCE, ["destination"]),
+    ("relative-state-dir",
+     'destination = "{dest}"\nstate_dir = "state"\n' + SOURCE, ["state_dir"]),
+    ("relative-lock-file",
+     HEAD + 'lock_file = "run.lock"\n' + SOURCE, ["lock_file"]),
+    ("relative-source-path",
+     HEAD + '[[sources]]\nname = "data"\ntype = "rsync"\npath = "srv/data"\n',
+     ["sources[0].path"]),
+    ("missing-destination",
+     'state_dir = "{state}"\n' + SOURCE, ["destination"]),
+    ("destination-is-a-source",
+     HEAD + SOURCE + '[[sources]]\nname = "d"\ntype = "rsync"\npath = "{dest}"\n',
+     ["sources[1].path"]),
+    ("destination-is-a-source-with-slash",
+     HEAD + '[[sources]]\nname = "d"\ntype = "rsync"\npath = "{dest}/"\n',
+     ["sources[0].path"]),
+    ("source-inside-destination",
+     HEAD + '[[sources]]\nname = "d"\ntype = "rsync"\npath = "{dest}/old/stuff"\n',
+     ["sources[0].path"]),
+    ("destination-inside-btrfs-source",
+     HEAD + '[[sources]]\nname = "root"\ntype = "btrfs"\npath = "{root}"\n',
+     ["sources[0].path"]),
+    ("duplicate-source-names",
+     HEAD + SOURCE + SOURCE, ["sources[1].name"]),
+    ("duplicate-hook-names-across-tables",
+     HEAD + HOOK + '[[snapshot_hooks]]\nname = "mount"\npost = "true"\n' + SOURCE,
+     ["snapshot_hooks[0].name"]),
+    ("duplicate-hook-names",
+     HEAD + HOOK + HOOK + SOURCE, ["backup_hooks[1].name"]),
+    ("source-name-with-slash",
+     HEAD + '[[sources]]\nname = "a/b"\ntype = "rsync"\npath = "{src}/data"\n',
+     ["sources[0].name"]),
+    ("source-name-dotdot",
+     HEAD + '[[sources]]\nname = ".."\ntype = "rsync"\npath = "{src}/data"\n',
+     ["sources[0].name"]),
+    ("source-name-hidden",
+     HEAD + '[[sources]]\nname = ".hidden"\ntype = "rsync"\npath = "{src}/data"\n',
+     ["sources[0].name"]),
+    ("source-name-empty",
+     HEAD + '[[sources]]\nname = ""\ntype = "rsync"\npath = "{src}/data"\n',
+     ["sources[0].name"]),
+    ("snapshot-dir-on-rsync",
+     HEAD + SOURCE + 'snapshot_dir = "{root}/snaps"\n', ["sources[0].snapshot_dir"]),
+    ("undefined-host-in-source",
+     HEAD + SOURCE + 'host = "nas"\n', ["sources[0].host"]),
+    ("undefined-host-in-hook",
+     HEAD + HOOK + 'host = "nas"\n' + SOURCE, ["backup_hooks[0].host"]),
+    ("hook-without-pre-or-post",
+     HEAD + '[[snapshot_hooks]]\nname = "nothing"\n' + SOURCE, ["snapshot_hooks[0]"]),
+    ("concurrency-zero",
+     HEAD + "concurrency = 0\n" + SOURCE, ["concurrency"]),
+    ("concurrency-negative",
+     HEAD + "concurrency = -3\n" + SOURCE, ["concurrency"]),
+    ("inline-password",
+     HEAD + SOURCE + '[report]\nfrom = "a@b.c"\nto = ["d@e.f"]\n'
+     '[report.smtp]\nhost = "smtp.example.com"\npassword = "hunter2"\n',
+     ["report.smtp.password"]),
+    ("exclude-on-btrfs",
+     HEAD + '[[sources]]\nname = "vol"\ntype = "btrfs"\npath = "{src}/vol"\n'
+     'exclude = ["*.tmp"]\n', ["sources[0].exclude"]),
+    ("empty-retention",
+     HEAD + SOURCE + "[retention]\n", ["retention"]),
+    ("retention-only-zeros",
+     HEAD + SOURCE + "[retention]\nkeep_last = 0\nkeep_daily = 0\n", ["retention"]),
+    ("retention-negative",
+     HEAD + SOURCE + "[retention]\nkeep_daily = -1\n", ["retention.keep_daily"]),
+    ("unknown-top-level-key",
+     HEAD + "colour = true\n" + SOURCE, ["colour"]),
+    ("unknown-source-key",
+     HEAD + SOURCE + 'excludes = ["*.tmp"]\n', ["sources[0].excludes"]),
+    ("unknown-hook-key",
+     HEAD + HOOK + 'pre_command = "true"\n' + SOURCE, ["backup_hooks[0].pre_command"]),
+    ("unknown-source-type",
+     HEAD + '[[sources]]\nname = "data"\ntype = "zfs"\npath = "{src}/data"\n',
+     ["sources[0].type"]),
+    ("wrong-value-type",
+     HEAD + "concurrency = \"two\"\n" + SOURCE, ["concurrency"]),
+    ("duration-unknown-unit",
+     HEAD + SOURCE + 'timeout = "5x"\n', ["sources[0].timeout"]),
+    ("duration-years",
+     HEAD + HOOK + 'timeout = "1y"\n' + SOURCE, ["backup_hooks[0].timeout"]),
+    ("keep-within-months",
+     HEAD + SOURCE + '[retention]\nkeep_within = "3mo"\n', ["retention.keep_within"]),
+]
+
+
+def fill(ws: Workspace, text: str) -> str:
+    return text.format(dest=ws.dest, state=ws.state, src=ws.src, root=ws.root)
+
+
+def assert_refused(ws: Workspace, result_code: int, stderr: str, paths: list[str]) -> None:
+    assert result_code == 2, f"exit {result_code}, stderr:\n{stderr}"
+    assert "Traceback" not in stderr, stderr
+    assert str(ws.config_path) in stderr, stderr
+    for path in paths:
+        assert path in stderr, f"{path!r} not named in:\n{stderr}"
+    assert not ws.state.exists(), "state_dir was created for a refused config"
+
+
+@pytest.mark.parametrize(("text", "paths"), [(t, p) for _, t, p in REFUSED],
+                         ids=[i for i, _, _ in REFUSED])
+def test_check_refuses(ws: Workspace, text: str, paths: list[str]) -> None:
+    ws.make_source("data")
+    write_raw_config(ws, fill(ws, text))
+    dest_before = sorted(os.listdir(ws.dest))
+
+    result = ws.run("check")
+
+    assert_refused(ws, result.returncode, result.stderr, paths)
+    assert sorted(os.listdir(ws.dest)) == dest_before
+
+
+RUN_REFUSED = [case for case in REFUSED if case[0] in {
+    "relative-destination", "destination-is-a-source", "duplicate-source-names",
+    "unknown-hook-key", "duration-years", "empty-retention",
+}]
+
+
+@pytest.mark.parametrize(("text", "paths"), [(t, p) for _, t, p in RUN_REFUSED],
+                         ids=[i for i, _, _ in RUN_REFUSED])
+def test_run_refuses_before_doing_anything(ws: Workspace, text: str, paths: list[str]) -> None:
+    ws.make_source("data")
+    write_raw_config(ws, fill(ws, text) + "\n" + HOOK.replace("mount", "never-runs"))
+
+    result = ws.run("run")
+
+    assert_refused(ws, result.returncode, result.stderr, paths)
+    assert not ws.events.exists(), "a hook ran for a refused config"
+    assert os.listdir(ws.dest) == []
+
+
+def test_check_lists_every_problem_at_once(ws: Workspace) -> None:
+    text = fill(ws, (
+        'destination = "relative/dest"\nstate_dir = "{state}"\nconcurrency = 0\nmystery = 1\n'
+        + HOOK + "bogus = 1\n"
+        + '[[snapshot_hooks]]\nname = "empty"\n'
+        + '[[sources]]\nname = "data"\ntype = "rsync"\npath = "{src}/data"\ntimeout = "1y"\n'
+        + '[[sources]]\nname = "bad/name"\ntype = "rsync"\npath = "rel"\n'
+        + '[[sources]]\nname = "x"\ntype = "nope"\npath = "{src}/x"\n'
+    ))
+    write_raw_config(ws, text)
+
+    result = ws.run("check")
+
+    # Shape errors (unknown keys, wrong types) may be reported before the
+    # cross-field rules run, so the expectation is every problem of the first kind.
+    assert_refused(ws, result.returncode, result.stderr,
+                   ["mystery", "backup_hooks[0].bogus", "sources[2].type", "concurrency"])
+    assert result.stderr.count(str(ws.config_path)) >= 4 or result.stderr.count("\n") >= 4, (
+        result.stderr)
+
+
+def test_check_lists_every_rule_problem_at_once(ws: Workspace) -> None:
+    text = fill(ws, (
+        'destination = "relative/dest"\nstate_dir = "{state}"\n'
+        + '[[snapshot_hooks]]\nname = "empty"\n'
+        + '[[sources]]\nname = "data"\ntype = "rsync"\npath = "{src}/data"\ntimeout = "1y"\n'
+        + '[[sources]]\nname = "bad/name"\ntype = "rsync"\npath = "rel"\n'
+        + '[[sources]]\nname = "data"\ntype = "rsync"\npath = "{src}/y"\nhost = "nas"\n'
+        + "[retention]\n"
+    ))
+    write_raw_config(ws, text)
+
+    result = ws.run("check")
+
+    assert_refused(ws, result.returncode, result.stderr, [
+        "destination", "snapshot_hooks[0]", "sources[0].timeout", "sources[1].name",
+        "sources[1].path", "sources[2].name", "sources[2].host", "retention",
+    ])
+
+
+def test_missing_and_unparsable_files(ws: Workspace, tmp_path: Path) -> None:
+    ws.config_path = tmp_path / "absent.toml"
+    result = ws.run("check")
+    assert result.returncode == 2, result.stderr
+    assert str(ws.config_path) in result.stderr
+    assert "Traceback" not in result.stderr
+
+    ws.config_path = tmp_path / "broken.toml"
+    ws.config_path.write_text('destination = "/x\n[[sources]\n')
+    result = ws.run("check")
+    assert result.returncode == 2, result.stderr
+    assert str(ws.config_path) in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def valid_config(ws: Workspace, dest: Path | None = None) -> str:
+    """A config using most keys, with durations in several forms."""
+    return fill(ws, (
+        f'destination = "{dest or ws.dest}"\nstate_dir = "{{state}}"\n'
+        "concurrency = 3\n"
+        '[[backup_hooks]]\nname = "mount"\npre = "true"\npost = ["true"]\n'
+        'critical = true\ntimeout = "1h30m"\nenv = { FOO = "bar" }\n'
+        + table("[[snapshot_hooks]]", name="db", post="true", timeout="90s")
+        + rsync_source("data", ws.src / "data", exclude=["*.tmp", "cache/"],
+                       rsync_args=["--bwlimit=1000"], rsync_ok_codes=[0, 24, 23],
+                       timeout="2w", optional=True)
+        + '[retention]\nkeep_last = 3\nkeep_daily = 7\nkeep_within = "1h30m"\n'
+    ))
+
+
+def test_check_accepts_a_valid_config(ws: Workspace) -> None:
+    ws.make_source("data")
+    write_raw_config(ws, valid_config(ws))
+
+    result = ws.run("check")
+
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == "" or "ok" in result.stdout.lower()
+
+
+def test_check_warns_when_the_destination_does_not_exist(ws: Workspace) -> None:
+    ws.make_source("data")
+    missing = ws.root / "usb-disk"
+    write_raw_config(ws, valid_config(ws, dest=missing))
+
+    result = ws.run("check")
+
+    assert result.returncode == 0, result.stderr
+    assert str(missing) in result.stderr, result.stderr
+    assert not missing.exists()
+
+
+# --- load_config, called directly --------------------------------------------------
+
+
+class _Paths:
+    """Just enough of a Workspace for ``fill``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.dest = root / "dest"
+        self.state = root / "state"
+        self.src = root / "src"
+
+
+@pytest.mark.parametrize(("text", "paths"), [(t, p) for _, t, p in REFUSED],
+                         ids=[i for i, _, _ in REFUSED])
+def test_load_config_raises_config_error(tmp_path: Path, text: str, paths: list[str]) -> None:
+    where = _Paths(tmp_path)
+    where.dest.mkdir()
+    path = tmp_path / "config.toml"
+    path.write_text(fill(where, text))  # type: ignore[arg-type]
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(path))
+
+    error = caught.value
+    assert error.problems, "a ConfigError must list its problems"
+    assert all(isinstance(p, str) for p in error.problems)
+    for key in paths:
+        assert any(key in problem for problem in error.problems), (key, error.problems)
+    assert str(path) in str(error)
+    assert not where.state.exists()
+
+
+def test_load_config_reads_a_valid_file(ws: Workspace) -> None:
+    write_raw_config(ws, valid_config(ws))
+
+    config = load_config(str(ws.config_path))
+
+    assert config.destination == str(ws.dest)
+    assert config.concurrency == 3
+    assert [s.name for s in config.sources] == ["data"]
+    assert config.sources[0].exclude == ["*.tmp", "cache/"]  # type: ignore[union-attr]
+    assert config.backup_hooks[0].critical is True
+    assert config.backup_hooks[0].env == {"FOO": "bar"}
+    assert not ws.state.exists()
+
+
+def test_load_config_reports_several_problems(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(
+        'destination = "rel"\nstate_dir = "also/rel"\n'
+        '[[sources]]\nname = "a b"\ntype = "rsync"\npath = "/srv"\n'
+        '[[sources]]\nname = "a b"\ntype = "rsync"\npath = "/srv2"\n'
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(path))
+    joined = "\n".join(caught.value.problems)
+    for key in ("destination", "state_dir", "sources[0].name", "sources[1].name"):
+        assert key in joined, joined
+    assert len(caught.value.problems) >= 4
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("90s", 90), ("10m", 600), ("36h", 129600), ("14d", 1209600), ("2w", 1209600),
+    ("1h30m", 5400), ("1d2h3m4s", 93784),
+])
+def test_durations_parse(text: str, seconds: int) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["5x", "1y", "3mo", "", "m", "1.5h", "-1h", "1h 30m", "10"])
+def test_bad_durations_are_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize("duration", ["90s", "1h30m", "2w"])
+def test_durations_accepted_in_a_config(ws: Workspace, duration: str) -> None:
+    ws.make_source("data")
+    write_raw_config(ws, fill(ws, HEAD + HOOK + f'timeout = "{duration}"\n' + SOURCE
+                              + f'timeout = "{duration}"\n'
+                              + f'[retention]\nkeep_within = "{duration}"\n'))
+    config = load_config(str(ws.config_path))
+    assert config.backup_hooks[0].timeout == duration
+    result = ws.run("check")
+    assert result.returncode == 0, result.stderr
