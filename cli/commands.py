@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import sys
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import anyio
 import structlog
-from anyio.abc import TaskStatus
-
 from pibackup_async.engine import (
     Config,
     ConfigError,
@@ -25,6 +22,12 @@ from pibackup_async.engine import (
 )
 
 from .logs import configure_logging
+
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Callable
+
+    from anyio.abc import TaskStatus
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
 

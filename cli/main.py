@@ -1,4 +1,4 @@
-"""The ``pibackup-async`` command: parse arguments, call the engine, map the outcome to an exit code."""
+"""The ``pibackup-async`` command: parse arguments, then hand over to the subcommand."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ import argparse
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
 DEFAULT_CONFIG = "/etc/pibackup-async/config.toml"
 
 

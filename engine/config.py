@@ -33,7 +33,7 @@ class _Model(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     pass
 
 
-class Host(_Model):
+class Host(_Model, frozen=True, kw_only=True):
     address: str
     port: Annotated[int, Meta(ge=1, le=65535)] = 22
     user: str | None = None
@@ -43,7 +43,7 @@ class Host(_Model):
     sudo: bool = False
 
 
-class Hook(_Model):
+class Hook(_Model, frozen=True, kw_only=True):
     name: str
     pre: Command | None = None
     post: Command | None = None
@@ -57,7 +57,7 @@ class Hook(_Model):
         return parse_duration(self.timeout)
 
 
-class _SourceBase(_Model, tag_field="type"):
+class _SourceBase(_Model, frozen=True, kw_only=True, tag_field="type"):
     name: str
     path: str
     host: str | None = None
@@ -71,7 +71,7 @@ class _SourceBase(_Model, tag_field="type"):
         return None if self.timeout is None else parse_duration(self.timeout)
 
 
-class RsyncSource(_SourceBase, tag="rsync"):
+class RsyncSource(_SourceBase, frozen=True, kw_only=True, tag="rsync"):
     exclude: list[str] = []
 
     @property
@@ -79,7 +79,7 @@ class RsyncSource(_SourceBase, tag="rsync"):
         return "rsync"
 
 
-class BtrfsSource(_SourceBase, tag="btrfs"):
+class BtrfsSource(_SourceBase, frozen=True, kw_only=True, tag="btrfs"):
     snapshot_dir: str | None = None
 
     @property
@@ -90,7 +90,7 @@ class BtrfsSource(_SourceBase, tag="btrfs"):
 Source = RsyncSource | BtrfsSource
 
 
-class Retention(_Model):
+class Retention(_Model, frozen=True, kw_only=True):
     keep_last: NonNegative | None = None
     keep_hourly: NonNegative | None = None
     keep_daily: NonNegative | None = None
@@ -100,7 +100,7 @@ class Retention(_Model):
     keep_within: str | None = None
 
 
-class Smtp(_Model):
+class Smtp(_Model, frozen=True, kw_only=True):
     host: str
     port: Annotated[int, Meta(ge=1, le=65535)] | None = None
     security: Literal["starttls", "tls", "none"] = "starttls"
@@ -111,14 +111,14 @@ class Smtp(_Model):
     timeout: str = "30s"
 
 
-class ReportSettings(_Model):
+class ReportSettings(_Model, frozen=True, kw_only=True):
     sender: str = field(name="from")
     to: list[str]
     smtp: Smtp
     when: Literal["always", "failure", "never"] = "always"
 
 
-class Config(_Model):
+class Config(_Model, frozen=True, kw_only=True):
     destination: str
     require_mountpoint: bool = False
     concurrency: Annotated[int, Meta(ge=1)] = 2
@@ -322,7 +322,8 @@ def _source_problems(config: Config) -> Iterator[str]:
             yield (f"{where}.name: expected a plain folder name "
                    f"([A-Za-z0-9][A-Za-z0-9._-]*), got {source.name!r}")
         if source.name in seen:
-            yield f"{where}.name: {source.name!r} is already the name of sources[{seen[source.name]}]"
+            first = seen[source.name]
+            yield f"{where}.name: {source.name!r} is already the name of sources[{first}]"
         else:
             seen[source.name] = i
         yield from _absolute(f"{where}.path", source.path)

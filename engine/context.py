@@ -5,14 +5,18 @@ from __future__ import annotations
 import os
 import signal
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import anyio
 import structlog
 
-from .config import Config
-from .destination import Entry
 from .names import IN_PROGRESS
-from .report import Report
+
+if TYPE_CHECKING:
+    import anyio
+
+    from .config import Config
+    from .destination import Entry
+    from .report import Report
 
 log = structlog.get_logger("pibackup")
 

@@ -7,17 +7,19 @@ import fcntl
 import os
 import shutil
 import sys
-from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import anyio
 import structlog
 
 from .errors import LockHeld
 from .names import DELETING, IN_PROGRESS, format_name, parse_name
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 log = structlog.get_logger("pibackup.destination")
 

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import anyio
 import structlog
 from structlog.contextvars import bound_contextvars
 
-from .config import Hook
 from .context import CriticalStop, RunContext, StepFailed
 from .durations import format_duration
 from .processes import describe_exit, run_process
 from .report import HookStep
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Sequence
+
+    from .config import Hook
 
 log = structlog.get_logger("pibackup.hooks")
 

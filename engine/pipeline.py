@@ -25,6 +25,7 @@ from .destination import (
     space,
 )
 from .hooks import Kind, hook_stage
+from .pruning import prune
 from .report import (
     DestinationSpace,
     HookStep,
@@ -34,7 +35,6 @@ from .report import (
     now,
     write_report,
 )
-from .pruning import prune
 from .sources import rsync
 from .sources.errors import SourceError
 

@@ -14,12 +14,16 @@ import shutil
 import signal
 import subprocess
 from collections import deque
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import anyio
 import structlog
-from anyio.abc import ByteReceiveStream, Process
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
+    from anyio.abc import ByteReceiveStream, Process
 
 GRACE_S = 10.0
 _KILL_BOUND_S = 5.0
@@ -99,6 +103,13 @@ def _signal_session(sid: int, members: list[int], signum: int) -> None:
             pass
 
 
+async def _until_empty(sid: int) -> None:
+    # Polling: the kernel offers no event for "this session has no process
+    # left" (grandchildren are not ours to wait for).
+    while _session_members(sid):  # noqa: ASYNC110
+        await anyio.sleep(_POLL_S)
+
+
 async def end_session(process: Process, grace: float = GRACE_S) -> None:
     """End every process of the child's session: SIGTERM, ``grace`` seconds, SIGKILL.
 
@@ -112,15 +123,13 @@ async def end_session(process: Process, grace: float = GRACE_S) -> None:
         if members:
             _signal_session(sid, members, signal.SIGTERM)
             with anyio.move_on_after(grace):
-                while _session_members(sid):
-                    await anyio.sleep(_POLL_S)
+                await _until_empty(sid)
             members = _session_members(sid)
             if members:
                 log.warning("process group ignored SIGTERM; sending SIGKILL", pid=sid)
                 _signal_session(sid, members, signal.SIGKILL)
                 with anyio.move_on_after(_KILL_BOUND_S):
-                    while _session_members(sid):
-                        await anyio.sleep(_POLL_S)
+                    await _until_empty(sid)
         with anyio.move_on_after(_KILL_BOUND_S):
             await process.wait()
 

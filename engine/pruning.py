@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import structlog
 
-from .config import Config
 from .destination import complete, delete_backup, scan
-from .report import RetentionResult
 from .retention import plan_retention
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .report import RetentionResult
 
 log = structlog.get_logger("pibackup.retention")
 

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
-from datetime import datetime, timedelta, timezone
-from functools import cache
-from operator import attrgetter
-from typing import NamedTuple
+from datetime import date
 
 import msgspec
 
@@ -29,15 +26,16 @@ RULE_ORDER = (NEWEST, *RETENTION_COUNTS, KEEP_WITHIN, KEEP_ALL)
 
 
 class RetentionPlan(msgspec.Struct, frozen=True):
-    # Both are in walk order, newest first; each kept backup's rules follow RULE_ORDER.
+    # Both in walk order, newest first; each kept backup's rules in RULE_ORDER.
     kept: dict[str, list[str]]
     deleted: list[str]
 
 
-class _Backup(NamedTuple):
-    instant: float  # POSIX seconds; names have whole seconds, so floats compare exactly
-    name: str
-    local: datetime  # aware, in the name's own offset: its fields are the name's fields
+# (instant, name, (year, month, day, hour)): the instant in POSIX seconds, the
+# calendar fields as the name writes them, in its own offset. Plain tuples,
+# because a plan may hold 100,000 of them and they sort natively.
+_Local = tuple[int, int, int, int]
+_Backup = tuple[int, str, _Local]
 
 
 def plan_retention(names: Iterable[str], retention: Retention | None) -> RetentionPlan:
@@ -47,20 +45,20 @@ def plan_retention(names: Iterable[str], retention: Retention | None) -> Retenti
     neither list, and duplicates count once. "Newest first" means by instant;
     backups at the same instant (names with different offsets) are ordered by
     name, the greater name counting as the newer. The newest backup is always
-    kept, with the rule ``newest`` first in its list. With ``retention`` None,
-    or a table with no rule that keeps anything (all counts 0/None and no
-    positive ``keep_within``, which the configuration refuses anyway), nothing
-    is deleted and every backup is kept by ``keep_all``. Raises ValueError if
+    kept, with ``newest`` first among its rules. With ``retention`` None, or a
+    table with no rule that keeps anything (every count 0 or None and no
+    positive ``keep_within``; the configuration refuses such a table), nothing
+    is deleted: every backup is kept by ``keep_all``. Raises ValueError if
     ``keep_within`` is not a duration.
     """
     ordered = _newest_first(names)
     if not ordered:
         return RetentionPlan(kept={}, deleted=[])
-    reasons: list[list[str]] = [[] for _ in ordered]
-    reasons[0].append(NEWEST)
+    # Only kept backups get a list: most of a long history is deleted.
+    reasons: dict[int, list[str]] = {0: [NEWEST]}
     if retention is None or _keeps_nothing(retention):
-        for rules in reasons:
-            rules.append(KEEP_ALL)
+        for i in range(len(ordered)):
+            reasons.setdefault(i, []).append(KEEP_ALL)
     else:
         for rule in RETENTION_COUNTS:
             count: int | None = getattr(retention, rule)
@@ -69,65 +67,66 @@ def plan_retention(names: Iterable[str], retention: Retention | None) -> Retenti
         if retention.keep_within is not None:
             _apply_within(parse_duration(retention.keep_within), ordered, reasons)
     return RetentionPlan(
-        kept={b.name: rules for b, rules in zip(ordered, reasons, strict=True) if rules},
-        deleted=[b.name for b, rules in zip(ordered, reasons, strict=True) if not rules],
+        kept={ordered[i][1]: reasons[i] for i in sorted(reasons)},
+        deleted=[name for i, (_, name, _) in enumerate(ordered) if i not in reasons],
     )
 
 
 def _keeps_nothing(retention: Retention) -> bool:
-    # Such a table would delete all but the newest backup; restic treats an
-    # empty policy as "keep everything", and so do we, whatever the caller checked.
+    # Taken literally, such a table would delete every backup but the newest.
+    # restic treats an empty policy as "keep everything"; so do we, so that a
+    # caller that skipped validation cannot lose backups through it.
     if any(getattr(retention, rule) for rule in RETENTION_COUNTS):
         return False
     return retention.keep_within is None or parse_duration(retention.keep_within) == 0
 
 
-_BUCKET: dict[str, Callable[[_Backup], object]] = {
-    # Every backup is a bucket of its own, so keep_last keeps the n newest.
-    "keep_last": attrgetter("name"),
-    "keep_hourly": lambda b: (b.local.year, b.local.month, b.local.day, b.local.hour),
-    "keep_daily": lambda b: (b.local.year, b.local.month, b.local.day),
-    # The ISO year, not the calendar one: 2021-01-03 lies in 2020-W53.
-    "keep_weekly": lambda b: b.local.isocalendar()[:2],
-    "keep_monthly": lambda b: (b.local.year, b.local.month),
-    "keep_yearly": lambda b: b.local.year,
+_BUCKET: dict[str, Callable[[str, _Local], object]] = {
+    # Every backup is a bucket of its own (names are unique), so keep_last
+    # keeps the n newest.
+    "keep_last": lambda name, local: name,
+    "keep_hourly": lambda name, local: local,
+    "keep_daily": lambda name, local: local[:3],
+    # The ISO week-year, not the calendar year: 2021-01-03 lies in 2020-W53.
+    "keep_weekly": lambda name, local: date(*local[:3]).isocalendar()[:2],
+    "keep_monthly": lambda name, local: local[:2],
+    "keep_yearly": lambda name, local: local[0],
 }
 
 
 def _apply_count(
-    rule: str, count: int, ordered: list[_Backup], reasons: list[list[str]]
+    rule: str, count: int, ordered: list[_Backup], reasons: dict[int, list[str]]
 ) -> None:
     bucket_of = _BUCKET[rule]
     # Compared with the last bucket this rule kept, not with every bucket seen:
-    # across a change of offset local time can step back (restic does the same).
+    # across a change of offset local time can step back, and restic keeps
+    # such a backup again too.
     last: object = None
-    for backup, rules in zip(ordered, reasons, strict=True):
-        bucket = bucket_of(backup)
+    for i, (_, name, local) in enumerate(ordered):
+        bucket = bucket_of(name, local)
         if bucket != last:
-            rules.append(rule)
+            reasons.setdefault(i, []).append(rule)
             last = bucket
             count -= 1
             if count == 0:
                 return
 
 
-def _apply_within(seconds: float, ordered: list[_Backup], reasons: list[list[str]]) -> None:
-    # Real elapsed time (instants), not wall-clock differences between names.
-    after = ordered[0].instant - seconds
-    for backup, rules in zip(ordered, reasons, strict=True):
-        if backup.instant <= after:
+def _apply_within(seconds: float, ordered: list[_Backup], reasons: dict[int, list[str]]) -> None:
+    # Real elapsed time between instants, not the wall-clock difference of the
+    # names, which is an hour off across a change to or from summer time.
+    after = ordered[0][0] - seconds
+    for i, (instant, _, _) in enumerate(ordered):
+        if instant <= after:
             return
-        rules.append(KEEP_WITHIN)
+        reasons.setdefault(i, []).append(KEEP_WITHIN)
 
 
 def _newest_first(names: Iterable[str]) -> list[_Backup]:
-    backups = []
-    for name in set(names):
-        local = _read_name(name)
-        if local is not None:
-            backups.append(_Backup(local.timestamp(), name, local))
-    # The name breaks ties in instant, so the plan never depends on listing order.
-    backups.sort(key=attrgetter("instant", "name"), reverse=True)
+    backups = [backup for name in set(names) if (backup := _read(name)) is not None]
+    # Names are unique, so tuples never compare past the name, which breaks
+    # ties in instant: the plan does not depend on the order of the listing.
+    backups.sort(reverse=True)
     return backups
 
 
@@ -137,27 +136,28 @@ def _newest_first(names: Iterable[str]) -> list[_Backup]:
 # string still goes to parse_name, which stays the authority on what a backup
 # name is.
 _ASCII_NAME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}t[0-9]{2}-[0-9]{2}-[0-9]{2}[+-][0-9]{4}")
+_EPOCH_DAY = date(1970, 1, 1).toordinal()
 
 
-def _read_name(name: str) -> datetime | None:
+def _read(name: str) -> _Backup | None:
     if _ASCII_NAME.fullmatch(name) is None:
-        return parse_name(name)
+        moment = parse_name(name)
+        if moment is None:
+            return None
+        local = (moment.year, moment.month, moment.day, moment.hour)
+        return int(moment.timestamp()), name, local
+    hour, minute, second = int(name[11:13]), int(name[14:16]), int(name[17:19])
     offset_hours, offset_minutes = int(name[20:22]), int(name[22:24])
-    if offset_minutes >= 60:  # strptime's %z refuses these
+    # strptime refuses these, and a UTC offset must stay below a day.
+    if hour > 23 or minute > 59 or second > 59 or offset_hours > 23 or offset_minutes > 59:
         return None
-    offset = offset_hours * 60 + offset_minutes
+    year, month, day = int(name[0:4]), int(name[5:7]), int(name[8:10])
     try:
-        return datetime(
-            int(name[0:4]), int(name[5:7]), int(name[8:10]),
-            int(name[11:13]), int(name[14:16]), int(name[17:19]),
-            tzinfo=_zone(-offset if name[19] == "-" else offset),
-        )
-    except ValueError:  # year 0, Feb 30, hour 24, second 60, an offset of 24 h or more
+        days = date(year, month, day).toordinal() - _EPOCH_DAY
+    except ValueError:  # year 0, month 13, February 30, ...
         return None
-
-
-@cache
-def _zone(minutes: int) -> timezone:
-    # A destination holds few distinct offsets; sharing their tzinfo saves
-    # an allocation per name.
-    return timezone(timedelta(minutes=minutes))
+    offset = offset_hours * 3600 + offset_minutes * 60
+    if name[19] == "-":
+        offset = -offset
+    instant = days * 86400 + hour * 3600 + minute * 60 + second - offset
+    return instant, name, (year, month, day, hour)

@@ -35,7 +35,9 @@ if TYPE_CHECKING:
 pytestmark = needs_rsync
 
 
-def _skipped_after(report: dict[str, object], ran: list[tuple[str, str, str]]) -> set[tuple[str, str]]:
+def _skipped_after(
+    report: dict[str, object], ran: list[tuple[str, str, str]]
+) -> set[tuple[str, str]]:
     """Assert the report lists ``ran`` first, then only skipped phases; return those."""
     hooks = report_hooks(report)  # type: ignore[arg-type]
     assert hooks[: len(ran)] == ran, hooks
@@ -188,7 +190,8 @@ def test_hook_past_its_timeout_is_killed_with_its_children(ws: Workspace) -> Non
     ))
     running = start(ws)
     wait_marker(started_marker(ws, "b2", "pre"), running)
-    children = [c for _, c in processes_mentioning(str(sleeper(ws))) if c.startswith(str(sleeper(ws)))]
+    program = str(sleeper(ws))
+    children = [c for _, c in processes_mentioning(program) if c.startswith(program)]
     assert len(children) == 2, f"the hook's children run: {children}"
     rc = running.wait(30)
     assert rc == 1, running.stderr

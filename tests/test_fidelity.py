@@ -16,6 +16,7 @@ import pytest
 from conftest import needs_root, needs_rsync
 from datakit import (
     acl_listing,
+    age_directories,
     cli_ok,
     describe_tree,
     diff_trees,
@@ -168,6 +169,7 @@ def test_xattrs_are_kept(ws: Workspace) -> None:
     _setfattr_or_skip(src / "tagged", "user.colour", b"blue")
     os.setxattr(src / "tagged", "user.binary", b"\x00\x01\xff")
     os.setxattr(src / "dir", "user.note", b"a folder note")
+    age_directories(src)
 
     copy = run_backup(ws, src)
 
@@ -217,6 +219,7 @@ def test_numeric_owners_and_special_files_are_kept(ws: Workspace) -> None:
     os.chown(src / "owned-link", 12345, 12345, follow_symlinks=False)
     os.mkfifo(src / "fifo")
     os.mknod(src / "null-dev", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    age_directories(src)
 
     copy = run_backup(ws, src)
 

@@ -90,7 +90,7 @@ def test_link_dest_is_the_newest_complete_backup_holding_the_source(ws: Workspac
     foreign_before = {d: listing(ws.dest / d) for d in decoys[1:]}
 
     # Run 3 holds a and b again; it starts after the "crashed run" began.
-    wait_for(lambda: datetime.now().astimezone() > stale_time, 3, "the clock to pass the stale name")
+    wait_for(lambda: datetime.now().astimezone() > stale_time, 3, "the clock to pass it")
     ws.write_config(rsync_source("a", a) + rsync_source("b", b))
     cli_ok(ws, "run")
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import re
+from typing import TYPE_CHECKING
 
-from ..config import Config, RsyncSource
+from ..config import BtrfsSource, Config, RsyncSource
 from ..processes import describe_exit, run_process
-from ..report import Step
 from .errors import SourceError
+
+if TYPE_CHECKING:
+    from ..report import Step
 
 # Everything a restore needs: archive mode (permissions, times, symlinks,
 # devices and owners when root), hard links, ACLs, xattrs, numeric owners so
@@ -37,10 +40,11 @@ def auto_excludes(config: Config, source_path: str) -> list[str]:
     themselves, nor the state folder or the lock.
     """
     own = [config.destination, config.state_dir, config.lock_path]
-    own += [s.snapshot_dir for s in config.sources if getattr(s, "snapshot_dir", None)]
+    own += [s.snapshot_dir for s in config.sources
+            if isinstance(s, BtrfsSource) and s.snapshot_dir is not None]
     excludes = []
     for path in own:
-        if isinstance(path, str) and _inside(path, source_path):
+        if _inside(path, source_path):
             rel = os.path.relpath(os.path.normpath(path), os.path.normpath(source_path))
             excludes.append(f"--exclude=/{_escape(rel)}")
     return excludes
