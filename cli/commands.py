@@ -8,6 +8,7 @@ import sys
 from typing import TYPE_CHECKING
 
 import anyio
+import msgspec
 import structlog
 from pibackup_async.engine import (
     Config,
@@ -16,16 +17,19 @@ from pibackup_async.engine import (
     LockHeld,
     Report,
     RunOptions,
+    list_backups,
     load_config,
     plan_run,
+    prune_backups,
     run_backup,
 )
 
 from .logs import configure_logging
+from .render import listing_table
 
 if TYPE_CHECKING:
     import argparse
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
 
     from anyio.abc import TaskStatus
 
@@ -46,14 +50,9 @@ def dispatch(args: argparse.Namespace, config_path: str) -> int:
             print(f"error: {e.path}: {problem}", file=sys.stderr)
         return EXIT_USAGE
     command: Callable[[argparse.Namespace, Config], int] = {
-        "run": _run, "check": _check, "list": _unsupported, "prune": _unsupported,
+        "run": _run, "check": _check, "list": _list, "prune": _prune,
     }[args.command]
     return command(args, config)
-
-
-def _unsupported(args: argparse.Namespace, config: Config) -> int:
-    print(f"error: `{args.command}` is not supported yet by this version", file=sys.stderr)
-    return EXIT_USAGE
 
 
 def _run(args: argparse.Namespace, config: Config) -> int:
@@ -61,9 +60,22 @@ def _run(args: argparse.Namespace, config: Config) -> int:
         print("\n".join(plan_run(config, args.jobs)))
         return EXIT_OK
     options = RunOptions(jobs=args.jobs, no_report=args.no_report)
+    return _under_signals(lambda interruption: run_backup(config, options, interruption))
+
+
+def _under_signals(work: Callable[[Interruption], Awaitable[Report]]) -> int:
+    """Run ``work`` with SIGINT/SIGTERM turned into a cancel; map its report to an exit code."""
     interruption = Interruption()
+
+    async def main() -> Report:
+        async with anyio.create_task_group() as tg:
+            await tg.start(_watch_signals, interruption)
+            report = await work(interruption)
+            tg.cancel_scope.cancel()
+        return report
+
     try:
-        report = anyio.run(_run_with_signals, config, options, interruption, backend="asyncio")
+        report = anyio.run(main, backend="asyncio")
     except LockHeld as e:
         print(f"error: another run holds the lock {e.lock_path}; not starting", file=sys.stderr)
         return EXIT_LOCKED
@@ -74,15 +86,6 @@ def _run(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
-async def _run_with_signals(config: Config, options: RunOptions,
-                            interruption: Interruption) -> Report:
-    async with anyio.create_task_group() as tg:
-        await tg.start(_watch_signals, interruption)
-        report = await run_backup(config, options, interruption)
-        tg.cancel_scope.cancel()
-    return report
-
-
 async def _watch_signals(interruption: Interruption,
                          *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
     # Children run in their own sessions and never see the terminal's
@@ -91,6 +94,37 @@ async def _watch_signals(interruption: Interruption,
         task_status.started()
         async for signum in signals:
             interruption.trigger(signum)
+
+
+def _list(args: argparse.Namespace, config: Config) -> int:
+    try:
+        rows = list_backups(config)
+    except OSError as e:
+        print(f"error: cannot read the destination {config.destination}: {e.strerror} "
+              "(is the backup disk mounted?)", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        print(msgspec.json.encode(rows).decode())
+    else:
+        print(listing_table(rows))
+    return EXIT_OK
+
+
+def _prune(args: argparse.Namespace, config: Config) -> int:
+    if not args.dry_run:
+        return _under_signals(lambda interruption: prune_backups(config, interruption))
+    try:
+        rows = list_backups(config)
+    except OSError as e:
+        print(f"error: cannot read the destination {config.destination}: {e.strerror} "
+              "(is the backup disk mounted?)", file=sys.stderr)
+        return EXIT_FAILED
+    doomed = [r.name for r in rows if r.state == "complete" and not r.kept_by]
+    for name in doomed:
+        print(f"would delete {os.path.join(config.destination, name)}")
+    kept = sum(1 for r in rows if r.kept_by)
+    print(f"dry run: {len(doomed)} backups would be deleted, {kept} kept; nothing was changed")
+    return EXIT_OK
 
 
 def _check(args: argparse.Namespace, config: Config) -> int:

@@ -7,19 +7,25 @@ from .context import RunOptions as RunOptions
 from .errors import ConfigError as ConfigError
 from .errors import LockHeld as LockHeld
 from .errors import PibackupError as PibackupError
+from .listing import Listed as Listed
+from .listing import list_backups as list_backups
 from .pipeline import run_backup as run_backup
 from .plan import plan_run as plan_run
+from .pruning import prune_backups as prune_backups
 from .report import Report as Report
 
 __all__ = [
     "Config",
     "ConfigError",
     "Interruption",
+    "Listed",
     "LockHeld",
     "PibackupError",
     "Report",
     "RunOptions",
+    "list_backups",
     "load_config",
     "plan_run",
+    "prune_backups",
     "run_backup",
 ]

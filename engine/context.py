@@ -79,8 +79,9 @@ class RunContext:
         self.interruption = interruption
         self.report = report
         self.destination = config.destination
-        self.final_dir = os.path.join(config.destination, name)
-        self.in_progress_dir = self.final_dir + IN_PROGRESS
+        # No name: a prune, which makes no backup and has no backup folder.
+        self.final_dir = os.path.join(config.destination, name) if name else ""
+        self.in_progress_dir = self.final_dir + IN_PROGRESS if name else ""
         self.in_progress_created = False
         # The complete backups found at step 1, newest first (link-dest, parents).
         self.previous: list[Entry] = []
@@ -98,8 +99,7 @@ class RunContext:
         return self.in_progress_dir
 
     def fail(self, message: str) -> None:
-        """Record a failure; the first one is the run's ``failure``."""
-        log.error(message)
+        """Record a failure; the first one is the run's ``failure``. The caller logs it."""
         if self.report.failure is None:
             self.report.failure = message
 

@@ -10,7 +10,6 @@ import structlog
 from structlog.contextvars import bound_contextvars
 
 from .context import CriticalStop, RunContext, StepFailed
-from .durations import format_duration
 from .processes import describe_exit, run_process
 from .report import HookStep
 
@@ -64,8 +63,8 @@ async def run_hook(ctx: RunContext, kind: Kind, hook: Hook, phase: Phase) -> Non
             return
         step.finish("failed")
         ctx.fail(f'hook "{hook.name}" {phase} failed: {problem}')
-        log.info("hook failed", duration=format_duration(step.duration_s or 0.0),
-                 duration_s=step.duration_s)
+        log.error("hook failed", problem=problem, critical=hook.critical,
+                  duration_s=step.duration_s)
         if hook.critical:
             ctx.halted = True
             raise CriticalStop(hook.name)

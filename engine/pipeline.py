@@ -111,6 +111,7 @@ async def _open_destination(ctx: RunContext) -> None:
 
 
 def _fail(ctx: RunContext, message: str) -> None:
+    log.error(message)
     ctx.fail(message)
     raise StepFailed(message)
 
@@ -219,7 +220,7 @@ async def _finish_backup(ctx: RunContext) -> None:
     retention = ctx.report.retention
     await prune(ctx.config, retention, protect=ctx.name)
     if retention.errors:
-        ctx.fail(f"retention: {retention.errors[0]}")
+        ctx.fail(f"retention: {retention.errors[0]}")  # each error was logged
 
 
 async def _discard_unfinished(ctx: RunContext) -> None:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 import shlex
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from .config import Config, Hook, RsyncSource
-from .destination import complete, newest_holding, scan
+from .destination import complete, name_is_free, newest_holding, scan
 from .hooks import hook_argv
 from .names import DELETING, IN_PROGRESS, format_name
 from .retention import plan_retention
@@ -33,9 +33,13 @@ def _hooks(lines: list[str], hooks: list[Hook], phase: str) -> None:
 
 def plan_run(config: Config, jobs: int | None = None) -> list[str]:
     """The lines of the plan of ``run`` with this configuration."""
-    name = format_name(datetime.now().astimezone())
     dest = config.destination
     visible = os.path.isdir(dest)
+    moment = datetime.now().astimezone()
+    # The run would wait for a free second; the plan only shows which.
+    while visible and not name_is_free(dest, format_name(moment)):
+        moment += timedelta(seconds=1)
+    name = format_name(moment)
     entries = scan(dest) if visible else []
     previous = complete(entries)
     in_progress = os.path.join(dest, name + IN_PROGRESS)

@@ -171,9 +171,12 @@ async def run_process(
     if _SETPRIV is not None:
         command = [_SETPRIV, "--pdeathsig", "KILL", "--", *command]
     out, err = Tail(limit=stdout_lines), Tail()
-    process = await anyio.open_process(
-        command, stdin=subprocess.DEVNULL, env=env, cwd=cwd, start_new_session=True
-    )
+    # Shielded: a cancel landing inside the spawn would lose the handle of a
+    # child that is already running, and nothing would ever end it.
+    with anyio.CancelScope(shield=True):
+        process = await anyio.open_process(
+            command, stdin=subprocess.DEVNULL, env=env, cwd=cwd, start_new_session=True
+        )
     log.debug("started", argv=list(argv), pid=process.pid)
     try:
         async with anyio.create_task_group() as tg:

@@ -5,13 +5,18 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
+import anyio
 import structlog
 
-from .destination import complete, delete_backup, scan
+from .context import CriticalStop, RunContext, RunOptions, StepFailed
+from .destination import clean_stale, complete, delete_backup, run_lock, scan
+from .hooks import hook_stage
+from .report import Report, now
 from .retention import plan_retention
 
 if TYPE_CHECKING:
     from .config import Config
+    from .context import Interruption
     from .report import RetentionResult
 
 log = structlog.get_logger("pibackup.retention")
@@ -40,3 +45,39 @@ async def prune(config: Config, result: RetentionResult, *, protect: str | None 
             log.info("old backup deleted", backup=name,
                      folder=os.path.join(config.destination, name))
             result.deleted.append(name)
+
+
+async def prune_backups(config: Config, interruption: Interruption) -> Report:
+    """``prune``: retention alone, under the lock, inside the backup hooks (SPEC §5).
+
+    Interrupted deletions of earlier runs are finished first. Hooks see an
+    empty ``PIBACKUP_NAME`` and ``PIBACKUP_BACKUP_DIR``: no backup is made.
+    Returns a report (not written to disk) whose status says how it went;
+    raises LockHeld if another run holds the lock.
+    """
+    report = Report(name="", start=now().isoformat(), concurrency=1)
+    ctx = RunContext(config, RunOptions(), "", interruption, report)
+    with run_lock(config.lock_path):
+        with anyio.CancelScope() as scope:
+            interruption.attach(scope)
+            try:
+                async with hook_stage(ctx, "backup", config.backup_hooks):
+                    if not os.path.isdir(config.destination):
+                        message = f"destination {config.destination} does not exist"
+                        log.error(message)
+                        ctx.fail(message)
+                        raise StepFailed(message)
+                    entries = scan(config.destination)
+                    await clean_stale(config.destination,
+                                      [e for e in entries if e.state == "deleting"])
+                    await prune(config, report.retention)
+                    if report.retention.errors:
+                        ctx.fail(f"retention: {report.retention.errors[0]}")
+            except (StepFailed, CriticalStop):
+                pass
+    report.end = now().isoformat()
+    if interruption.happened:
+        report.status = "interrupted"
+    elif report.failure is not None:
+        report.status = "failed"
+    return report

@@ -9,14 +9,18 @@ of the last backup that same rule kept, until the count is used up.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
 from datetime import date
+from functools import cache
+from typing import TYPE_CHECKING
 
 import msgspec
 
 from .config import RETENTION_COUNTS, Retention
 from .durations import parse_duration
 from .names import parse_name
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
 
 NEWEST = "newest"
 KEEP_WITHIN = "keep_within"
@@ -56,29 +60,36 @@ def plan_retention(names: Iterable[str], retention: Retention | None) -> Retenti
         return RetentionPlan(kept={}, deleted=[])
     # Only kept backups get a list: most of a long history is deleted.
     reasons: dict[int, list[str]] = {0: [NEWEST]}
-    if retention is None or _keeps_nothing(retention):
+    rules = None if retention is None else _rules(retention)
+    if rules is None:
         for i in range(len(ordered)):
             reasons.setdefault(i, []).append(KEEP_ALL)
     else:
-        for rule in RETENTION_COUNTS:
-            count: int | None = getattr(retention, rule)
-            if count:
-                _apply_count(rule, count, ordered, reasons)
-        if retention.keep_within is not None:
-            _apply_within(parse_duration(retention.keep_within), ordered, reasons)
+        counts, within = rules
+        for rule, count in counts:
+            _apply_count(rule, count, ordered, reasons)
+        if within > 0:
+            _apply_within(within, ordered, reasons)
     return RetentionPlan(
         kept={ordered[i][1]: reasons[i] for i in sorted(reasons)},
         deleted=[name for i, (_, name, _) in enumerate(ordered) if i not in reasons],
     )
 
 
-def _keeps_nothing(retention: Retention) -> bool:
-    # Taken literally, such a table would delete every backup but the newest.
-    # restic treats an empty policy as "keep everything"; so do we, so that a
-    # caller that skipped validation cannot lose backups through it.
-    if any(getattr(retention, rule) for rule in RETENTION_COUNTS):
-        return False
-    return retention.keep_within is None or parse_duration(retention.keep_within) == 0
+def _rules(retention: Retention) -> tuple[list[tuple[str, int]], float] | None:
+    """The count rules that are on, in RULE_ORDER, and keep_within in seconds (0 if off).
+
+    None when no rule keeps anything: taken literally, such a table would
+    delete every backup but the newest. restic treats an empty policy as "keep
+    everything", and so do we, so that a caller that skipped validation cannot
+    lose backups through it.
+    """
+    # Negative counts (refused by the configuration) are off like 0, not
+    # restic's "unlimited" -1.
+    counts = [(rule, getattr(retention, rule)) for rule in RETENTION_COUNTS]
+    on = [(rule, count) for rule, count in counts if count is not None and count > 0]
+    within = 0.0 if retention.keep_within is None else parse_duration(retention.keep_within)
+    return (on, within) if on or within > 0 else None
 
 
 _BUCKET: dict[str, Callable[[str, _Local], object]] = {
@@ -146,18 +157,35 @@ def _read(name: str) -> _Backup | None:
             return None
         local = (moment.year, moment.month, moment.day, moment.hour)
         return int(moment.timestamp()), name, local
+    day, offset = _day(name[:10]), _offset(name[19:])
     hour, minute, second = int(name[11:13]), int(name[14:16]), int(name[17:19])
-    offset_hours, offset_minutes = int(name[20:22]), int(name[22:24])
-    # strptime refuses these, and a UTC offset must stay below a day.
-    if hour > 23 or minute > 59 or second > 59 or offset_hours > 23 or offset_minutes > 59:
-        return None
-    year, month, day = int(name[0:4]), int(name[5:7]), int(name[8:10])
+    if day is None or offset is None or hour > 23 or minute > 59 or second > 59:
+        return None  # strptime refuses these too
+    midnight, year, month, mday = day
+    instant = midnight + hour * 3600 + minute * 60 + second - offset
+    return instant, name, (year, month, mday, hour)
+
+
+# Many backups share a day and nearly all share one or two offsets, so these
+# caches stay small and save most of the integer parsing.
+
+
+@cache
+def _day(text: str) -> tuple[int, int, int, int] | None:
+    """POSIX seconds of UTC midnight of "YYYY-MM-DD", and its fields; None if no such day."""
+    year, month, mday = int(text[0:4]), int(text[5:7]), int(text[8:10])
     try:
-        days = date(year, month, day).toordinal() - _EPOCH_DAY
+        days = date(year, month, mday).toordinal() - _EPOCH_DAY
     except ValueError:  # year 0, month 13, February 30, ...
         return None
-    offset = offset_hours * 3600 + offset_minutes * 60
-    if name[19] == "-":
-        offset = -offset
-    instant = days * 86400 + hour * 3600 + minute * 60 + second - offset
-    return instant, name, (year, month, day, hour)
+    return days * 86400, year, month, mday
+
+
+@cache
+def _offset(text: str) -> int | None:
+    """Seconds east of UTC of "+HHMM" / "-HHMM"; None past what a tzinfo may hold."""
+    hours, minutes = int(text[1:3]), int(text[3:5])
+    if hours > 23 or minutes > 59:
+        return None
+    seconds = hours * 3600 + minutes * 60
+    return -seconds if text[0] == "-" else seconds

@@ -151,16 +151,20 @@ def describe_tree(root: str | bytes | Path) -> dict[bytes, dict[str, Any]]:
     return tree
 
 
-def age_directories(root: str | bytes | Path, ns: int = 1_400_000_000_987_654_321) -> None:
-    """Give every folder below (and at) ``root`` a past mtime, deepest first.
+def settle_times(root: str | bytes | Path, ns: int = 1_400_000_000_987_654_321) -> None:
+    """Give everything below (and at) ``root`` one past mtime, deepest first.
 
-    rsync (checked with 3.x here) leaves a copied folder's mtime alone when it
-    equals the source's to the second, so a folder written in the same second
-    as the backup keeps the copy's own sub-second time. Real sources are not
-    that fresh; tests that compare times exactly start from settled folders.
+    rsync (checked with 3.x here) leaves the mtime of a copied folder, symlink,
+    FIFO or device alone when it equals the source's to the second, so an
+    entry made in the same second as the backup keeps the copy's own
+    sub-second time. Real sources are not that fresh; tests that compare times
+    exactly start from settled ones.
     """
     base = os.fsencode(root)
-    for dirpath, _, _ in sorted(os.walk(base), key=lambda w: -w[0].count(b"/")):
+    walk = sorted(os.walk(base), key=lambda w: -w[0].count(b"/"))
+    for dirpath, dirnames, filenames in walk:
+        for entry in dirnames + filenames:
+            os.utime(os.path.join(dirpath, entry), ns=(ns, ns), follow_symlinks=False)
         os.utime(dirpath, ns=(ns, ns), follow_symlinks=False)
 
 

@@ -307,14 +307,32 @@ class Running:
         try:
             rc = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+            self.close()
             raise AssertionError(
                 f"the CLI did not exit within {timeout}s; stderr:\n{self.stderr}"
             ) from None
+        self._finish()
+        return rc
+
+    def _finish(self) -> None:
         for t in self._threads:
             t.join(10)
-        return rc
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+    def close(self) -> None:
+        """Kill the CLI if it still runs (a failed test), reap it, close its pipes."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._finish()
+
+    def __enter__(self) -> Running:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def send(self, sig: int) -> None:
         """Send ``sig`` and wait until the kernel has delivered it to the process."""

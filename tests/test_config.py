@@ -220,7 +220,7 @@ def valid_config(ws: Workspace, dest: Path | None = None) -> str:
         f'destination = "{dest or ws.dest}"\nstate_dir = "{{state}}"\n'
         "concurrency = 3\n"
         '[[backup_hooks]]\nname = "mount"\npre = "true"\npost = ["true"]\n'
-        'critical = true\ntimeout = "1h30m"\nenv = { FOO = "bar" }\n'
+        'critical = true\ntimeout = "1h30m"\nenv = {{ FOO = "bar" }}\n'
         + table("[[snapshot_hooks]]", name="db", post="true", timeout="90s")
         + rsync_source("data", ws.src / "data", exclude=["*.tmp", "cache/"],
                        rsync_args=["--bwlimit=1000"], rsync_ok_codes=[0, 24, 23],

@@ -30,10 +30,10 @@ pytestmark = needs_rsync
 def _kill_during_snapshot_hook(ws: Workspace) -> str:
     """Start a run, SIGKILL it while s1's pre blocks; return the stale in-progress name."""
     write_config(ws, standard_hooks(s1={"block": ("pre",)}))
-    running = start(ws)
-    wait_marker(started_marker(ws, "s1", "pre"), running)
-    running.proc.send_signal(signal.SIGKILL)
-    assert running.wait(10) == -signal.SIGKILL
+    with start(ws) as running:
+        wait_marker(started_marker(ws, "s1", "pre"), running)
+        running.proc.send_signal(signal.SIGKILL)
+        assert running.wait(10) == -signal.SIGKILL
     [stale] = in_progress(ws)
     assert complete_backups(ws) == []
     assert order(ws) == ["b1.pre", "b2.pre", "s1.pre"]
@@ -62,21 +62,21 @@ def test_children_of_a_killed_run_do_not_outlive_it(ws: Workspace) -> None:
 
 def test_second_run_while_the_lock_is_held_exits_3_at_once(ws: Workspace) -> None:
     write_config(ws, standard_hooks(b1={"block": ("pre",)}))
-    first = start(ws)
-    wait_marker(started_marker(ws, "b1", "pre"), first)
+    with start(ws) as first:
+        wait_marker(started_marker(ws, "b1", "pre"), first)
 
-    began = time.monotonic()
-    second = ws.run("run", timeout=30)
-    elapsed = time.monotonic() - began
-    assert second.returncode == 3, second.stderr
-    assert elapsed < 3, f"the second run took {elapsed:.1f}s"
-    assert str(ws.state / "lock") in second.stderr
-    assert second.stdout == ""
-    assert ws.reports() == [], "a run refused by the lock writes no report"
-    assert order(ws) == ["b1.pre"], "the second run ran no hook"
+        began = time.monotonic()
+        second = ws.run("run", timeout=30)
+        elapsed = time.monotonic() - began
+        assert second.returncode == 3, second.stderr
+        assert elapsed < 3, f"the second run took {elapsed:.1f}s"
+        assert str(ws.state / "lock") in second.stderr
+        assert second.stdout == ""
+        assert ws.reports() == [], "a run refused by the lock writes no report"
+        assert order(ws) == ["b1.pre"], "the second run ran no hook"
 
-    release_marker(ws, "b1", "pre").touch()
-    assert first.wait(30) == 0, first.stderr
+        release_marker(ws, "b1", "pre").touch()
+        assert first.wait(30) == 0, first.stderr
     assert order(ws) == ORDER_OK
     assert len(complete_backups(ws)) == 1
     assert len(ws.reports()) == 1

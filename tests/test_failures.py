@@ -135,13 +135,13 @@ def test_failing_source_cancels_the_others_while_they_copy(ws: Workspace) -> Non
                + source_toml("bad", bad, timeout="2s", **SLOW))
     write_config(ws, standard_hooks(), sources, header="concurrency = 3")
     began = time.monotonic()
-    running = start(ws)
+    with start(ws) as running:
 
-    def copying(path: object) -> bool:
-        return any("rsync" in cmd for _, cmd in processes_mentioning(str(path)))
+        def copying(path: object) -> bool:
+            return any("rsync" in cmd for _, cmd in processes_mentioning(str(path)))
 
-    wait_for(lambda: copying(slow1) and copying(slow2) and copying(bad), 15, "three rsyncs")
-    rc = running.wait(60)
+        wait_for(lambda: copying(slow1) and copying(slow2) and copying(bad), 15, "three rsyncs")
+        rc = running.wait(60)
     elapsed = time.monotonic() - began
     assert rc == 1, running.stderr
     # 3 MiB at 500 KiB/s takes ~6 s: the others were cut short.
@@ -188,12 +188,12 @@ def test_hook_past_its_timeout_is_killed_with_its_children(ws: Workspace) -> Non
     write_config(ws, standard_hooks(
         b2={"timeout": "1s", "children": True, "block": ("pre",)},
     ))
-    running = start(ws)
-    wait_marker(started_marker(ws, "b2", "pre"), running)
-    program = str(sleeper(ws))
-    children = [c for _, c in processes_mentioning(program) if c.startswith(program)]
-    assert len(children) == 2, f"the hook's children run: {children}"
-    rc = running.wait(30)
+    with start(ws) as running:
+        wait_marker(started_marker(ws, "b2", "pre"), running)
+        program = str(sleeper(ws))
+        children = [c for _, c in processes_mentioning(program) if c.startswith(program)]
+        assert len(children) == 2, f"the hook's children run: {children}"
+        rc = running.wait(30)
     assert rc == 1, running.stderr
     wait_no_processes(ws, 2)
     assert order(ws) == ["b1.pre", "b2.pre", "b1.post"]

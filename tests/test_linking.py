@@ -66,7 +66,8 @@ def test_link_dest_is_the_newest_complete_backup_holding_the_source(ws: Workspac
     ws.write_config(rsync_source("a", a) + rsync_source("b", b))
     cli_ok(ws, "run")
     # Run 2 holds only a, with a changed file.
-    (a / "f").write_text("a v2\n")
+    (a / "f").write_text("a version 2, longer\n")
+    os.utime(a / "f", (1_700_000_000, 1_700_000_000))
     ws.write_config(rsync_source("a", a))
     cli_ok(ws, "run")
     first, second = complete_backups(ws.dest)

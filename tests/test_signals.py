@@ -72,10 +72,10 @@ def _assert_interrupted_report(ws: Workspace, saved: bool) -> dict[str, object]:
 @SIGNALS
 def test_signal_during_backup_pre_hook(ws: Workspace, sig: int) -> None:
     write_config(ws, standard_hooks(b2={"block": ("pre",)}))
-    running = start(ws)
-    wait_marker(started_marker(ws, "b2", "pre"), running)
-    running.send(sig)
-    rc = running.wait(30)
+    with start(ws) as running:
+        wait_marker(started_marker(ws, "b2", "pre"), running)
+        running.send(sig)
+        rc = running.wait(30)
     assert rc == EXIT_FOR[sig], running.stderr
     assert running.stdout == ""
     wait_no_processes(ws, 2)
@@ -94,10 +94,10 @@ def test_signal_during_backup_pre_hook(ws: Workspace, sig: int) -> None:
 @SIGNALS
 def test_signal_during_snapshot(ws: Workspace, sig: int) -> None:
     write_config(ws, standard_hooks(), _slow_sources(ws))
-    running = start(ws)
-    _wait_rsync_running(ws, running, "alpha")
-    running.send(sig)
-    rc = running.wait(30)
+    with start(ws) as running:
+        _wait_rsync_running(ws, running, "alpha")
+        running.send(sig)
+        rc = running.wait(30)
     assert rc == EXIT_FOR[sig], running.stderr
     wait_no_processes(ws, 2)
     assert order(ws) == ORDER_OK
@@ -117,13 +117,13 @@ def test_signal_during_backup_post_lets_it_finish_and_keeps_the_backup(
     ws: Workspace, sig: int
 ) -> None:
     write_config(ws, standard_hooks(b2={"block": ("post",)}))
-    running = start(ws)
-    wait_marker(started_marker(ws, "b2", "post"), running)
-    since = len(running.stderr_lines())
-    running.send(sig)
-    _wait_noticed(running, since, sig)
-    release_marker(ws, "b2", "post").touch()
-    rc = running.wait(30)
+    with start(ws) as running:
+        wait_marker(started_marker(ws, "b2", "post"), running)
+        since = len(running.stderr_lines())
+        running.send(sig)
+        _wait_noticed(running, since, sig)
+        release_marker(ws, "b2", "post").touch()
+        rc = running.wait(30)
     assert rc == EXIT_FOR[sig], running.stderr
     wait_no_processes(ws, 2)
     assert order(ws) == ORDER_OK
@@ -140,14 +140,14 @@ def test_signal_during_backup_post_lets_it_finish_and_keeps_the_backup(
 @pytest.mark.slow
 def test_second_sigint_during_cleanup_does_not_skip_post_hooks(ws: Workspace) -> None:
     write_config(ws, standard_hooks(s2={"block": ("post",)}), _slow_sources(ws))
-    running = start(ws)
-    _wait_rsync_running(ws, running, "alpha")
-    running.send(signal.SIGINT)
-    wait_marker(started_marker(ws, "s2", "post"), running)
-    running.send(signal.SIGINT)
-    assert running.proc.poll() is None, f"the second SIGINT ended the run:\n{running.stderr}"
-    release_marker(ws, "s2", "post").touch()
-    rc = running.wait(30)
+    with start(ws) as running:
+        _wait_rsync_running(ws, running, "alpha")
+        running.send(signal.SIGINT)
+        wait_marker(started_marker(ws, "s2", "post"), running)
+        running.send(signal.SIGINT)
+        assert running.proc.poll() is None, f"the second SIGINT ended the run:\n{running.stderr}"
+        release_marker(ws, "s2", "post").touch()
+        rc = running.wait(30)
     assert rc == 130, running.stderr
     wait_no_processes(ws, 2)
     assert order(ws) == ORDER_OK

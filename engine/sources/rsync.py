@@ -78,6 +78,10 @@ async def copy(argv: list[str], ok_codes: list[int], step: Step) -> int:
     step.exit_code = finished.exit_code
     step.stderr_tail = finished.stderr.text()
     if finished.exit_code not in ok_codes:
-        last = finished.stderr.lines[-1] if finished.stderr.lines else "no error output"
+        # rsync's closing "rsync error: ... (code 23)" line repeats the exit
+        # code; the line before it says what actually went wrong.
+        lines = [line for line in finished.stderr.lines if line.strip()]
+        telling = [line for line in lines if not line.startswith("rsync error:")]
+        last = (telling or lines or ["no error output"])[-1]
         raise SourceError(f"rsync {describe_exit(finished.exit_code)}: {last}")
     return transferred_bytes(finished.stdout.text())
