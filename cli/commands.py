@@ -67,17 +67,22 @@ def _under_signals(work: Callable[[Interruption], Awaitable[Report]]) -> int:
     """Run ``work`` with SIGINT/SIGTERM turned into a cancel; map its report to an exit code."""
     interruption = Interruption()
 
-    async def main() -> Report:
+    async def main() -> Report | LockHeld:
         async with anyio.create_task_group() as tg:
             await tg.start(_watch_signals, interruption)
-            report = await work(interruption)
+            try:
+                outcome: Report | LockHeld = await work(interruption)
+            except LockHeld as e:
+                # Caught here, not around anyio.run: the task group would
+                # wrap it in an exception group.
+                outcome = e
             tg.cancel_scope.cancel()
-        return report
+        return outcome
 
-    try:
-        report = anyio.run(main, backend="asyncio")
-    except LockHeld as e:
-        print(f"error: another run holds the lock {e.lock_path}; not starting", file=sys.stderr)
+    report = anyio.run(main, backend="asyncio")
+    if isinstance(report, LockHeld):
+        print(f"error: another run holds the lock {report.lock_path}; not starting",
+              file=sys.stderr)
         return EXIT_LOCKED
     if report.status == "interrupted":
         return 128 + (interruption.signum or signal.SIGINT)

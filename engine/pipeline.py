@@ -64,6 +64,11 @@ async def run_backup(config: Config, options: RunOptions, interruption: Interrup
                 await _steps(ctx)
             except (StepFailed, CriticalStop):
                 pass
+            except Exception as e:
+                # A bug or an unforeseen OS error: the posts have run (they
+                # unwind on every path); the user still gets a report.
+                log.exception("unexpected error")
+                ctx.fail(f"unexpected error: {e!r}")
         _finish_report(ctx, time.monotonic() - t0)
         path = write_report(report, config.reports_dir)
         log.info("run finished", status=report.status, saved=report.saved,
@@ -105,7 +110,10 @@ async def _open_destination(ctx: RunContext) -> None:
         _fail(ctx, f"destination: the backup name {ctx.name} is already taken")
     await clean_stale(dest, entries)
     ctx.previous = done
-    os.mkdir(ctx.in_progress_dir)
+    try:
+        os.mkdir(ctx.in_progress_dir)
+    except OSError as e:
+        _fail(ctx, f"destination: cannot create {ctx.in_progress_dir}: {e.strerror}")
     ctx.in_progress_created = True
     log.info("in-progress folder created", folder=ctx.in_progress_dir)
 

@@ -265,6 +265,12 @@ def leftover_processes(ws: Workspace) -> list[tuple[int, str]]:
     return processes_mentioning(str(ws.root))
 
 
+def assert_no_processes(ws: Workspace) -> None:
+    """No process mentioning the workspace is left (call once the CLI has exited)."""
+    left = leftover_processes(ws)
+    assert left == [], f"processes left behind: {left}"
+
+
 def wait_no_processes(ws: Workspace, timeout: float = 5.0) -> None:
     """Bounded wait until no process mentioning the workspace is left."""
     try:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from conftest import needs_rsync
 from hookkit import (
     ORDER_OK,
+    assert_no_processes,
     complete_backups,
     in_progress,
     order,
@@ -81,4 +82,4 @@ def test_second_run_while_the_lock_is_held_exits_3_at_once(ws: Workspace) -> Non
     assert len(complete_backups(ws)) == 1
     assert len(ws.reports()) == 1
     assert ws.report()["status"] == "ok"
-    wait_no_processes(ws, 2)
+    assert_no_processes(ws)

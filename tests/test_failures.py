@@ -12,6 +12,7 @@ from hookkit import (
     ORDER_OK,
     SLOW,
     HookSpec,
+    assert_no_processes,
     complete_backups,
     events,
     in_progress,
@@ -25,7 +26,6 @@ from hookkit import (
     started_marker,
     statuses,
     wait_marker,
-    wait_no_processes,
     write_config,
 )
 
@@ -108,6 +108,7 @@ def test_critical_pre_failure_stops_at_once_and_next_run_cleans_up(ws: Workspace
     assert ws.backups() == [name], "the stale in-progress folder was removed"
     for stale in left:
         assert stale.removesuffix(".in-progress") != name
+        assert stale in again.stderr, "the run logs that it removed the stale folder"
     assert ws.report()["status"] == "ok"
 
 
@@ -146,7 +147,7 @@ def test_failing_source_cancels_the_others_while_they_copy(ws: Workspace) -> Non
     assert rc == 1, running.stderr
     # 3 MiB at 500 KiB/s takes ~6 s: the others were cut short.
     assert elapsed < 5.5, f"the run took {elapsed:.1f}s: were the others cancelled?"
-    wait_no_processes(ws, 2)
+    assert_no_processes(ws)
     assert ws.backups() == [], "no in-progress folder and no backup"
     assert order(ws) == ORDER_OK
     assert all(e.status == "failed" for e in events(ws) if e.label.endswith(".post"))
@@ -195,7 +196,7 @@ def test_hook_past_its_timeout_is_killed_with_its_children(ws: Workspace) -> Non
         assert len(children) == 2, f"the hook's children run: {children}"
         rc = running.wait(30)
     assert rc == 1, running.stderr
-    wait_no_processes(ws, 2)
+    assert_no_processes(ws)
     assert order(ws) == ["b1.pre", "b2.pre", "b1.post"]
     assert statuses(ws)["b1.post"] == "failed"
     assert ws.backups() == []

@@ -12,6 +12,7 @@ from hookkit import (
     ORDER_OK,
     SLOW,
     Running,
+    assert_no_processes,
     complete_backups,
     make_slow_source,
     order,
@@ -23,7 +24,6 @@ from hookkit import (
     started_marker,
     statuses,
     wait_marker,
-    wait_no_processes,
     write_config,
 )
 
@@ -78,7 +78,7 @@ def test_signal_during_backup_pre_hook(ws: Workspace, sig: int) -> None:
         rc = running.wait(30)
     assert rc == EXIT_FOR[sig], running.stderr
     assert running.stdout == ""
-    wait_no_processes(ws, 2)
+    assert_no_processes(ws)
     # b2's pre was cut short: it did not succeed, so only b1 gets its post.
     assert order(ws) == ["b1.pre", "b2.pre", "b1.post"]
     assert statuses(ws)["b1.post"] == "interrupted"
@@ -99,7 +99,7 @@ def test_signal_during_snapshot(ws: Workspace, sig: int) -> None:
         running.send(sig)
         rc = running.wait(30)
     assert rc == EXIT_FOR[sig], running.stderr
-    wait_no_processes(ws, 2)
+    assert_no_processes(ws)
     assert order(ws) == ORDER_OK
     assert all(statuses(ws)[label] == "interrupted" for label in POSTS), statuses(ws)
     assert ws.backups() == [], "the in-progress folder is removed, no backup added"
@@ -125,7 +125,7 @@ def test_signal_during_backup_post_lets_it_finish_and_keeps_the_backup(
         release_marker(ws, "b2", "post").touch()
         rc = running.wait(30)
     assert rc == EXIT_FOR[sig], running.stderr
-    wait_no_processes(ws, 2)
+    assert_no_processes(ws)
     assert order(ws) == ORDER_OK
     assert "b2.post.released" in ws.event_lines(), "the running post was let finish"
     st = statuses(ws)
@@ -149,7 +149,7 @@ def test_second_sigint_during_cleanup_does_not_skip_post_hooks(ws: Workspace) ->
         release_marker(ws, "s2", "post").touch()
         rc = running.wait(30)
     assert rc == 130, running.stderr
-    wait_no_processes(ws, 2)
+    assert_no_processes(ws)
     assert order(ws) == ORDER_OK
     assert "s2.post.released" in ws.event_lines(), "the blocked post was not cut short"
     assert all(statuses(ws)[label] == "interrupted" for label in POSTS), statuses(ws)
