@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 from collections import deque
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -21,7 +22,7 @@ import anyio
 import structlog
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import AsyncIterator, Mapping, Sequence
 
     from anyio.abc import ByteReceiveStream, Process
 
@@ -134,7 +135,7 @@ async def end_session(process: Process, grace: float = GRACE_S) -> None:
             await process.wait()
 
 
-async def _drain(stream: ByteReceiveStream | None, tail: Tail, name: str) -> None:
+async def drain(stream: ByteReceiveStream | None, tail: Tail, name: str) -> None:
     if stream is None:
         return
     pending = b""
@@ -149,6 +150,40 @@ async def _drain(stream: ByteReceiveStream | None, tail: Tail, name: str) -> Non
         line = pending.decode(errors="replace")
         tail.add(line)
         log.debug("output", stream=name, line=line)
+
+
+@asynccontextmanager
+async def managed_process(
+    argv: Sequence[str],
+    *,
+    stdin: int = subprocess.DEVNULL,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+    grace: float = GRACE_S,
+) -> AsyncIterator[Process]:
+    """Start ``argv`` in a new session; on leaving the block, end the whole session.
+
+    The block owns the process's pipes (stdout and stderr are pipes; stdin is
+    ``stdin``). Leaving it by any path — normal, error, cancel — ends every
+    process of the session, shielded and bounded (SIGTERM, ``grace``,
+    SIGKILL). Raises OSError if the program cannot start.
+    """
+    command = list(argv)
+    if _SETPRIV is not None:
+        command = [_SETPRIV, "--pdeathsig", "KILL", "--", *command]
+    # Shielded: a cancel landing inside the spawn would lose the handle of a
+    # child that is already running, and nothing would ever end it.
+    with anyio.CancelScope(shield=True):
+        process = await anyio.open_process(
+            command, stdin=stdin, env=env, cwd=cwd, start_new_session=True
+        )
+    log.debug("started", argv=list(argv), pid=process.pid)
+    try:
+        yield process
+    finally:
+        await end_session(process, grace)
+        with anyio.CancelScope(shield=True):
+            await process.aclose()
 
 
 async def run_process(
@@ -167,29 +202,15 @@ async def run_process(
     cancelled (a timeout, a failing sibling, a signal) the whole session is
     ended before this returns. Raises OSError if the program cannot start.
     """
-    command = list(argv)
-    if _SETPRIV is not None:
-        command = [_SETPRIV, "--pdeathsig", "KILL", "--", *command]
     out, err = Tail(limit=stdout_lines), Tail()
-    # Shielded: a cancel landing inside the spawn would lose the handle of a
-    # child that is already running, and nothing would ever end it.
-    with anyio.CancelScope(shield=True):
-        process = await anyio.open_process(
-            command, stdin=subprocess.DEVNULL, env=env, cwd=cwd, start_new_session=True
-        )
-    log.debug("started", argv=list(argv), pid=process.pid)
-    try:
+    async with managed_process(argv, env=env, cwd=cwd, grace=grace) as process:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_drain, process.stdout, out, "stdout")
-            tg.start_soon(_drain, process.stderr, err, "stderr")
+            tg.start_soon(drain, process.stdout, out, "stdout")
+            tg.start_soon(drain, process.stderr, err, "stderr")
             await process.wait()
             # A background job left by a hook would hold the pipes open and
             # outlive the run: end it now.
             await end_session(process, grace)
-    finally:
-        await end_session(process, grace)
-        with anyio.CancelScope(shield=True):
-            await process.aclose()
     code = process.returncode
     assert code is not None
     return Finished(exit_code=code, stdout=out, stderr=err)

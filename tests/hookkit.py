@@ -377,4 +377,4 @@ def wait_marker(path: Path, running: Running | None = None, timeout: float = 20)
     wait_for(seen, timeout, path.name)
 
 
-EXIT_FOR = {signal.SIGINT: 130, signal.SIGTERM: 143}
+EXIT_FOR: dict[int, int] = {signal.SIGINT: 130, signal.SIGTERM: 143}

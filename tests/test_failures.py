@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from conftest import needs_rsync, processes_mentioning, wait_for
@@ -36,10 +36,10 @@ pytestmark = needs_rsync
 
 
 def _skipped_after(
-    report: dict[str, object], ran: list[tuple[str, str, str]]
+    report: dict[str, Any], ran: list[tuple[str, str, str]]
 ) -> set[tuple[str, str]]:
     """Assert the report lists ``ran`` first, then only skipped phases; return those."""
-    hooks = report_hooks(report)  # type: ignore[arg-type]
+    hooks = report_hooks(report)
     assert hooks[: len(ran)] == ran, hooks
     rest = hooks[len(ran):]
     assert all(status == "skipped" for _, _, status in rest), hooks

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import signal
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from conftest import needs_rsync, processes_mentioning, wait_for
@@ -62,7 +62,7 @@ def _wait_noticed(running: Running, since: int, sig: int) -> None:
     )
 
 
-def _assert_interrupted_report(ws: Workspace, saved: bool) -> dict[str, object]:
+def _assert_interrupted_report(ws: Workspace, saved: bool) -> dict[str, Any]:
     report = ws.report()
     assert report["status"] == "interrupted", report
     assert report["saved"] is saved
@@ -108,7 +108,7 @@ def test_signal_during_snapshot(ws: Workspace, sig: int) -> None:
         (label.split(".")[0], label.split(".")[1], "ok") for label in ORDER_OK
     ]
     for name in ("alpha", "beta"):
-        source = report["sources"][name]  # type: ignore[index]
+        source = report["sources"][name]
         assert source["status"] == "cancelled", source
 
 
