@@ -85,6 +85,9 @@ class RunContext:
         self.in_progress_created = False
         # The complete backups found at step 1, newest first (link-dest, parents).
         self.previous: list[Entry] = []
+        self.dest_is_btrfs = False
+        # Local btrfs snapshots taken by this run: source name -> path.
+        self.snapshots: dict[str, str] = {}
         self.halted = False
 
     @property

@@ -16,7 +16,9 @@ import anyio
 import structlog
 
 from .errors import LockHeld
+from .filesystems import SUBVOLUME_INODE, is_btrfs, is_subvolume
 from .names import DELETING, IN_PROGRESS, format_name, parse_name
+from .processes import describe_exit, run_process
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -120,7 +122,36 @@ async def remove_tree(path: str) -> None:
     folder is worse than a late exit.
     """
     with anyio.CancelScope(shield=True):
-        await anyio.to_thread.run_sync(_remove_tree_sync, path)
+        # btrfs subvolumes (received backups, snapshots) are read-only and
+        # cannot be unlinked file by file: delete them as subvolumes first.
+        for subvolume in await anyio.to_thread.run_sync(_subvolumes_at, path):
+            finished = await run_process(["btrfs", "subvolume", "delete", subvolume])
+            if finished.exit_code != 0:
+                raise OSError(f"btrfs subvolume delete {subvolume}: "
+                              f"{finished.stderr.text() or describe_exit(finished.exit_code)}")
+        if os.path.lexists(path):
+            await anyio.to_thread.run_sync(_remove_tree_sync, path)
+
+
+def _subvolumes_at(path: str) -> list[str]:
+    """Subvolumes at ``path`` or directly inside it, inner ones first.
+
+    That is where the engine puts them (``<backup>/<source>``, a snapshot
+    itself); a source's nested subvolumes are never copied as subvolumes.
+    """
+    if not is_btrfs(path):
+        return []
+    found = []
+    try:
+        with os.scandir(path) as entries:
+            found = [e.path for e in entries
+                     if e.inode() == SUBVOLUME_INODE and e.is_dir(follow_symlinks=False)
+                     and is_subvolume(e.path)]
+    except NotADirectoryError:
+        pass
+    if is_subvolume(path):
+        found.append(path)
+    return found
 
 
 async def delete_backup(destination: str, name: str) -> None:

@@ -11,7 +11,7 @@ import anyio
 import structlog
 from structlog.contextvars import bound_contextvars
 
-from .config import Config, Hook, RsyncSource, Source
+from .config import BtrfsSource, Config, Hook, RsyncSource, Source
 from .context import CriticalStop, Interruption, RunContext, RunOptions, StepFailed
 from .destination import (
     choose_name,
@@ -24,6 +24,7 @@ from .destination import (
     scan,
     space,
 )
+from .filesystems import is_btrfs
 from .hooks import Kind, hook_stage
 from .pruning import prune
 from .report import (
@@ -35,7 +36,7 @@ from .report import (
     now,
     write_report,
 )
-from .sources import rsync
+from .sources import btrfs, rsync
 from .sources.errors import SourceError
 
 log = structlog.get_logger("pibackup")
@@ -110,6 +111,13 @@ async def _open_destination(ctx: RunContext) -> None:
         _fail(ctx, f"destination: the backup name {ctx.name} is already taken")
     await clean_stale(dest, entries)
     ctx.previous = done
+    ctx.dest_is_btrfs = is_btrfs(dest)
+    for source in _local_btrfs(ctx):
+        # Snapshots of crashed runs: only the newest that has a copy in the
+        # destination is worth keeping (the next parent).
+        keep = next((n for n in btrfs.local_snapshots(source)
+                     if any(e.name == n for e in done)), None) if ctx.dest_is_btrfs else None
+        await btrfs.drop_local_snapshots(source, keep)
     try:
         os.mkdir(ctx.in_progress_dir)
     except OSError as e:
@@ -195,8 +203,9 @@ async def _run_step(ctx: RunContext, source: Source, step: Step, work: Work,
 
 
 async def _snapshot(ctx: RunContext, source: Source, step: Step) -> int:
-    if not isinstance(source, RsyncSource):
-        raise SourceError("btrfs sources are not supported yet")
+    if isinstance(source, BtrfsSource):
+        ctx.snapshots[source.name] = await btrfs.take_snapshot(source, ctx.name, step)
+        return 0
     link_dest = newest_holding(ctx.destination, ctx.previous, source.name)
     argv = rsync.rsync_argv(ctx.config, source, os.path.join(ctx.in_progress_dir, source.name),
                             link_dest)
@@ -204,7 +213,20 @@ async def _snapshot(ctx: RunContext, source: Source, step: Step) -> int:
 
 
 async def _save(ctx: RunContext, source: Source, step: Step) -> int:
-    raise SourceError("btrfs sources are not supported yet")
+    assert isinstance(source, BtrfsSource)  # rsync sources have no save step
+    snapshot = ctx.snapshots[source.name]
+    if ctx.dest_is_btrfs:
+        parent = await btrfs.find_parent(source, ctx.destination, ctx.previous)
+        log.info("incremental send" if parent else "full send", parent=parent)
+        return await btrfs.send_receive(snapshot, parent, ctx.in_progress_dir, step)
+    link_dest = newest_holding(ctx.destination, ctx.previous, source.name)
+    argv = rsync.rsync_argv(ctx.config, source, os.path.join(ctx.in_progress_dir, source.name),
+                            link_dest, from_path=snapshot)
+    return await rsync.copy(argv, source.rsync_ok_codes, step)
+
+
+def _local_btrfs(ctx: RunContext) -> list[BtrfsSource]:
+    return [s for s in ctx.config.sources if isinstance(s, BtrfsSource) and s.host is None]
 
 
 @contextmanager
@@ -225,6 +247,15 @@ async def _finish_backup(ctx: RunContext) -> None:
     os.rename(ctx.in_progress_dir, ctx.final_dir)
     ctx.report.saved = True
     log.info("backup saved", folder=ctx.final_dir)
+    for source in _local_btrfs(ctx):
+        # Only now, with the new copy under its final name, may the old
+        # parent go: a failure before the rename keeps it for the next run.
+        if source.name not in ctx.snapshots:
+            continue
+        if ctx.report.sources[source.name].status == "failed":  # an optional source
+            await btrfs.drop_snapshot(source, ctx.name)
+        else:
+            await btrfs.drop_local_snapshots(source, ctx.name if ctx.dest_is_btrfs else None)
     retention = ctx.report.retention
     await prune(ctx.config, retention, protect=ctx.name)
     if retention.errors:
@@ -237,10 +268,14 @@ async def _discard_unfinished(ctx: RunContext) -> None:
     After a critical hook's failure nothing is cleaned, as after a crash;
     the next run removes it.
     """
-    if ctx.report.saved or not ctx.in_progress_created or ctx.halted:
+    if ctx.report.saved or ctx.halted:
         return
-    log.info("removing the unfinished backup", folder=ctx.in_progress_dir)
-    await remove_tree(ctx.in_progress_dir)
+    for source in _local_btrfs(ctx):
+        if source.name in ctx.snapshots:
+            await btrfs.drop_snapshot(source, ctx.name)
+    if ctx.in_progress_created:
+        log.info("removing the unfinished backup", folder=ctx.in_progress_dir)
+        await remove_tree(ctx.in_progress_dir)
 
 
 # --- the report -----------------------------------------------------------------------

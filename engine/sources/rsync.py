@@ -50,18 +50,23 @@ def auto_excludes(config: Config, source_path: str) -> list[str]:
     return excludes
 
 
-def rsync_argv(config: Config, source: RsyncSource, target: str,
-               link_dest: str | None) -> list[str]:
-    """The exact rsync command for a local source copied into ``target``."""
+def rsync_argv(config: Config, source: RsyncSource | BtrfsSource, target: str,
+               link_dest: str | None, *, from_path: str | None = None) -> list[str]:
+    """The exact rsync command that copies a local source into ``target``.
+
+    ``from_path`` copies from elsewhere (a btrfs source's read-only
+    snapshot) with the source's own excludes and arguments.
+    """
     argv = list(RSYNC_BASE)
     argv += auto_excludes(config, source.path)
-    argv += [f"--exclude={pattern}" for pattern in source.exclude]
+    if isinstance(source, RsyncSource):
+        argv += [f"--exclude={pattern}" for pattern in source.exclude]
     if link_dest is not None:
         argv.append(f"--link-dest={link_dest}")
     argv += source.rsync_args
     # A trailing slash copies the contents of the folder, whichever way the
     # user wrote the path.
-    argv += [source.path.rstrip("/") + "/", target.rstrip("/") + "/"]
+    argv += [(from_path or source.path).rstrip("/") + "/", target.rstrip("/") + "/"]
     return argv
 
 

@@ -1,0 +1,81 @@
+"""What filesystem a path lives on, read from /proc/self/mountinfo (no subprocess)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+# The first inode of every btrfs subvolume (BTRFS_FIRST_FREE_OBJECTID).
+SUBVOLUME_INODE = 256
+
+
+@dataclass(frozen=True)
+class Mount:
+    mount_point: str
+    fstype: str
+    source: str  # the device, e.g. /dev/loop3; equal sources = the same filesystem
+
+
+def _unescape(field: str) -> str:
+    # mountinfo writes space, tab, newline and backslash as octal escapes.
+    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        field = field.replace(code, char)
+    return field
+
+
+def _existing(path: str) -> str:
+    """``path`` or its nearest existing ancestor, resolved."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and path != "/":
+        path = os.path.dirname(path)
+    return os.path.realpath(path)
+
+
+def mount_of(path: str) -> Mount | None:
+    """The mount that holds ``path`` (or its nearest existing ancestor)."""
+    real = _existing(path)
+    best: Mount | None = None
+    try:
+        with open("/proc/self/mountinfo") as f:
+            lines = f.readlines()
+    except OSError:
+        return None
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if len(fields) < 5 or len(tail) < 2:
+            continue
+        point = _unescape(fields[4])
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        # Later lines are newer mounts and win over earlier ones at the same point.
+        if inside and (best is None or len(point) >= len(best.mount_point)):
+            best = Mount(point, tail[0], _unescape(tail[1]))
+    return best
+
+
+def filesystem_type(path: str) -> str | None:
+    mount = mount_of(path)
+    return None if mount is None else mount.fstype
+
+
+def is_btrfs(path: str) -> bool:
+    return filesystem_type(path) == "btrfs"
+
+
+def is_subvolume(path: str) -> bool:
+    """True when ``path`` is the top of a btrfs subvolume."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return st.st_ino == SUBVOLUME_INODE and is_btrfs(path)
+
+
+def same_filesystem(a: str, b: str) -> bool:
+    """True when ``a`` and ``b`` (or their nearest existing ancestors) share a filesystem.
+
+    btrfs gives every subvolume its own st_dev, so device numbers cannot
+    tell; the mount's source device can.
+    """
+    ma, mb = mount_of(a), mount_of(b)
+    return ma is not None and mb is not None and (ma.fstype, ma.source) == (mb.fstype, mb.source)
