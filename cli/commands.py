@@ -20,6 +20,7 @@ from pibackup_async.engine import (
     list_backups,
     load_config,
     plan_run,
+    preflight,
     prune_backups,
     run_backup,
 )
@@ -37,8 +38,6 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
 
 log = structlog.get_logger("pibackup")
 
-# Filesystems that cannot keep owners, ACLs or xattrs (NOTES pitfall 13).
-_POOR_FILESYSTEMS = {"vfat", "msdos", "exfat", "fat", "ntfs", "fuseblk"}
 
 
 def dispatch(args: argparse.Namespace, config_path: str) -> int:
@@ -57,7 +56,7 @@ def dispatch(args: argparse.Namespace, config_path: str) -> int:
 
 def _run(args: argparse.Namespace, config: Config) -> int:
     if args.dry_run:
-        print("\n".join(plan_run(config, args.jobs)))
+        print("\n".join(anyio.run(plan_run, config, args.jobs, backend="asyncio")))
         return EXIT_OK
     options = RunOptions(jobs=args.jobs, no_report=args.no_report)
     return _under_signals(lambda interruption: run_backup(config, options, interruption))
@@ -133,18 +132,13 @@ def _prune(args: argparse.Namespace, config: Config) -> int:
 
 
 def _check(args: argparse.Namespace, config: Config) -> int:
-    dest = config.destination
-    if not os.path.isdir(dest):
-        log.warning("destination does not exist (yet): a backup hook may mount or create it",
-                    destination=dest)
-    else:
-        fstype = _filesystem_type(dest)
-        keeps_all = not any(
-            "--no-A" in s.rsync_args and "--no-X" in s.rsync_args for s in config.sources)
-        if fstype in _POOR_FILESYSTEMS and keeps_all:
-            log.warning(f"the destination's filesystem ({fstype}) cannot keep owners, ACLs or "
-                        'xattrs; add rsync_args = ["--no-A", "--no-X"] to the sources',
-                        destination=dest)
+    problems, warnings = preflight(config)
+    for warning in warnings:
+        log.warning(warning)
+    for problem in problems:
+        print(f"error: {args.config or 'configuration'}: {problem}", file=sys.stderr)
+    if problems:
+        return EXIT_USAGE
     if args.connect or args.send_test:
         print("error: --connect and --send-test are not supported yet by this version",
               file=sys.stderr)
@@ -152,22 +146,3 @@ def _check(args: argparse.Namespace, config: Config) -> int:
     print(f"{args.config or 'configuration'}: ok ({len(config.sources)} sources, "
           f"{len(config.backup_hooks) + len(config.snapshot_hooks)} hooks)", file=sys.stderr)
     return EXIT_OK
-
-
-def _filesystem_type(path: str) -> str | None:
-    """The type of the filesystem that holds ``path``, from /proc/self/mounts."""
-    best, best_type = "", None
-    real = os.path.realpath(path)
-    try:
-        with open("/proc/self/mounts") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) < 3:
-                    continue
-                mount = fields[1].replace("\\040", " ")
-                if (real == mount or real.startswith(mount.rstrip("/") + "/")) and len(
-                        mount) >= len(best):
-                    best, best_type = mount, fields[2]
-    except OSError:
-        return None
-    return best_type

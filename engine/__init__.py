@@ -11,6 +11,7 @@ from .listing import Listed as Listed
 from .listing import list_backups as list_backups
 from .pipeline import run_backup as run_backup
 from .plan import plan_run as plan_run
+from .preflight import preflight as preflight
 from .pruning import prune_backups as prune_backups
 from .report import Report as Report
 
@@ -26,6 +27,7 @@ __all__ = [
     "list_backups",
     "load_config",
     "plan_run",
+    "preflight",
     "prune_backups",
     "run_backup",
 ]

@@ -12,10 +12,11 @@ from datetime import datetime, timedelta
 
 from .config import Config, Hook, RsyncSource
 from .destination import complete, name_is_free, newest_holding, scan
+from .filesystems import is_btrfs
 from .hooks import hook_argv
 from .names import DELETING, IN_PROGRESS, format_name
 from .retention import plan_retention
-from .sources import rsync
+from .sources import btrfs, rsync
 
 
 def _hooks(lines: list[str], hooks: list[Hook], phase: str) -> None:
@@ -31,7 +32,7 @@ def _hooks(lines: list[str], hooks: list[Hook], phase: str) -> None:
                      f"{', critical' if hook.critical else ''}): {shlex.join(hook_argv(command))}")
 
 
-def plan_run(config: Config, jobs: int | None = None) -> list[str]:
+async def plan_run(config: Config, jobs: int | None = None) -> list[str]:
     """The lines of the plan of ``run`` with this configuration."""
     dest = config.destination
     visible = os.path.isdir(dest)
@@ -65,16 +66,38 @@ def plan_run(config: Config, jobs: int | None = None) -> list[str]:
     _hooks(lines, config.snapshot_hooks, "pre")
     concurrency = jobs or config.concurrency
     lines.append(f"3. snapshots, concurrently, at most {concurrency} at a time:")
+    link_note = "" if visible else "  (--link-dest decided at run time)"
+    saves: list[str] = []
     for source in config.sources:
         target = os.path.join(in_progress, source.name)
+        link_dest = newest_holding(dest, previous, source.name) if visible else None
         if isinstance(source, RsyncSource):
-            link_dest = newest_holding(dest, previous, source.name) if visible else None
             argv = rsync.rsync_argv(config, source, target, link_dest)
-            note = "" if visible else "  (--link-dest decided at run time)"
-            lines.append(f"   - {source.name}: {shlex.join(argv)}{note}")
+            lines.append(f"   - {source.name}: {shlex.join(argv)}{link_note}")
+            continue
+        snapshot = btrfs.snapshot_path(source, name)
+        lines.append(f"   - {source.name}: mkdir -p {shlex.quote(os.path.dirname(snapshot))}; "
+                     f"{shlex.join(btrfs.snapshot_argv(source, name))}")
+        if not visible:
+            saves.append(f"   - {source.name}: btrfs send | btrfs receive into {in_progress} if "
+                         "the destination is btrfs, else rsync from the snapshot (decided at "
+                         "run time, with the parent or --link-dest)")
+        elif is_btrfs(dest):
+            parent = await btrfs.find_parent(source, dest, previous)
+            saves.append(f"   - {source.name}: {shlex.join(btrfs.send_argv(snapshot, parent))} | "
+                         f"{shlex.join(btrfs.receive_argv(in_progress))}"
+                         f"{'' if parent else '  (full send: no parent)'}")
+        else:
+            argv = rsync.rsync_argv(config, source, target, link_dest, from_path=snapshot)
+            saves.append(f"   - {source.name}: {shlex.join(argv)}")
     lines.append("4. snapshot hooks, post, in reverse order:")
     _hooks(lines, config.snapshot_hooks, "post")
-    lines.append("5. save snapshots: nothing to do for rsync sources")
+    if saves:
+        lines.append(f"5. save snapshots, concurrently, at most {concurrency} at a time, then "
+                     "delete the local snapshots but the newest with a copy in the destination:")
+        lines.extend(saves)
+    else:
+        lines.append("5. save snapshots: nothing to do for rsync sources")
     lines.append(f"6. rename {in_progress} to {os.path.join(dest, name)}")
     if config.retention is None:
         lines.append("   retention: none configured, every backup is kept")
