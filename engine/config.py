@@ -308,8 +308,6 @@ def _host_problems(config: Config, where: str, host: str) -> Iterator[str]:
     if host not in config.hosts:
         defined = ", ".join(sorted(config.hosts)) or "none"
         yield f"{where}: host {host!r} is not defined in [hosts] (defined: {defined})"
-    else:
-        yield f"{where}: remote hosts are not supported yet by this version"
 
 
 def _source_problems(config: Config) -> Iterator[str]:
@@ -340,6 +338,8 @@ def _source_problems(config: Config) -> Iterator[str]:
                 yield f"{where}.path: the destination cannot lie inside a btrfs source"
         if isinstance(source, BtrfsSource):
             yield from _absolute(f"{where}.snapshot_dir", source.snapshot_dir)
+            if source.host is not None:
+                yield f"{where}.host: remote btrfs sources are not supported yet by this version"
 
 
 def _duration(where: str, text: str) -> Iterator[str]:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from .names import IN_PROGRESS
+from .remote import Remotes
 
 if TYPE_CHECKING:
     import anyio
@@ -88,6 +89,7 @@ class RunContext:
         self.dest_is_btrfs = False
         # Local btrfs snapshots taken by this run: source name -> path.
         self.snapshots: dict[str, str] = {}
+        self.remotes = Remotes({})
         self.halted = False
 
     @property
@@ -113,8 +115,10 @@ class RunContext:
             return "interrupted"
         return "failed" if self.report.failure is not None else "ok"
 
-    def hook_env(self, phase: str, extra: dict[str, str]) -> dict[str, str]:
-        env = dict(os.environ)
+    def hook_env(self, phase: str, extra: dict[str, str], *,
+                 inherit: bool = True) -> dict[str, str]:
+        """A hook's environment: ours (local hooks only), its ``env``, the PIBACKUP_* values."""
+        env = dict(os.environ) if inherit else {}
         env.update(extra)
         env.update(
             PIBACKUP_NAME=self.name,

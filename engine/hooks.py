@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Literal
 
@@ -11,6 +12,7 @@ from structlog.contextvars import bound_contextvars
 
 from .context import CriticalStop, RunContext, StepFailed
 from .processes import describe_exit, run_process
+from .remote import RemoteError
 from .report import HookStep
 
 if TYPE_CHECKING:
@@ -43,9 +45,18 @@ async def run_hook(ctx: RunContext, kind: Kind, hook: Hook, phase: Phase) -> Non
         problem: str | None = None
         try:
             with anyio.fail_after(hook.timeout_s):
-                finished = await run_process(argv, env=env)
+                if hook.host is None:
+                    finished = await run_process(argv, env=env)
+                else:
+                    remote = ctx.remotes[hook.host]
+                    async with remote.limiter:
+                        finished = await remote.run(
+                            command if isinstance(command, str) else shlex.join(command),
+                            ctx.hook_env(phase, hook.env, inherit=False))
         except TimeoutError:
             problem = f"timed out after {hook.timeout}"
+        except RemoteError as e:
+            problem = str(e)
         except OSError as e:
             problem = f"cannot start {argv[0]!r}: {e.strerror}"
         except anyio.get_cancelled_exc_class():

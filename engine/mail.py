@@ -479,11 +479,15 @@ def _classify(stage: str, exc: BaseException) -> _Failure:
 
     import aiosmtplib
 
+    unverified = _cause(exc, ssl.SSLCertVerificationError)
+    if unverified is not None:
+        return _Failure(f"{stage}: TLS failed: the server's certificate is not trusted "
+                        f"({unverified.verify_message}); a private CA goes in "
+                        "report.smtp.ca_file", transient=False)
     tls_error = _cause(exc, ssl.SSLError)
     if tls_error is not None:
-        reason = getattr(tls_error, "verify_message", None) or getattr(tls_error, "reason", None)
-        return _Failure(f"{stage}: TLS failed: {_one_line(str(reason or tls_error))}",
-                        transient=False)
+        reason = getattr(tls_error, "reason", None) or str(tls_error)
+        return _Failure(f"{stage}: TLS failed: {_one_line(str(reason))}", transient=False)
     if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
         return _Failure(f"{stage}: login refused: {exc.code} {_one_line(exc.message)}",
                         transient=False)

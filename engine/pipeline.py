@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -27,6 +28,7 @@ from .destination import (
 from .filesystems import is_btrfs
 from .hooks import Kind, hook_stage
 from .pruning import prune
+from .remote import RemoteError, open_remotes
 from .report import (
     DestinationSpace,
     HookStep,
@@ -62,7 +64,8 @@ async def run_backup(config: Config, options: RunOptions, interruption: Interrup
         with anyio.CancelScope() as scope:
             interruption.attach(scope)
             try:
-                await _steps(ctx)
+                async with open_remotes(config) as ctx.remotes:
+                    await _steps(ctx)
             except (StepFailed, CriticalStop):
                 pass
             except Exception as e:
@@ -135,6 +138,7 @@ def _fail(ctx: RunContext, message: str) -> None:
 # --- steps 3 and 5 ------------------------------------------------------------------
 
 Work = Callable[[RunContext, Source, Step], Awaitable[int]]
+_NO_LIMIT = contextlib.nullcontext()
 
 
 async def _for_each_source(ctx: RunContext, work: Work) -> None:
@@ -153,7 +157,9 @@ async def _for_each_source(ctx: RunContext, work: Work) -> None:
         step = record.snapshot if work is _snapshot else record.save
         if step is None or record.status in ("failed",):
             return
-        async with limiter:
+        # The host's own limit first: waiting for it must not hold a global slot.
+        host_limit = ctx.remotes[source.host].limiter if source.host else _NO_LIMIT
+        async with host_limit, limiter:
             with bound_contextvars(source=source.name):
                 problem = await _run_step(ctx, source, step, work, record)
         if problem is None:
@@ -189,7 +195,7 @@ async def _run_step(ctx: RunContext, source: Source, step: Step, work: Work,
         raise
     except TimeoutError:
         problem = f"timed out after {source.timeout}"
-    except (SourceError, OSError) as e:
+    except (SourceError, RemoteError, OSError) as e:
         problem = str(e)
     else:
         step.finish("ok")
@@ -207,8 +213,13 @@ async def _snapshot(ctx: RunContext, source: Source, step: Step) -> int:
         ctx.snapshots[source.name] = await btrfs.take_snapshot(source, ctx.name, step)
         return 0
     link_dest = newest_holding(ctx.destination, ctx.previous, source.name)
+    remote = None
+    if source.host is not None:
+        host = ctx.remotes[source.host]
+        await host.ensure_master()
+        remote = host.transport
     argv = rsync.rsync_argv(ctx.config, source, os.path.join(ctx.in_progress_dir, source.name),
-                            link_dest)
+                            link_dest, remote=remote)
     return await rsync.copy(argv, source.rsync_ok_codes, step)
 
 

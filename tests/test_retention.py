@@ -85,17 +85,30 @@ CASES = [
     Case(
         "keep_hourly: an hour is (day, hour), so 13h on two days are two hours",
         Retention(keep_hourly=4),
-        # Walk: 06-11 13h kept; 06-10 14h kept; 06-10 13h kept; 06-10 11h kept (4th);
-        # 10:55 and 10:05 go.
+        # Walk: 06-11 13h kept; 06-10 13h kept (another day), 13:00 same hour;
+        # 11h kept; 10h (10:55) kept, the 4th; 10:05 goes.
         ["2022-06-10t10-05-00+0000", "2022-06-10t10-55-00+0000", "2022-06-10t11-00-00+0000",
-         "2022-06-10t13-59-59+0000", "2022-06-10t14-00-00+0000", "2022-06-11t13-30-00+0000"],
+         "2022-06-10t13-00-00+0000", "2022-06-10t13-59-59+0000", "2022-06-11t13-30-00+0000"],
         {
             "2022-06-11t13-30-00+0000": [NEWEST, HOURLY],
-            "2022-06-10t14-00-00+0000": [HOURLY],
             "2022-06-10t13-59-59+0000": [HOURLY],
             "2022-06-10t11-00-00+0000": [HOURLY],
+            "2022-06-10t10-55-00+0000": [HOURLY],
         },
-        ["2022-06-10t10-55-00+0000", "2022-06-10t10-05-00+0000"],
+        ["2022-06-10t13-00-00+0000", "2022-06-10t10-05-00+0000"],
+    ),
+    Case(
+        "every calendar bucket includes the year: the same hour a year apart is another hour",
+        Retention(keep_hourly=3, keep_daily=3, keep_weekly=3, keep_monthly=3),
+        # Three 15 Marches at 10h; each is in ISO week 11 of its year (2022-03-14,
+        # 2021-03-15 and 2020-03-09 are the Mondays), so every rule keeps all three.
+        ["2020-03-15t10-00-00+0000", "2021-03-15t10-00-00+0000", "2022-03-15t10-00-00+0000"],
+        {
+            "2022-03-15t10-00-00+0000": [NEWEST, HOURLY, DAILY, WEEKLY, MONTHLY],
+            "2021-03-15t10-00-00+0000": [HOURLY, DAILY, WEEKLY, MONTHLY],
+            "2020-03-15t10-00-00+0000": [HOURLY, DAILY, WEEKLY, MONTHLY],
+        },
+        [],
     ),
     Case(
         "keep_monthly and keep_yearly over gaps of months",
@@ -504,6 +517,13 @@ OFFSETS = st.one_of(st.sampled_from([0, 60, 120, -300, 330, 345, -570]), st.inte
 GAPS = st.one_of(
     st.integers(0, 120), st.integers(0, 7200), st.integers(0, 4 * 86400),
     st.integers(0, 60 * 86400), st.integers(0, 400 * 86400),
+    # About an hour, a day, a week, a month or a year: neighbours in the walk whose
+    # hour, day, week or month is the same but in another day, week, month or year.
+    st.builds(
+        lambda period, jitter: max(0, period + jitter),
+        st.sampled_from([3600, 86400, 7 * 86400, 31 * 86400, 365 * 86400]),
+        st.integers(-1800, 1800),
+    ),
 )
 
 

@@ -11,6 +11,9 @@ from ..processes import describe_exit, run_process
 from .errors import SourceError
 
 if TYPE_CHECKING:
+    from ..remote import Transport
+
+if TYPE_CHECKING:
     from ..report import Step
 
 # Everything a restore needs: archive mode (permissions, times, symlinks,
@@ -51,14 +54,21 @@ def auto_excludes(config: Config, source_path: str) -> list[str]:
 
 
 def rsync_argv(config: Config, source: RsyncSource | BtrfsSource, target: str,
-               link_dest: str | None, *, from_path: str | None = None) -> list[str]:
-    """The exact rsync command that copies a local source into ``target``.
+               link_dest: str | None, *, from_path: str | None = None,
+               remote: Transport | None = None) -> list[str]:
+    """The exact rsync command that copies a source into ``target``.
 
     ``from_path`` copies from elsewhere (a btrfs source's read-only
-    snapshot) with the source's own excludes and arguments.
+    snapshot) with the source's own excludes and arguments; ``remote`` pulls
+    from that host over ssh.
     """
     argv = list(RSYNC_BASE)
-    argv += auto_excludes(config, source.path)
+    if remote is None:
+        argv += auto_excludes(config, source.path)
+    else:
+        argv += ["-e", remote.shell]
+        if remote.sudo:
+            argv.append("--rsync-path=sudo -n rsync")
     if isinstance(source, RsyncSource):
         argv += [f"--exclude={pattern}" for pattern in source.exclude]
     if link_dest is not None:
@@ -66,7 +76,10 @@ def rsync_argv(config: Config, source: RsyncSource | BtrfsSource, target: str,
     argv += source.rsync_args
     # A trailing slash copies the contents of the folder, whichever way the
     # user wrote the path.
-    argv += [(from_path or source.path).rstrip("/") + "/", target.rstrip("/") + "/"]
+    origin = (from_path or source.path).rstrip("/") + "/"
+    if remote is not None:
+        origin = f"{remote.target}:{origin}"
+    argv += [origin, target.rstrip("/") + "/"]
     return argv
 
 

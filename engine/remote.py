@@ -1,0 +1,293 @@
+"""Remote hosts: one asyncssh connection and one OpenSSH master per host for a run.
+
+Hooks run through the asyncssh connection; rsync pulls run over the system
+``ssh`` client multiplexed on an OpenSSH master (rsync needs a command, not a
+channel). Host keys are always verified, by both. asyncssh is imported only
+here, and this module only when a configuration has hosts (its import runs
+compilers: NOTES).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import tempfile
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import structlog
+
+from .processes import GRACE_S, Finished, Tail, managed_process
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Mapping
+
+    from anyio.abc import TaskGroup, TaskStatus
+
+    from .config import Config, Host
+
+log = structlog.get_logger("pibackup.remote")
+
+CONNECT_TIMEOUT_S = 15.0
+KEEPALIVE_S = 15.0
+_PGID_MARK = "pibackup-pgid "
+
+
+class RemoteError(Exception):
+    """A host cannot be reached or trusted; the message names the host and why."""
+
+
+def _known_hosts(host: Host) -> str:
+    return host.known_hosts or os.path.expanduser("~/.ssh/known_hosts")
+
+
+def wrap_command(command: str, env: Mapping[str, str], *, sudo: bool) -> str:
+    """The remote command line: variables set on it, in a session of its own.
+
+    sshd drops most environment requests, hence ``env`` on the command line.
+    ``setsid --wait`` gives the command its own process group, whose id it
+    reports first on stderr, so a cancel can end the whole group remotely.
+    """
+    assignments = [f"{k}={v}" for k, v in env.items()]
+    inner = f'echo "{_PGID_MARK}$$" >&2; exec /bin/sh -c "$1"'
+    argv = ["env", *assignments, "setsid", "--wait", "/bin/sh", "-c", inner, "pibackup", command]
+    if sudo:
+        argv = ["sudo", "-n", *argv]
+    return "exec " + shlex.join(argv)
+
+
+@dataclass(frozen=True)
+class Transport:
+    """How rsync reaches a host: ``user@address``, the ``-e`` shell, sudo or not."""
+
+    target: str
+    shell: str
+    sudo: bool
+
+
+def ssh_options(host: Host, control_path: str) -> list[str]:
+    """Options of the system ``ssh`` client for ``host`` (rsync's transport and the master)."""
+    options = ["-p", str(host.port)]
+    if host.identity_file:
+        options += ["-i", host.identity_file, "-o", "IdentitiesOnly=yes"]
+    options += [
+        "-o", f"UserKnownHostsFile={_known_hosts(host)}",
+        "-o", "StrictHostKeyChecking=yes",
+        "-o", "BatchMode=yes",
+        "-o", f"ConnectTimeout={int(CONNECT_TIMEOUT_S)}",
+        "-o", f"ServerAliveInterval={int(KEEPALIVE_S)}",
+        "-o", "ServerAliveCountMax=4",
+        "-o", f"ControlPath={control_path}",
+    ]
+    return options
+
+
+def ssh_target(host: Host) -> str:
+    return f"{host.user}@{host.address}" if host.user else host.address
+
+
+def transport(host: Host, control_path: str) -> Transport:
+    shell = shlex.join(["ssh", *ssh_options(host, control_path), "-o", "ControlMaster=no"])
+    return Transport(ssh_target(host), shell, host.sudo)
+
+
+class RemoteHost:
+    """One configured host during one run."""
+
+    def __init__(self, name: str, host: Host, control_dir: str, group: TaskGroup) -> None:
+        self.name = name
+        self.host = host
+        self.limiter = anyio.CapacityLimiter(host.max_sessions)
+        self.control_path = os.path.join(control_dir, name)
+        self._group = group
+        self._connection: Any = None
+        self._error: str | None = None
+        self._lock = anyio.Lock()
+        self._master: anyio.Event | None = None
+
+    @property
+    def transport(self) -> Transport:
+        """rsync's way to the host, on the run's master connection."""
+        return transport(self.host, self.control_path)
+
+    async def connection(self) -> Any:
+        """The host's asyncssh connection, opened on first use; RemoteError if impossible.
+
+        A failure is remembered: nothing more of that host is tried in this run.
+        """
+        async with self._lock:
+            if self._error is not None:
+                raise RemoteError(self._error)
+            if self._connection is None:
+                self._connection = await self._connect()
+            return self._connection
+
+    async def _connect(self) -> Any:
+        import asyncssh
+
+        where = f"host {self.name} ({self.host.address}:{self.host.port})"
+        options: dict[str, Any] = {
+            "port": self.host.port,
+            "known_hosts": _known_hosts(self.host),
+            "connect_timeout": CONNECT_TIMEOUT_S,
+            "keepalive_interval": KEEPALIVE_S,
+            "keepalive_count_max": 4,
+            "preferred_auth": "publickey",
+        }
+        if self.host.user:
+            options["username"] = self.host.user
+        if self.host.identity_file:
+            options["client_keys"] = [self.host.identity_file]
+        try:
+            with anyio.fail_after(CONNECT_TIMEOUT_S + 5):
+                connection = await asyncssh.connect(self.host.address, **options)
+        except asyncssh.HostKeyNotVerifiable as e:
+            self._error = (f"{where}: host key not verified against {_known_hosts(self.host)} "
+                           f"({e.reason})")
+        except asyncssh.PermissionDenied as e:
+            self._error = f"{where}: authentication refused ({e.reason})"
+        except (OSError, asyncssh.Error, TimeoutError) as e:
+            self._error = f"{where}: cannot connect: {str(e) or type(e).__name__}"
+        else:
+            log.info("connected", host=self.name)
+            return connection
+        log.error("host unavailable", host=self.name, problem=self._error)
+        raise RemoteError(self._error)
+
+    async def run(self, command: str, env: Mapping[str, str]) -> Finished:
+        """Run ``command`` under ``/bin/sh -c`` on the host; on cancel, kill its group there."""
+        connection = await self.connection()
+        script = wrap_command(command, env, sudo=self.host.sudo)
+        out, err = Tail(), Tail()
+        pgid: list[int] = []
+        process = await connection.create_process(script, encoding=None)
+        process.stdin.write_eof()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._drain, process.stdout, out, None)
+                tg.start_soon(self._drain, process.stderr, err, pgid)
+                await process.wait_closed()
+        finally:
+            if process.exit_status is None and process.exit_signal is None:
+                with anyio.CancelScope(shield=True):
+                    await self._end_group(connection, process, pgid)
+        code = process.exit_status
+        if code is None:
+            code = -15 if process.exit_signal is not None else -1
+        return Finished(exit_code=code, stdout=out, stderr=err)
+
+    @staticmethod
+    async def _drain(stream: Any, tail: Tail, pgid: list[int] | None) -> None:
+        pending = b""
+        while chunk := await stream.read(65536):
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for raw in lines:
+                line = raw.decode(errors="replace")
+                if pgid is not None and not pgid and line.startswith(_PGID_MARK):
+                    pgid.append(int(line[len(_PGID_MARK):]))
+                    continue
+                tail.add(line)
+                log.debug("output", line=line)
+        if pending:
+            tail.add(pending.decode(errors="replace"))
+
+    async def _end_group(self, connection: Any, process: Any, pgid: list[int]) -> None:
+        # Closing a channel without a terminal does not stop the remote
+        # command: signal its process group over the same connection.
+        sudo = "sudo -n " if self.host.sudo else ""
+        if pgid:
+            with anyio.move_on_after(GRACE_S + 5):
+                await connection.run(f"{sudo}kill -TERM -{pgid[0]}", check=False)
+                with anyio.move_on_after(GRACE_S):
+                    await process.wait_closed()
+                    return
+                await connection.run(f"{sudo}kill -KILL -{pgid[0]}", check=False)
+        process.close()
+        with anyio.move_on_after(5):
+            await process.wait_closed()
+
+    async def ensure_master(self) -> None:
+        """Start the host's OpenSSH master connection, once; RemoteError if impossible.
+
+        The asyncssh connection is made first: it verifies the host key, so
+        nothing of an untrusted host runs.
+        """
+        await self.connection()
+        async with self._lock:
+            if self._master is None:
+                self._master = anyio.Event()
+                await self._group.start(self._run_master)
+        await self._master.wait()
+
+    async def _run_master(self, *, task_status: TaskStatus[None]) -> None:
+        argv = ["ssh", "-M", "-N", *ssh_options(self.host, self.control_path),
+                "-o", "ControlMaster=yes", ssh_target(self.host)]
+        assert self._master is not None
+        try:
+            async with managed_process(argv) as master:
+                with anyio.move_on_after(CONNECT_TIMEOUT_S + 5):
+                    # ssh offers no readiness signal but its control socket.
+                    while not os.path.exists(self.control_path) and master.returncode is None:  # noqa: ASYNC110
+                        await anyio.sleep(0.02)
+                task_status.started()
+                self._master.set()
+                await master.wait()  # until the run ends and cancels it
+        finally:
+            self._master.set()  # rsync then connects on its own; errors show there
+
+
+class Remotes:
+    """The hosts of one run, looked up by name."""
+
+    def __init__(self, hosts: dict[str, RemoteHost]) -> None:
+        self._hosts = hosts
+
+    def __getitem__(self, name: str) -> RemoteHost:
+        return self._hosts[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._hosts
+
+
+@asynccontextmanager
+async def open_remotes(config: Config) -> AsyncIterator[Remotes]:
+    """The run's remote hosts; on leaving, their connections and masters are closed."""
+    if not config.hosts:
+        yield Remotes({})
+        return
+    control_dir = tempfile.mkdtemp(prefix="pibackup-ssh-")
+    try:
+        async with anyio.create_task_group() as tg:
+            hosts = {name: RemoteHost(name, host, control_dir, tg)
+                     for name, host in config.hosts.items()}
+            try:
+                yield Remotes(hosts)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    for host in hosts.values():
+                        if host._connection is not None:
+                            host._connection.close()
+                            with anyio.move_on_after(5):
+                                await host._connection.wait_closed()
+                tg.cancel_scope.cancel()
+    finally:
+        shutil.rmtree(control_dir, ignore_errors=True)
+
+
+async def check_hosts(config: Config) -> dict[str, str | None]:
+    """``check --connect``: per host, None if it answers ``true`` over SSH, else the problem."""
+    results: dict[str, str | None] = {}
+    async with open_remotes(config) as remotes:
+        for name in config.hosts:
+            try:
+                finished = await remotes[name].run("true", {})
+            except RemoteError as e:
+                results[name] = str(e)
+            else:
+                results[name] = (None if finished.exit_code == 0
+                                 else f"host {name}: `true` ended with {finished.exit_code}")
+    return results
