@@ -140,9 +140,23 @@ def _check(args: argparse.Namespace, config: Config) -> int:
     if problems:
         return EXIT_USAGE
     if args.connect or args.send_test:
-        print("error: --connect and --send-test are not supported yet by this version",
-              file=sys.stderr)
-        return EXIT_USAGE
+        unreachable = anyio.run(_connect, config, args.send_test, backend="asyncio")
+        if unreachable:
+            return EXIT_FAILED
     print(f"{args.config or 'configuration'}: ok ({len(config.sources)} sources, "
           f"{len(config.backup_hooks) + len(config.snapshot_hooks)} hooks)", file=sys.stderr)
     return EXIT_OK
+
+
+async def _connect(config: Config, send_test: bool) -> int:
+    """``check --connect``: try every host (and the mail server); count what failed."""
+    from pibackup_async.engine.remote import check_hosts
+
+    failed = 0
+    for name, problem in (await check_hosts(config)).items():
+        if problem is None:
+            print(f"host {name}: ok", file=sys.stderr)
+        else:
+            print(f"error: {problem}", file=sys.stderr)
+            failed += 1
+    return failed

@@ -13,7 +13,7 @@ import os
 import shlex
 import shutil
 import tempfile
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -24,8 +24,6 @@ from .processes import GRACE_S, Finished, Tail, managed_process
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Mapping
-
-    from anyio.abc import TaskGroup, TaskStatus
 
     from .config import Config, Host
 
@@ -97,16 +95,16 @@ def transport(host: Host, control_path: str) -> Transport:
 class RemoteHost:
     """One configured host during one run."""
 
-    def __init__(self, name: str, host: Host, control_dir: str, group: TaskGroup) -> None:
+    def __init__(self, name: str, host: Host, control_dir: str) -> None:
         self.name = name
         self.host = host
         self.limiter = anyio.CapacityLimiter(host.max_sessions)
         self.control_path = os.path.join(control_dir, name)
-        self._group = group
+        self._stack = AsyncExitStack()
+        self._master_started = False
         self._connection: Any = None
         self._error: str | None = None
         self._lock = anyio.Lock()
-        self._master: anyio.Event | None = None
 
     @property
     def transport(self) -> Transport:
@@ -214,30 +212,32 @@ class RemoteHost:
         """Start the host's OpenSSH master connection, once; RemoteError if impossible.
 
         The asyncssh connection is made first: it verifies the host key, so
-        nothing of an untrusted host runs.
+        nothing of an untrusted host runs. If the master cannot start, rsync
+        connects on its own and its error says why.
         """
         await self.connection()
         async with self._lock:
-            if self._master is None:
-                self._master = anyio.Event()
-                await self._group.start(self._run_master)
-        await self._master.wait()
+            if self._master_started:
+                return
+            self._master_started = True
+            argv = ["ssh", "-M", "-N", *ssh_options(self.host, self.control_path),
+                    "-o", "ControlMaster=yes", ssh_target(self.host)]
+            # Entered here, left when the run's remotes close: the master's
+            # session is ended then, as for any child.
+            master = await self._stack.enter_async_context(managed_process(argv))
+            with anyio.move_on_after(CONNECT_TIMEOUT_S + 5):
+                # ssh offers no readiness signal but its control socket.
+                while not os.path.exists(self.control_path) and master.returncode is None:  # noqa: ASYNC110
+                    await anyio.sleep(0.02)
 
-    async def _run_master(self, *, task_status: TaskStatus[None]) -> None:
-        argv = ["ssh", "-M", "-N", *ssh_options(self.host, self.control_path),
-                "-o", "ControlMaster=yes", ssh_target(self.host)]
-        assert self._master is not None
-        try:
-            async with managed_process(argv) as master:
-                with anyio.move_on_after(CONNECT_TIMEOUT_S + 5):
-                    # ssh offers no readiness signal but its control socket.
-                    while not os.path.exists(self.control_path) and master.returncode is None:  # noqa: ASYNC110
-                        await anyio.sleep(0.02)
-                task_status.started()
-                self._master.set()
-                await master.wait()  # until the run ends and cancels it
-        finally:
-            self._master.set()  # rsync then connects on its own; errors show there
+    async def aclose(self) -> None:
+        """Close the asyncssh connection and end the master; shielded, bounded."""
+        with anyio.CancelScope(shield=True):
+            if self._connection is not None:
+                self._connection.close()
+                with anyio.move_on_after(5):
+                    await self._connection.wait_closed()
+            await self._stack.aclose()
 
 
 class Remotes:
@@ -260,21 +260,12 @@ async def open_remotes(config: Config) -> AsyncIterator[Remotes]:
         yield Remotes({})
         return
     control_dir = tempfile.mkdtemp(prefix="pibackup-ssh-")
+    hosts = {name: RemoteHost(name, host, control_dir) for name, host in config.hosts.items()}
     try:
-        async with anyio.create_task_group() as tg:
-            hosts = {name: RemoteHost(name, host, control_dir, tg)
-                     for name, host in config.hosts.items()}
-            try:
-                yield Remotes(hosts)
-            finally:
-                with anyio.CancelScope(shield=True):
-                    for host in hosts.values():
-                        if host._connection is not None:
-                            host._connection.close()
-                            with anyio.move_on_after(5):
-                                await host._connection.wait_closed()
-                tg.cancel_scope.cancel()
+        yield Remotes(hosts)
     finally:
+        for host in hosts.values():
+            await host.aclose()
         shutil.rmtree(control_dir, ignore_errors=True)
 
 

@@ -183,15 +183,22 @@ def make_backup(dest: Path, folder: str, *, files: int = 1) -> Path:
 
 
 def make_big_backup(dest: Path, folder: str, files: int = 20_000) -> Path:
-    """A backup with ``files`` tiny files, in folders of 1,000, so removing it takes a while."""
+    """A backup with ``files`` entries, in folders of 1,000, so removing it takes a while.
+
+    The entries are hard links to one file, as rsync's ``--link-dest`` makes
+    them: removing each is still one unlink, but making them allocates no
+    inode, which keeps the set-up fast on a busy disk.
+    """
     source = dest / folder / SOURCE
+    first = source / "d000" / "f00000"
     for i in range(files):
         sub = source / f"d{i // 1000:03d}"
         if i % 1000 == 0:
             sub.mkdir(parents=True)
-        fd = os.open(sub / f"f{i:05d}", os.O_WRONLY | os.O_CREAT, 0o644)
-        os.write(fd, b"x")
-        os.close(fd)
+        if i == 0:
+            first.write_text(f"{folder}\n")
+        else:
+            os.link(first, sub / f"f{i:05d}")
     return dest / folder
 
 

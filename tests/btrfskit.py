@@ -1,0 +1,228 @@
+"""Real btrfs for the tests: loop-mounted filesystems under the test's own tmp_path.
+
+``btrfs_fs`` is a factory fixture: ``btrfs_fs(mount_point)`` makes a sparse
+image beside the workspace (``truncate``), formats it (``mkfs.btrfs -q -f``)
+and mounts it with ``mount -o loop`` on ``mount_point``. At teardown every
+process still mentioning the test's folder is killed, each filesystem is
+unmounted (retried, lazily as a last resort) and the loop devices attached to
+*its own images* (``losetup -j <image>``) are detached. No other loop device
+is ever touched. The tests are skipped, with the reason, when not root or
+when mkfs.btrfs, losetup or btrfs are missing.
+
+Also here: helpers that read subvolumes back (``btrfs subvolume list`` and
+``show``), fill a source with big random files, and write btrfs sources.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from conftest import processes_mentioning
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+TOOLS = ("mkfs.btrfs", "losetup", "btrfs", "mount", "umount", "truncate")
+SNAPSHOTS = ".pibackup-snapshots"  # the default snapshot_dir's folder name (SPEC §2 step 3)
+MiB = 1024 * 1024
+
+
+def skip_reason() -> str | None:
+    """Why real-btrfs tests cannot run here, or None when they can."""
+    if os.geteuid() != 0:
+        return "needs root (loop devices, mount)"
+    missing = [t for t in TOOLS if shutil.which(t) is None]
+    if missing:
+        return f"missing tools: {', '.join(missing)}"
+    return None
+
+
+needs_btrfs = pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")
+
+
+def _run(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, **kwargs)
+
+
+def _check(argv: list[str]) -> str:
+    result = _run(argv)
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(argv)} exited {result.returncode}: {result.stderr}")
+    return result.stdout
+
+
+@dataclass
+class Btrfs:
+    """One loop-mounted btrfs filesystem made by the fixture."""
+
+    image: Path
+    mount: Path
+
+    def subvolume(self, rel: str) -> Path:
+        """Create a subvolume at ``rel`` (relative to the mount) and return its path."""
+        path = self.mount / rel
+        _check(["btrfs", "subvolume", "create", str(path)])
+        return path
+
+    def subvolumes(self) -> list[str]:
+        """Every subvolume of this filesystem, as paths relative to its top, sorted."""
+        return subvolume_list(self.mount)
+
+    def is_mounted(self) -> bool:
+        return str(self.mount) in mount_points()
+
+
+def mount_points() -> list[str]:
+    points = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 4:
+                points.append(fields[4].replace("\\040", " "))
+    return points
+
+
+def subvolume_list(mount: Path) -> list[str]:
+    """``btrfs subvolume list`` of the filesystem mounted at ``mount``: relative paths."""
+    out = _check(["btrfs", "subvolume", "list", str(mount)])
+    return sorted(line.split(" path ", 1)[1] for line in out.splitlines() if " path " in line)
+
+
+def subvolume_show(path: Path) -> dict[str, str]:
+    """The ``key: value`` fields of ``btrfs subvolume show`` (UUID, Received UUID, Flags …)."""
+    out = _check(["btrfs", "subvolume", "show", str(path)])
+    fields = {}
+    for line in out.splitlines():
+        key, sep, value = line.strip().partition(":")
+        if sep:
+            fields[key.strip()] = value.strip()
+    return fields
+
+
+def is_subvolume(path: Path) -> bool:
+    return os.lstat(path).st_ino == 256
+
+
+def snapshot_names(folder: Path) -> list[str]:
+    """Entries of a snapshot_dir (backup names), sorted; [] when it does not exist."""
+    return sorted(os.listdir(folder)) if folder.exists() else []
+
+
+def fill_random(folder: Path, mib: int, files: int = 4) -> None:
+    """``mib`` MiB of incompressible data in ``files`` big files (fast: one random MiB,
+    each copy made unique by its index, so nothing can be shared or deduplicated)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    block = bytearray(os.urandom(MiB))
+    per_file = max(1, mib // files)
+    for i in range(files):
+        with open(folder / f"big{i}.bin", "wb") as f:
+            for j in range(per_file):
+                block[:16] = f"{i:08d}{j:08d}".encode()
+                f.write(block)
+
+
+def btrfs_source(name: str, path: Path | str, **extra: Any) -> str:
+    """A ``[[sources]]`` table of type btrfs (values rendered as JSON, valid TOML)."""
+    lines = ["[[sources]]", f"name = {json.dumps(name)}", 'type = "btrfs"',
+             f"path = {json.dumps(str(path))}"]
+    lines += [f"{key} = {json.dumps(value)}" for key, value in extra.items()]
+    return "\n".join(lines) + "\n"
+
+
+def receive_running(dest: Path) -> bool:
+    """A live ``btrfs receive`` into ``dest`` (this test's destination) exists."""
+    return any("btrfs receive" in cmd for _, cmd in processes_mentioning(str(dest)))
+
+
+def _kill_leftovers(root: Path) -> None:
+    """SIGKILL what a failed test left running under ``root``; wait (bounded) for it to go."""
+    for pid, _ in processes_mentioning(str(root)):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 10
+    while processes_mentioning(str(root)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _unmount(mount: Path) -> None:
+    deadline = time.monotonic() + 10
+    while str(mount) in mount_points():
+        if _run(["umount", str(mount)]).returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            # Still busy: detach it now; the kernel frees it when the last user goes.
+            _run(["umount", "-l", str(mount)])
+            return
+        time.sleep(0.1)
+
+
+def _loop_devices(image: Path) -> list[str]:
+    """The loop devices backed by ``image`` (``losetup -j``), e.g. ["/dev/loop3"]."""
+    out = _run(["losetup", "-j", str(image)]).stdout
+    return [line.split(":", 1)[0] for line in out.splitlines() if line.strip()]
+
+
+def _detach(image: Path) -> None:
+    for device in _loop_devices(image):
+        _run(["losetup", "-d", device])
+
+
+class BtrfsFactory:
+    """Makes loop-mounted btrfs filesystems for one test and removes them afterwards."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.made: list[Btrfs] = []
+
+    def __call__(self, mount: Path, size_mb: int = 320) -> Btrfs:
+        """A fresh btrfs of ``size_mb`` MB (sparse image) mounted on ``mount``."""
+        images = self.root / "images"
+        images.mkdir(exist_ok=True)
+        image = images / f"fs{len(self.made)}-{mount.name}.img"
+        mount.mkdir(parents=True, exist_ok=True)
+        _check(["truncate", "-s", f"{size_mb}M", str(image)])
+        _check(["mkfs.btrfs", "-q", "-f", str(image)])
+        mounted = _run(["mount", "-o", "loop", str(image), str(mount)])
+        if mounted.returncode != 0:
+            _detach(image)
+            image.unlink()
+            pytest.skip(f"cannot loop-mount a btrfs image here: {mounted.stderr.strip()}")
+        fs = Btrfs(image, mount)
+        self.made.append(fs)
+        return fs
+
+    def close(self) -> None:
+        _kill_leftovers(self.root)
+        problems = []
+        for fs in reversed(self.made):
+            _unmount(fs.mount)
+            _detach(fs.image)
+            if _loop_devices(fs.image):
+                problems.append(f"{fs.image} is still attached to {_loop_devices(fs.image)}")
+            else:
+                fs.image.unlink(missing_ok=True)
+        if problems:
+            raise AssertionError("; ".join(problems))
+
+
+@pytest.fixture
+def btrfs_fs(tmp_path: Path) -> Iterator[Callable[..., Btrfs]]:
+    reason = skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    factory = BtrfsFactory(tmp_path)
+    try:
+        yield factory
+    finally:
+        factory.close()
