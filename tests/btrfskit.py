@@ -1,6 +1,7 @@
 """Real btrfs for the tests: loop-mounted filesystems under the test's own tmp_path.
 
-``btrfs_fs`` is a factory fixture: ``btrfs_fs(mount_point)`` makes a sparse
+``btrfs_filesystems`` backs a factory fixture (``btrfs_fs`` in the test
+modules): ``btrfs_fs(mount_point)`` makes a sparse
 image beside the workspace (``truncate``), formats it (``mkfs.btrfs -q -f``)
 and mounts it with ``mount -o loop`` on ``mount_point``. At teardown every
 process still mentioning the test's folder is killed, each filesystem is
@@ -22,7 +23,6 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -30,6 +30,7 @@ from conftest import processes_mentioning
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
+    from pathlib import Path
 
 TOOLS = ("mkfs.btrfs", "losetup", "btrfs", "mount", "umount", "truncate")
 SNAPSHOTS = ".pibackup-snapshots"  # the default snapshot_dir's folder name (SPEC §2 step 3)
@@ -112,6 +113,12 @@ def is_subvolume(path: Path) -> bool:
     return os.lstat(path).st_ino == 256
 
 
+def sync(fs: Btrfs) -> None:
+    """Write the filesystem's dirty data out (``btrfs filesystem sync``): data at rest,
+    as a real source's mostly is, so a snapshot does not wait on fresh writes."""
+    _check(["btrfs", "filesystem", "sync", str(fs.mount)])
+
+
 def snapshot_names(folder: Path) -> list[str]:
     """Entries of a snapshot_dir (backup names), sorted; [] when it does not exist."""
     return sorted(os.listdir(folder)) if folder.exists() else []
@@ -174,8 +181,13 @@ def _loop_devices(image: Path) -> list[str]:
 
 
 def _detach(image: Path) -> None:
-    for device in _loop_devices(image):
-        _run(["losetup", "-d", device])
+    """Detach the image's loop devices; bounded wait, as the kernel releases them
+    asynchronously after the unmount (``mount -o loop`` sets autoclear)."""
+    deadline = time.monotonic() + 15
+    while (devices := _loop_devices(image)) and time.monotonic() < deadline:
+        for device in devices:
+            _run(["losetup", "-d", device])
+        time.sleep(0.1)
 
 
 class BtrfsFactory:
@@ -216,12 +228,16 @@ class BtrfsFactory:
             raise AssertionError("; ".join(problems))
 
 
-@pytest.fixture
-def btrfs_fs(tmp_path: Path) -> Iterator[Callable[..., Btrfs]]:
+def btrfs_filesystems(root: Path) -> Iterator[Callable[..., Btrfs]]:
+    """The body of a ``btrfs_fs`` fixture: ``yield from btrfs_filesystems(tmp_path)``.
+
+    (A test module defines the fixture itself: importing a fixture object
+    would shadow it, and ``pytest_plugins`` cannot rewrite an imported kit.)
+    """
     reason = skip_reason()
     if reason is not None:
         pytest.skip(reason)
-    factory = BtrfsFactory(tmp_path)
+    factory = BtrfsFactory(root)
     try:
         yield factory
     finally:

@@ -78,7 +78,9 @@ class Received:
     tls: bool
 
     def message(self) -> EmailMessage:
-        parsed = email.message_from_bytes(self.data, policy=email.policy.default)
+        # SMTP carries CRLF line ends; a mail client shows them as plain line breaks.
+        data = self.data.replace(b"\r\n", b"\n")
+        parsed = email.message_from_bytes(data, policy=email.policy.default)
         return parsed  # type: ignore[return-value]
 
 

@@ -167,7 +167,7 @@ def test_report_bytes_count_what_the_run_wrote(ws: Workspace) -> None:
     assert 0 <= second <= 16 * 1024, second
 
 
-def test_an_unchanged_second_run_adds_almost_no_disk_usage(ws: Workspace) -> None:
+def test_an_unchanged_second_run_links_every_file(ws: Workspace) -> None:
     src = ws.src / "data"
     src.mkdir()
     for i in range(20):

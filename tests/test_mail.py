@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -256,7 +255,7 @@ def test_subjects_say_status_name_and_the_gist() -> None:
         "exited 23")
     assert failed.endswith("…") and len(failed) < 120, failed
     assert render_subject(interrupted_report()) == (
-        "[pibackup] INTERRUPTED 2021-04-03t07-00-05+0200 — after 12.0s, no backup saved")
+        "[pibackup] INTERRUPTED 2021-04-03t07-00-05+0200 — after 12s, no backup saved")
     one = ok_report()
     one.sources = {"data": one.sources["data"]}
     assert render_subject(one).endswith("— 1 source, 3m12s")
@@ -310,7 +309,7 @@ def test_failed_body_shows_each_failure_with_command_and_capped_stderr() -> None
     assert failures[5].startswith("    $ rsync -aHAX --numeric-ids")
     # 5 lines cut by the engine plus 6 more here: the last 10 of 21 remain.
     assert failures[6] == "    | [11 earlier lines cut]"
-    stderr = [line for line in failures[7:17]]
+    stderr = failures[7:17]
     assert all(line.startswith("    | ") for line in stderr)
     assert stderr[-1].endswith("(code 23) at main.c(1338) [sender=3.2.7]")
     long_line = next(line for line in stderr if "very-long-name" in line)
@@ -465,8 +464,8 @@ async def test_password_from_env_and_file(pki: Pki, server: MailServer, tmp_path
     assert len(server.messages) == 1
 
 
-async def test_unusable_password_settings_fail_the_delivery_before_connecting(
-        pki: Pki, server: MailServer, tmp_path: Path) -> None:
+async def test_unusable_mail_settings_fail_the_delivery_before_connecting(
+        pki: Pki, server: MailServer, tmp_path: Path, password_file: Path) -> None:
     cases = [
         (settings_for(server.port, ca_file=pki.ca_file, password_env="PIBACKUP_TEST_UNSET"),
          "PIBACKUP_TEST_UNSET is not set"),
@@ -474,7 +473,8 @@ async def test_unusable_password_settings_fail_the_delivery_before_connecting(
          f"cannot read report.smtp.password_file {tmp_path / 'missing'}: No such file"),
         (settings_for(server.port, ca_file=pki.ca_file),
          "username is set but neither password_file nor password_env is"),
-        (settings_for(server.port, ca_file=tmp_path / "no-ca.pem"),
+        (settings_for(server.port, ca_file=tmp_path / "no-ca.pem",
+                      password_file=password_file),
          "cannot use report.smtp.ca_file"),
     ]
     for settings, expected in cases:
