@@ -159,4 +159,18 @@ async def _connect(config: Config, send_test: bool) -> int:
         else:
             print(f"error: {problem}", file=sys.stderr)
             failed += 1
+    if config.report is None:
+        if send_test:
+            print("error: --send-test needs a [report] table", file=sys.stderr)
+            failed += 1
+        return failed
+    from pibackup_async.engine.mail import check_smtp
+
+    problem = await check_smtp(config.report, send_test=send_test)
+    what = "test message sent" if send_test else "connected, TLS and login ok"
+    if problem is None:
+        print(f"mail server {config.report.smtp.host}: {what}", file=sys.stderr)
+    else:
+        print(f"error: mail server {config.report.smtp.host}: {problem}", file=sys.stderr)
+        failed += 1
     return failed

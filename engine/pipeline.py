@@ -77,7 +77,31 @@ async def run_backup(config: Config, options: RunOptions, interruption: Interrup
         path = write_report(report, config.reports_dir)
         log.info("run finished", status=report.status, saved=report.saved,
                  duration_s=report.duration_s, report=path)
+        await _send_report(ctx)
+        if report.delivery.status != "skipped":
+            write_report(report, config.reports_dir)
     return report
+
+
+async def _send_report(ctx: RunContext) -> None:
+    """Mail the report where ``[report]`` asks for it; the outcome goes to ``delivery``.
+
+    Shielded: a signal during the run must still be reported, and the mailer
+    bounds its own time. Imported here: aiosmtplib costs start-up time.
+    """
+    settings = ctx.config.report
+    from .mail import should_send
+
+    if settings is None or not should_send(settings, ctx.report.status, ctx.options.no_report):
+        return
+    from .mail import deliver_report
+
+    with anyio.CancelScope(shield=True):
+        ctx.report.delivery = await deliver_report(settings, ctx.report)
+    if ctx.report.delivery.status == "failed":
+        log.error("report not delivered", error=ctx.report.delivery.error)
+    else:
+        log.info("report sent", to=settings.to)
 
 
 async def _steps(ctx: RunContext) -> None:
