@@ -174,7 +174,8 @@ def engine_config(path: Path, dest: Path, state: Path, snapshot_dir: Path,
     lines = [f"destination = {json.dumps(str(dest))}", f"state_dir = {json.dumps(str(state))}"]
     for sv in subvolumes:
         lines += ["", "[[sources]]", f"name = {json.dumps(sv.name)}", 'type = "btrfs"',
-                  f"path = {json.dumps(str(sv))}", f"snapshot_dir = {json.dumps(str(snapshot_dir))}"]
+                  f"path = {json.dumps(str(sv))}",
+                  f"snapshot_dir = {json.dumps(str(snapshot_dir))}"]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -214,9 +215,11 @@ def timed(argv: list[str]) -> Timed:
                          f"{result.stdout}{result.stderr}")
     started = time.monotonic()
     subprocess.run(["sync"], check=True)
-    if os.environ.get("BENCH_DEBUG"):
-        print(result.stdout, result.stderr)
-    return Timed(wall, time.monotonic() - started)
+    timing = Timed(wall, time.monotonic() - started)
+    # btrbk's summary marks incremental receives with ">>>", full ones with "***".
+    marks = [line[:3] for line in result.stdout.splitlines()]  # not the legend (indented)
+    timing.extra["incremental"] = float(">>>" in marks and "***" not in marks)
+    return timing
 
 
 @dataclass
@@ -239,6 +242,12 @@ class Contender:
             result.extra["stream_mib"] = sum(s["bytes"] for s in report["sources"].values()) / MiB
             sends = [s["save"]["command"] for s in report["sources"].values()]
             result.extra["incremental"] = float(all("-p" in c for c in sends))
+            if os.environ.get("BENCH_DEBUG"):
+                for name, s in report["sources"].items():
+                    print(f"    {name}: snapshot {s['snapshot']['start'][11:23]} "
+                          f"{s['snapshot']['duration_s']:.3f}s, save {s['save']['start'][11:23]}"
+                          f" {s['save']['duration_s']:.3f}s")
+                print(f"    run {report['start'][11:23]} - {report['end'][11:23]}")
         return result
 
     def newest_copy(self, subvolume: str) -> Path:
@@ -373,10 +382,9 @@ def print_table(results: dict[tuple[str, str], list[Timed]], files: int, mb: flo
             print(f"{phase:<13}{name:<15}{fmt(wall):>8}{fmt(total):>13}"
                   f"{fmt(med(name, phase, 'in_run_s')):>10}"
                   f"{fmt(med(name, phase, 'stream_mib'), 1):>12}{ratio:>10}{ratio_total:>16}")
-    incremental = [r.extra.get("incremental") for name in CONTENDERS[:2]
-                   for r in results.get((name, "incremental"), [])]
-    if incremental and not all(incremental):
-        print("WARNING: an incremental run of ours did not send with -p")
+    for name in CONTENDERS:
+        if not all(r.extra.get("incremental") for r in results.get((name, "incremental"), [])):
+            print(f"WARNING: an incremental-phase run of {name} was not incremental")
 
 
 if __name__ == "__main__":

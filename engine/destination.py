@@ -144,8 +144,11 @@ def _subvolumes_at(path: str) -> list[str]:
     found = []
     try:
         with os.scandir(path) as entries:
+            # stat(), not the entry's d_ino: readdir reports a subvolume's
+            # id there (257, 258, ...), only stat() gives the inode 256.
             found = [e.path for e in entries
-                     if e.inode() == SUBVOLUME_INODE and e.is_dir(follow_symlinks=False)
+                     if e.is_dir(follow_symlinks=False)
+                     and e.stat(follow_symlinks=False).st_ino == SUBVOLUME_INODE
                      and is_subvolume(e.path)]
     except NotADirectoryError:
         pass

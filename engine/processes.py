@@ -157,16 +157,18 @@ async def managed_process(
     argv: Sequence[str],
     *,
     stdin: int = subprocess.DEVNULL,
+    stdout: int = subprocess.PIPE,
     env: Mapping[str, str] | None = None,
     cwd: str | None = None,
     grace: float = GRACE_S,
 ) -> AsyncIterator[Process]:
     """Start ``argv`` in a new session; on leaving the block, end the whole session.
 
-    The block owns the process's pipes (stdout and stderr are pipes; stdin is
-    ``stdin``). Leaving it by any path — normal, error, cancel — ends every
-    process of the session, shielded and bounded (SIGTERM, ``grace``,
-    SIGKILL). Raises OSError if the program cannot start.
+    The block owns the process's pipes (stderr is a pipe; stdin and stdout
+    are what the caller passes: a file descriptor, or a pipe). Leaving it by
+    any path — normal, error, cancel — ends every process of the session,
+    shielded and bounded (SIGTERM, ``grace``, SIGKILL). Raises OSError if
+    the program cannot start.
     """
     command = list(argv)
     if _SETPRIV is not None:
@@ -175,7 +177,8 @@ async def managed_process(
     # child that is already running, and nothing would ever end it.
     with anyio.CancelScope(shield=True):
         process = await anyio.open_process(
-            command, stdin=stdin, env=env, cwd=cwd, start_new_session=True
+            command, stdin=stdin, stdout=stdout, env=env, cwd=cwd,
+            start_new_session=True
         )
     log.debug("started", argv=list(argv), pid=process.pid)
     try:

@@ -16,7 +16,6 @@ import pytest
 from conftest import needs_root, needs_rsync
 from datakit import (
     acl_listing,
-    settle_times,
     cli_ok,
     describe_tree,
     diff_trees,
@@ -24,6 +23,7 @@ from datakit import (
     have_tool,
     only_backup,
     rsync_source,
+    settle_times,
 )
 
 if TYPE_CHECKING:

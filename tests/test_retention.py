@@ -527,12 +527,29 @@ GAPS = st.one_of(
 )
 
 
+# Where a history starts: anywhere in 2014-2030, or within ten days of a new year,
+# where ISO weeks and calendar years part.
+STARTS = st.one_of(
+    st.integers(1_400_000_000, 1_900_000_000),
+    st.builds(
+        lambda year, delta: int(datetime(year, 1, 1, tzinfo=timezone.utc).timestamp()) + delta,
+        st.integers(2015, 2030), st.integers(-10 * 86400, 10 * 86400),
+    ),
+)
+
+# The offsets a history's names use: any one to three, summer time, or a machine
+# whose clock zone jumps far, so that local days and hours step back in the walk.
+ZONES = st.one_of(
+    st.lists(OFFSETS, min_size=1, max_size=3),
+    st.sampled_from([[60, 120], [-300, -240], [0, 600, -600], [-720, 840]]),
+)
+
+
 @st.composite
 def histories(draw: st.DrawFn, max_backups: int = 30) -> list[str]:
-    """Backup names (one to three offsets per history, as a machine that travels or
-    changes to summer time has) mixed with junk, in any order."""
-    moment = draw(st.integers(1_400_000_000, 1_900_000_000))
-    zones = draw(st.lists(OFFSETS, min_size=1, max_size=3))
+    """Backup names mixed with junk, in any order."""
+    moment = draw(STARTS)
+    zones = draw(ZONES)
     names = []
     for gap in draw(st.lists(GAPS, max_size=max_backups)):
         moment += gap
@@ -562,7 +579,7 @@ def rules_on(retention: Retention) -> list[Retention]:
     return single
 
 
-SETTINGS = settings(max_examples=200, deadline=None)
+SETTINGS = settings(max_examples=150, deadline=None)
 
 
 @SETTINGS
@@ -597,12 +614,31 @@ def test_kept_and_deleted_partition_the_backup_names(
         assert plan.deleted == []
 
 
-@SETTINGS
+# The strongest property, so it gets the most examples.
+@settings(max_examples=600, deadline=None)
 @given(histories(), RETENTIONS)
 def test_the_plan_matches_a_plain_restatement_of_the_spec(
     names: list[str], retention: Retention | None
 ) -> None:
     assert plan_retention(names, retention).kept == reference_plan(names, retention)
+
+
+@SETTINGS
+@given(histories(), st.data())
+def test_keep_within_keeps_what_is_strictly_within(names: list[str], data: st.DataObject) -> None:
+    ordered = newest_first(names)
+    if len(ordered) < 2:
+        return
+    newest = parse_name(ordered[0])
+    other = data.draw(st.sampled_from(ordered[1:]))
+    moment = parse_name(other)
+    assert newest is not None and moment is not None
+    seconds = int((newest - moment).total_seconds())
+    if seconds > 0:
+        assert other not in plan_retention(names, Retention(keep_within=f"{seconds}s")).kept
+    within = plan_retention(names, Retention(keep_within=f"{seconds + 1}s")).kept
+    assert within[other] == [WITHIN]
+    assert within[ordered[0]] == [NEWEST, WITHIN]
 
 
 @SETTINGS

@@ -9,7 +9,6 @@ snapshot whose copy is in the destination is kept as the next run's parent.
 from __future__ import annotations
 
 import os
-import subprocess
 from typing import TYPE_CHECKING
 
 import anyio
@@ -22,7 +21,6 @@ from ..processes import Tail, describe_exit, drain, managed_process, run_process
 from .errors import SourceError
 
 if TYPE_CHECKING:
-    from anyio.abc import ByteReceiveStream, ByteSendStream
 
     from ..config import BtrfsSource
     from ..report import Step
@@ -134,19 +132,21 @@ async def find_parent(source: BtrfsSource, destination: str, previous: list[Entr
     return None
 
 
-async def _pump(src: ByteReceiveStream | None, dst: ByteSendStream | None) -> int:
-    """Copy the send stream into receive, counting bytes; stop quietly if receive died."""
-    assert src is not None and dst is not None
+def _splice_all(source: int, target: int, finished: anyio.Event) -> int:
+    """Move every byte from one pipe to another in the kernel; return the count.
+
+    Stops at end of stream, or quietly when receive is gone (its exit code
+    says what happened). Sets ``finished`` last: only then may the pipes be
+    closed (a closed number could be reused under a running splice).
+    """
     total = 0
     try:
-        async for chunk in src:
-            await dst.send(chunk)
-            total += len(chunk)
-    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-        pass  # receive's own exit code says what happened
+        while moved := os.splice(source, target, 1 << 20):
+            total += moved
+    except OSError:
+        pass
     finally:
-        with anyio.CancelScope(shield=True):
-            await dst.aclose()
+        anyio.from_thread.run_sync(finished.set)
     return total
 
 
@@ -160,15 +160,38 @@ async def send_receive(snapshot: str, parent: str | None, folder: str, step: Ste
     send, receive = send_argv(snapshot, parent), receive_argv(folder)
     step.begin([*send, "|", *receive])
     send_err, receive_out, receive_err = Tail(), Tail(), Tail()
-    async with managed_process(send) as sender, managed_process(
-            receive, stdin=subprocess.PIPE) as receiver:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(drain, sender.stderr, send_err, "stderr")
-            tg.start_soon(drain, receiver.stdout, receive_out, "stdout")
-            tg.start_soon(drain, receiver.stderr, receive_err, "stderr")
-            size = await _pump(sender.stdout, receiver.stdin)
-            await sender.wait()
-            await receiver.wait()
+    # Two pipes joined by splice() in a thread: the stream is counted for the
+    # report without passing through Python (a copy loop here cost ~40%).
+    from_send, to_pump = os.pipe()
+    from_pump, to_receive = os.pipe()
+    size = 0
+    spliced, splicing = anyio.Event(), False
+    try:
+        async with managed_process(send, stdout=to_pump) as sender, managed_process(
+                receive, stdin=from_pump) as receiver:
+            os.close(to_pump)
+            os.close(from_pump)
+            to_pump = from_pump = -1
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(drain, sender.stderr, send_err, "stderr")
+                tg.start_soon(drain, receiver.stdout, receive_out, "stdout")
+                tg.start_soon(drain, receiver.stderr, receive_err, "stderr")
+                # Abandoned on cancel: the thread ends by itself once the
+                # processes are ended on leaving the block.
+                splicing = True
+                size = await anyio.to_thread.run_sync(
+                    _splice_all, from_send, to_receive, spliced, abandon_on_cancel=True)
+                os.close(to_receive)  # end of stream for receive
+                to_receive = -1
+                await sender.wait()
+                await receiver.wait()
+    finally:
+        if splicing:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                await spliced.wait()
+        for fd in (from_send, to_pump, from_pump, to_receive):
+            if fd >= 0:
+                os.close(fd)
     send_code, receive_code = sender.returncode, receiver.returncode
     assert send_code is not None and receive_code is not None
     step.exit_code = send_code or receive_code
