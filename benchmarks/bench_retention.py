@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import statistics
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from pibackup_async.engine.config import Retention
@@ -28,7 +28,7 @@ RETENTION = Retention(
 def history(count: int, seed: int = 1) -> list[str]:
     rng = random.Random(seed)
     zone = ZoneInfo("Europe/Berlin")
-    moment = datetime(2019, 1, 1, tzinfo=timezone.utc)
+    moment = datetime(2019, 1, 1, tzinfo=UTC)
     names = []
     for _ in range(count):
         # Irregular: a run takes a varying time, so starts drift within the half hour.
@@ -46,7 +46,7 @@ def main() -> None:
         start = time.perf_counter()
         plan = plan_retention(names, RETENTION)
         timings.append(time.perf_counter() - start)
-    span = f"{min(names)[:10]} .. {max(n for n in names if n[0].isdigit())[:10]}"
+    span = f"{plan.deleted[-1][:10]} .. {next(iter(plan.kept))[:10]}"
     print(
         f"plan_retention: {BACKUPS:,} backups ({span}), "
         f"kept {len(plan.kept)}, deleted {len(plan.deleted):,}: "

@@ -67,7 +67,10 @@ async def run_hook(ctx: RunContext, kind: Kind, hook: Hook, phase: Phase) -> Non
             step.exit_code = finished.exit_code
             step.stderr_tail = finished.stderr.text() or finished.stdout.text()
             if finished.exit_code != 0:
-                problem = describe_exit(finished.exit_code)
+                # The hook's own last words usually say what went wrong.
+                lines = [ln for ln in (finished.stderr.lines or finished.stdout.lines)
+                         if ln.strip()]
+                problem = describe_exit(finished.exit_code) + (f": {lines[-1]}" if lines else "")
         if problem is None:
             step.finish("ok")
             log.info("hook finished", duration_s=step.duration_s)

@@ -9,7 +9,7 @@ NAME_FORMAT = "%Y-%m-%dt%H-%M-%S%z"
 IN_PROGRESS = ".in-progress"
 DELETING = ".deleting"
 
-_NAME = re.compile(r"\d{4}-\d{2}-\d{2}t\d{2}-\d{2}-\d{2}[+-]\d{4}")
+_NAME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}t[0-9]{2}-[0-9]{2}-[0-9]{2}[+-][0-9]{4}")
 
 
 def format_name(moment: datetime) -> str:
