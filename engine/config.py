@@ -338,8 +338,6 @@ def _source_problems(config: Config) -> Iterator[str]:
                 yield f"{where}.path: the destination cannot lie inside a btrfs source"
         if isinstance(source, BtrfsSource):
             yield from _absolute(f"{where}.snapshot_dir", source.snapshot_dir)
-            if source.host is not None:
-                yield f"{where}.host: remote btrfs sources are not supported yet by this version"
 
 
 def _duration(where: str, text: str) -> Iterator[str]:

@@ -139,12 +139,8 @@ async def _open_destination(ctx: RunContext) -> None:
     await clean_stale(dest, entries)
     ctx.previous = done
     ctx.dest_is_btrfs = is_btrfs(dest)
-    for source in _local_btrfs(ctx):
-        # Snapshots of crashed runs: only the newest that has a copy in the
-        # destination is worth keeping (the next parent).
-        keep = next((n for n in btrfs.local_snapshots(source)
-                     if any(e.name == n for e in done)), None) if ctx.dest_is_btrfs else None
-        await btrfs.drop_local_snapshots(source, keep)
+    for source in _btrfs_sources(ctx):
+        await _drop_stale_snapshots(ctx, source)
     try:
         os.mkdir(ctx.in_progress_dir)
     except OSError as e:
@@ -234,8 +230,26 @@ async def _run_step(ctx: RunContext, source: Source, step: Step, work: Work,
 
 async def _snapshot(ctx: RunContext, source: Source, step: Step) -> int:
     if isinstance(source, BtrfsSource):
-        ctx.snapshots[source.name] = await btrfs.take_snapshot(source, ctx.name, step)
+        snapshot = await btrfs.take_snapshot(_site(ctx, source), source, ctx.name, step)
+        ctx.snapshots[source.name] = snapshot
         return 0
+    return await _rsync(ctx, source, step)
+
+
+async def _save(ctx: RunContext, source: Source, step: Step) -> int:
+    assert isinstance(source, BtrfsSource)  # rsync sources have no save step
+    snapshot = ctx.snapshots[source.name]
+    if not ctx.dest_is_btrfs:
+        return await _rsync(ctx, source, step, from_path=snapshot)
+    site = _site(ctx, source)
+    parent = await btrfs.find_parent(site, source, ctx.destination, ctx.previous)
+    log.info("incremental send" if parent else "full send", parent=parent)
+    return await btrfs.send_receive(site, snapshot, parent, ctx.in_progress_dir, step)
+
+
+async def _rsync(ctx: RunContext, source: Source, step: Step, *,
+                 from_path: str | None = None) -> int:
+    """Copy a source (or a btrfs source's snapshot) into the in-progress folder."""
     link_dest = newest_holding(ctx.destination, ctx.previous, source.name)
     remote = None
     if source.host is not None:
@@ -243,25 +257,31 @@ async def _snapshot(ctx: RunContext, source: Source, step: Step) -> int:
         await host.ensure_master()
         remote = host.transport
     argv = rsync.rsync_argv(ctx.config, source, os.path.join(ctx.in_progress_dir, source.name),
-                            link_dest, remote=remote)
+                            link_dest, from_path=from_path, remote=remote)
     return await rsync.copy(argv, source.rsync_ok_codes, step)
 
 
-async def _save(ctx: RunContext, source: Source, step: Step) -> int:
-    assert isinstance(source, BtrfsSource)  # rsync sources have no save step
-    snapshot = ctx.snapshots[source.name]
-    if ctx.dest_is_btrfs:
-        parent = await btrfs.find_parent(source, ctx.destination, ctx.previous)
-        log.info("incremental send" if parent else "full send", parent=parent)
-        return await btrfs.send_receive(snapshot, parent, ctx.in_progress_dir, step)
-    link_dest = newest_holding(ctx.destination, ctx.previous, source.name)
-    argv = rsync.rsync_argv(ctx.config, source, os.path.join(ctx.in_progress_dir, source.name),
-                            link_dest, from_path=snapshot)
-    return await rsync.copy(argv, source.rsync_ok_codes, step)
+def _btrfs_sources(ctx: RunContext) -> list[BtrfsSource]:
+    return [s for s in ctx.config.sources if isinstance(s, BtrfsSource)]
 
 
-def _local_btrfs(ctx: RunContext) -> list[BtrfsSource]:
-    return [s for s in ctx.config.sources if isinstance(s, BtrfsSource) and s.host is None]
+def _site(ctx: RunContext, source: BtrfsSource) -> btrfs.Site:
+    return btrfs.Site(ctx.remotes[source.host] if source.host else None)
+
+
+async def _drop_stale_snapshots(ctx: RunContext, source: BtrfsSource) -> None:
+    """Snapshots of crashed runs go; only the newest with a copy in the destination stays.
+
+    An unreachable host only logs here: its source fails on its own later.
+    """
+    site = _site(ctx, source)
+    done = {e.name for e in ctx.previous}
+    try:
+        names = await site.snapshot_names(source)
+        keep = next((n for n in names if n in done), None) if ctx.dest_is_btrfs else None
+        await btrfs.drop_snapshots(site, source, keep)
+    except (RemoteError, SourceError) as e:
+        log.warning("stale snapshots not checked", source=source.name, problem=str(e))
 
 
 @contextmanager
@@ -282,15 +302,20 @@ async def _finish_backup(ctx: RunContext) -> None:
     os.rename(ctx.in_progress_dir, ctx.final_dir)
     ctx.report.saved = True
     log.info("backup saved", folder=ctx.final_dir)
-    for source in _local_btrfs(ctx):
+    for source in _btrfs_sources(ctx):
         # Only now, with the new copy under its final name, may the old
         # parent go: a failure before the rename keeps it for the next run.
         if source.name not in ctx.snapshots:
             continue
-        if ctx.report.sources[source.name].status == "failed":  # an optional source
-            await btrfs.drop_snapshot(source, ctx.name)
-        else:
-            await btrfs.drop_local_snapshots(source, ctx.name if ctx.dest_is_btrfs else None)
+        site = _site(ctx, source)
+        try:
+            if ctx.report.sources[source.name].status == "failed":  # an optional source
+                await btrfs.drop_snapshot(site, source, ctx.name)
+            else:
+                await btrfs.drop_snapshots(site, source, ctx.name if ctx.dest_is_btrfs else None)
+        except (RemoteError, SourceError, OSError) as e:
+            # The backup is saved; a leftover snapshot is cleaned by the next run.
+            log.warning("old snapshots not deleted", source=source.name, problem=str(e))
     retention = ctx.report.retention
     await prune(ctx.config, retention, protect=ctx.name)
     if retention.errors:
@@ -305,9 +330,12 @@ async def _discard_unfinished(ctx: RunContext) -> None:
     """
     if ctx.report.saved or ctx.halted:
         return
-    for source in _local_btrfs(ctx):
+    for source in _btrfs_sources(ctx):
         if source.name in ctx.snapshots:
-            await btrfs.drop_snapshot(source, ctx.name)
+            try:
+                await btrfs.drop_snapshot(_site(ctx, source), source, ctx.name)
+            except (RemoteError, SourceError, OSError) as e:
+                log.warning("snapshot not deleted", source=source.name, problem=str(e))
     if ctx.in_progress_created:
         log.info("removing the unfinished backup", folder=ctx.in_progress_dir)
         await remove_tree(ctx.in_progress_dir)

@@ -15,8 +15,16 @@ from .destination import complete, name_is_free, newest_holding, scan
 from .filesystems import is_btrfs
 from .hooks import hook_argv
 from .names import DELETING, IN_PROGRESS, format_name
+from .remote import Transport, transport
 from .retention import plan_retention
 from .sources import btrfs, rsync
+
+
+def _transport(config: Config, host: str | None) -> Transport | None:
+    # The run makes its private control folder when it starts.
+    if host is None:
+        return None
+    return transport(config.hosts[host], f"/tmp/pibackup-ssh-XXXXXXXX/{host}")
 
 
 def _hooks(lines: list[str], hooks: list[Hook], phase: str) -> None:
@@ -72,7 +80,8 @@ async def plan_run(config: Config, jobs: int | None = None) -> list[str]:
         target = os.path.join(in_progress, source.name)
         link_dest = newest_holding(dest, previous, source.name) if visible else None
         if isinstance(source, RsyncSource):
-            argv = rsync.rsync_argv(config, source, target, link_dest)
+            argv = rsync.rsync_argv(config, source, target, link_dest,
+                                    remote=_transport(config, source.host))
             lines.append(f"   - {source.name}: {shlex.join(argv)}{link_note}")
             continue
         snapshot = btrfs.snapshot_path(source, name)
@@ -83,12 +92,15 @@ async def plan_run(config: Config, jobs: int | None = None) -> list[str]:
                          "the destination is btrfs, else rsync from the snapshot (decided at "
                          "run time, with the parent or --link-dest)")
         elif is_btrfs(dest):
-            parent = await btrfs.find_parent(source, dest, previous)
+            # A remote host is not contacted by a dry run: full send shown.
+            parent = None if source.host else await btrfs.find_parent(
+                btrfs.Site(), source, dest, previous)
             saves.append(f"   - {source.name}: {shlex.join(btrfs.send_argv(snapshot, parent))} | "
                          f"{shlex.join(btrfs.receive_argv(in_progress))}"
                          f"{'' if parent else '  (full send: no parent)'}")
         else:
-            argv = rsync.rsync_argv(config, source, target, link_dest, from_path=snapshot)
+            argv = rsync.rsync_argv(config, source, target, link_dest, from_path=snapshot,
+                                    remote=_transport(config, source.host))
             saves.append(f"   - {source.name}: {shlex.join(argv)}")
     lines.append("4. snapshot hooks, post, in reverse order:")
     _hooks(lines, config.snapshot_hooks, "post")
