@@ -14,6 +14,7 @@ from pibackup_async.engine import (
     Config,
     ConfigError,
     Interruption,
+    Listed,
     LockHeld,
     Report,
     RunOptions,
@@ -100,12 +101,19 @@ async def _watch_signals(interruption: Interruption,
             interruption.trigger(signum)
 
 
-def _list(args: argparse.Namespace, config: Config) -> int:
+def _read_backups(config: Config) -> list[Listed] | None:
+    """The destination as it is (no lock, no hook); None, said on stderr, if unreadable."""
     try:
-        rows = list_backups(config)
+        return list_backups(config)
     except OSError as e:
         print(f"error: cannot read the destination {config.destination}: {e.strerror} "
               "(is the backup disk mounted?)", file=sys.stderr)
+        return None
+
+
+def _list(args: argparse.Namespace, config: Config) -> int:
+    rows = _read_backups(config)
+    if rows is None:
         return EXIT_FAILED
     if args.json:
         print(msgspec.json.encode(rows).decode())
@@ -117,11 +125,8 @@ def _list(args: argparse.Namespace, config: Config) -> int:
 def _prune(args: argparse.Namespace, config: Config) -> int:
     if not args.dry_run:
         return _under_signals(lambda interruption: prune_backups(config, interruption))
-    try:
-        rows = list_backups(config)
-    except OSError as e:
-        print(f"error: cannot read the destination {config.destination}: {e.strerror} "
-              "(is the backup disk mounted?)", file=sys.stderr)
+    rows = _read_backups(config)
+    if rows is None:
         return EXIT_FAILED
     doomed = [r.name for r in rows if r.state == "complete" and not r.kept_by]
     for name in doomed:

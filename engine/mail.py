@@ -405,7 +405,7 @@ class _Server:
         """
         import aiosmtplib
 
-        client = aiosmtplib.SMTP(
+        client = _client_class()(
             hostname=self.smtp.host, port=self.port, use_tls=self.smtp.security == "tls",
             start_tls=False, tls_context=self.tls, timeout=self.timeout,
             local_hostname=self.local_hostname)
@@ -444,7 +444,41 @@ async def _close(client: aiosmtplib.SMTP) -> None:
                 await client.quit()
             except Exception:
                 pass
-    client.close()
+        client.close()
+        # One turn of the loop, so the aborted socket is really closed before
+        # the caller (and perhaps the event loop) moves on.
+        await anyio.sleep(0)
+
+
+_CLIENT: type[aiosmtplib.SMTP] | None = None
+
+
+def _client_class() -> type[aiosmtplib.SMTP]:
+    """aiosmtplib's client, but closing aborts the connection instead of a TLS goodbye.
+
+    aiosmtplib's ``close()`` is synchronous: on a TLS connection it starts a
+    graceful shutdown that waits (up to 30 s) for the server's close_notify
+    in the background. A silent or vanished server never sends it, and the
+    socket outlives the delivery (a ResourceWarning when the loop is gone).
+    Once we close, there is nothing left to say: QUIT was answered, or the
+    attempt has failed. So the transport is aborted, which closes the socket
+    on the next turn of the loop.
+    """
+    global _CLIENT
+    if _CLIENT is None:
+        import asyncio
+
+        import aiosmtplib
+
+        class _AbortingSMTP(aiosmtplib.SMTP):
+            def close(self) -> None:
+                transport = self.transport
+                super().close()
+                if isinstance(transport, asyncio.Transport):
+                    transport.abort()
+
+        _CLIENT = _AbortingSMTP
+    return _CLIENT
 
 
 def _ehlo_name(host: str) -> str:
