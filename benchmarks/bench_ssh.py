@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import shlex
@@ -58,14 +59,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 from sshkit import ClientKey, Sshd  # noqa: E402  (the test kit, found through sys.path)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 CLI = [sys.executable, "-m", "pibackup_async.cli"]
 KiB, MiB = 1024, 1024 * 1024
@@ -224,7 +228,7 @@ def engine_pull(server: Sshd, tree: Path, run_dir: Path) -> Sample:
         raise SystemExit(f"the engine failed ({result.returncode}):\n{result.stderr}")
     [report_path] = sorted((state / "reports").glob("*.json"))
     report = json.loads(report_path.read_text())
-    [backup] = [p for p in dest.iterdir()]
+    [backup] = list(dest.iterdir())
     check_copy(tree, backup / "tree")
     return Sample(wall, {"in_run": report["duration_s"],
                          "rsync": report["sources"]["tree"]["snapshot"]["duration_s"]})
@@ -335,10 +339,12 @@ def engine_send(server: Sshd, snapshot: Path, dest: Filesystem, size_mb: int) ->
     return Sample(wall, {"bytes": count_files(snapshot)[1], "stream": stream})
 
 
-def ssh_send(server: Sshd, snapshot: Path, dest: Filesystem, size_mb: int) -> Sample:
+def ssh_send(server: Sshd, snapshot: Path, dest: Filesystem, size_mb: int,
+             cipher: str | None = None) -> Sample:
     dest.make(size_mb)
     try:
-        ssh = shlex.join(["ssh", *ssh_options(server), "root@127.0.0.1",
+        ssh = shlex.join(["ssh", *ssh_options(server), *(["-c", cipher] if cipher else []),
+                          "root@127.0.0.1",
                           shlex.join(["btrfs", "send", str(snapshot)])])
         script = f"set -o pipefail; {ssh} | btrfs receive {shlex.quote(str(dest.mount))}"
         warm(sorted(p for p in snapshot.rglob("*") if p.is_file()))
@@ -362,21 +368,19 @@ def median(samples: list[Sample], key: str = "wall") -> float:
     return statistics.median(values)
 
 
-def alternate(reps: int, pair: tuple[Callable[[int], Sample], Callable[[int], Sample]],
-              label: str) -> tuple[list[Sample], list[Sample]]:
-    """Run both contenders ``reps`` times, the first one alternating."""
-    ours: list[Sample] = []
-    theirs: list[Sample] = []
+def rotate(reps: int, contenders: dict[str, Callable[[int], Sample]],
+           label: str) -> dict[str, list[Sample]]:
+    """Run every contender ``reps`` times; who goes first rotates between repetitions."""
+    names = list(contenders)
+    samples: dict[str, list[Sample]] = {name: [] for name in names}
     for rep in range(reps):
-        order = [(0, pair[0]), (1, pair[1])]
-        if rep % 2:
-            order.reverse()
-        for which, run in order:
-            sample = run(rep)
-            (ours if which == 0 else theirs).append(sample)
-            print(f"  {label} rep {rep + 1} {'engine' if which == 0 else 'openssh'}: "
-                  f"{sample.wall:.2f} s", file=sys.stderr, flush=True)
-    return ours, theirs
+        shift = rep % len(names)
+        for name in names[shift:] + names[:shift]:
+            sample = contenders[name](rep)
+            samples[name].append(sample)
+            print(f"  {label} rep {rep + 1} {name}: {sample.wall:.2f} s",
+                  file=sys.stderr, flush=True)
+    return samples
 
 
 def main() -> int:
@@ -397,6 +401,11 @@ def main() -> int:
     for tool in ("rsync", "ssh", "sshd", "btrfs", "mkfs.btrfs", "losetup"):
         if shutil.which(tool) is None and not os.path.exists(f"/usr/sbin/{tool}"):
             raise SystemExit(f"{tool} is not installed")
+
+    # The engine's in-process calls in (b) log through structlog: keep the table readable.
+    import structlog
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
 
     work = args.work.resolve()
     runs = work / "runs"
@@ -430,18 +439,25 @@ def main() -> int:
         sh(["btrfs", "filesystem", "sync", str(source_fs.mount)])
         server = Sshd(work / "sshd", ClientKey(work / "sshd" / "client")).start()
 
-        results: dict[str, tuple[list[Sample], list[Sample]]] = {}
+        gcm = "aes128-gcm@openssh.com"
+        results: dict[str, dict[str, list[Sample]]] = {}
         for key, tree in (("A", tree_a), ("B", tree_b)):
-            results[key] = alternate(args.reps, (
-                lambda rep, t=tree, k=key: engine_pull(server, t, runs / f"engine-{k}-{rep}"),
-                lambda rep, t=tree, k=key: script_pull(server, t, runs / f"script-{k}-{rep}"),
-            ), f"pull {key}")
-        cat = alternate(args.reps, (lambda rep: engine_cat(server, stream),
-                                    lambda rep: ssh_cat(server, stream)), "cat")
-        gcm = [ssh_cat(server, stream, "aes128-gcm@openssh.com") for _ in range(args.reps)]
-        send = alternate(args.reps, (lambda rep: engine_send(server, snapshot, dest_fs, fs_mb),
-                                     lambda rep: ssh_send(server, snapshot, dest_fs, fs_mb)),
-                         "btrfs send")
+            results[f"pull {key}"] = rotate(args.reps, {
+                "engine": lambda rep, t=tree, k=key: engine_pull(
+                    server, t, runs / f"engine-{k}-{rep}"),
+                "script": lambda rep, t=tree, k=key: script_pull(
+                    server, t, runs / f"script-{k}-{rep}"),
+            }, f"pull {key}")
+        results["cat"] = rotate(args.reps, {
+            "engine": lambda rep: engine_cat(server, stream),
+            "ssh": lambda rep: ssh_cat(server, stream),
+            "ssh gcm": lambda rep: ssh_cat(server, stream, gcm),
+        }, "cat")
+        results["send"] = rotate(args.reps, {
+            "engine": lambda rep: engine_send(server, snapshot, dest_fs, fs_mb),
+            "ssh": lambda rep: ssh_send(server, snapshot, dest_fs, fs_mb),
+            "ssh gcm": lambda rep: ssh_send(server, snapshot, dest_fs, fs_mb, gcm),
+        }, "btrfs send")
     finally:
         if server is not None:
             server.stop()
@@ -450,47 +466,52 @@ def main() -> int:
         if not args.keep:
             shutil.rmtree(runs, ignore_errors=True)
 
-    print_table(args, results, cat, gcm, send)
+    print_table(args, results)
     return 0
 
 
-def print_table(args: argparse.Namespace,
-                pulls: dict[str, tuple[list[Sample], list[Sample]]],
-                cat: tuple[list[Sample], list[Sample]], gcm: list[Sample],
-                send: tuple[list[Sample], list[Sample]]) -> None:
-    cpu = os.cpu_count()
+def spread(samples: list[Sample]) -> str:
+    walls = [s.wall for s in samples]
+    return f"{min(walls):.2f}-{max(walls):.2f}"
+
+
+def print_table(args: argparse.Namespace, results: dict[str, dict[str, list[Sample]]]) -> None:
     ssh_version = subprocess.run(["ssh", "-V"], capture_output=True, text=True).stderr.strip()
-    rsync_version = subprocess.run(["rsync", "--version"], capture_output=True,
-                                   text=True).stdout.splitlines()[0]
-    print(f"\n{platform.node()}: {cpu} CPUs, Python {platform.python_version()}, "
-          f"{ssh_version}, {rsync_version.split('  ')[0]}; medians of {args.reps}")
+    rsync_version = " ".join(subprocess.run(["rsync", "--version"], capture_output=True,
+                                            text=True).stdout.split()[:3])
+    print(f"\n{platform.node()}: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+          f"{ssh_version}, {rsync_version}; medians of {args.reps} (min-max in brackets)")
+
     print("\n(a) pull over loopback SSH, cold cache, fresh destination "
           "(rsync -aHAX --numeric-ids --sparse --stats)")
-    print(f"{'tree':<28}{'engine s':>10}{'in-run s':>10}{'rsync s':>9}{'script s':>10}"
+    print(f"{'tree':<24}{'engine s':>20}{'in-run s':>10}{'rsync s':>9}{'script s':>20}"
           f"{'engine/script':>15}{'rsync/script':>14}")
-    names = {"A": f"A: {args.files:,} x 4 KiB",
-             "B": f"B: {args.big_files} x {args.big_mib} MiB"}
-    for key, (ours, theirs) in pulls.items():
-        e, s = median(ours), median(theirs)
-        print(f"{names[key]:<28}{e:>10.2f}{median(ours, 'in_run'):>10.2f}"
-              f"{median(ours, 'rsync'):>9.2f}{s:>10.2f}{e / s:>15.3f}"
-              f"{median(ours, 'rsync') / s:>14.3f}")
+    names = {"pull A": f"A: {args.files:,} x 4 KiB",
+             "pull B": f"B: {args.big_files} x {args.big_mib} MiB"}
+    for key, label in names.items():
+        ours, theirs = results[key]["engine"], results[key]["script"]
+        e, s, r = median(ours), median(theirs), median(ours, "rsync")
+        print(f"{label:<24}{f'{e:.2f} [{spread(ours)}]':>20}{median(ours, 'in_run'):>10.2f}"
+              f"{r:>9.2f}{f'{s:.2f} [{spread(theirs)}]':>20}{e / s:>15.3f}{r / s:>14.3f}")
+
     print(f"\n(b) stream over loopback SSH, warm cache, {args.stream_mib} MiB, "
-          "connection set-up included")
-    print(f"{'stream':<44}{'s':>8}{'MB/s':>9}{'engine/openssh':>16}")
-
-    def row(label: str, samples: list[Sample], base: float | None) -> float:
-        t = median(samples)
-        rate = samples[0].extra["bytes"] / t / 1e6
-        ratio = f"{rate / base:.3f}" if base else ""
-        print(f"{label:<44}{t:>8.2f}{rate:>9.0f}{ratio:>16}")
-        return rate
-
-    base = row("ssh host cat FILE > /dev/null", cat[1], None)
-    row("  same, ssh -c aes128-gcm@openssh.com", gcm, None)
-    row("engine RemoteHost.run(cat, stdout_sink)", cat[0], base)
-    base = row("ssh host btrfs send SNAP | btrfs receive", send[1], None)
-    row("engine send_receive (remote Site)", send[0], base)
+          "connection set-up included; throughput ratios engine/openssh")
+    print(f"{'stream':<46}{'s':>20}{'MB/s':>7}{'vs ssh':>8}{'vs ssh gcm':>12}")
+    rows = {
+        "cat": ("ssh host cat FILE > /dev/null", "engine RemoteHost.run(cat, stdout_sink)"),
+        "send": ("ssh host btrfs send SNAP | btrfs receive", "engine send_receive (remote Site)"),
+    }
+    for key, (theirs, ours) in rows.items():
+        got = results[key]
+        rate = {name: got[name][0].extra["bytes"] / median(got[name]) / 1e6 for name in got}
+        for name, label in (("ssh", theirs), ("ssh gcm", "  same, ssh -c aes128-gcm@openssh.com"),
+                            ("engine", ours)):
+            ratios = ""
+            if name == "engine":
+                ratios = f"{rate['engine'] / rate['ssh']:>8.3f}"
+                ratios += f"{rate['engine'] / rate['ssh gcm']:>12.3f}"
+            print(f"{label:<46}{f'{median(got[name]):.2f} [{spread(got[name])}]':>20}"
+                  f"{rate[name]:>7.0f}{ratios}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, TypeVar
 
 import anyio
+import anyio.lowlevel
 import structlog
 
 from .durations import format_duration, parse_duration
@@ -447,7 +448,7 @@ async def _close(client: aiosmtplib.SMTP) -> None:
         client.close()
         # One turn of the loop, so the aborted socket is really closed before
         # the caller (and perhaps the event loop) moves on.
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
 
 
 _CLIENT: type[aiosmtplib.SMTP] | None = None
@@ -587,10 +588,11 @@ async def deliver_report(settings: ReportSettings, report: Report, *,
         secrets = _Secrets(smtp.username, password)
         server = _Server(smtp, password, host)
         message = build_message(settings, report, host=host)
-    except MailError as e:
-        error = secrets.scrub(str(e))
-        log.error("report not delivered", error=error)
-        return Delivery(status="failed", error=error)
+    except Exception as e:  # MailError, or a header the email package refuses
+        detail = str(e) if isinstance(e, MailError) else f"cannot build the message: {e}"
+        problem = secrets.scrub(_one_line(detail))
+        log.error("report not delivered", error=problem)
+        return Delivery(status="failed", error=problem)
     error = await _send_with_retries(server, message, settings, secrets)
     if error is None:
         return Delivery(status="sent")

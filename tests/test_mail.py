@@ -616,10 +616,12 @@ pre = "echo 'disk not found' >&2; exit 3"
     assert result.returncode == 1, result.stderr
     report = _report_file_matches_attachment(ws, _only_message(server))
     assert report["status"] == "failed" and report["delivery"]["status"] == "sent"
+    failure = report["failure"]
+    assert failure.startswith('hook "b1" pre failed: exit code 3')
     got = parts(server.messages[0])
-    assert got.subject == f'[pibackup] FAILED {report["name"]} — hook "b1" pre failed: exit code 3'
+    assert got.subject == f'[pibackup] FAILED {report["name"]} — {failure}'
     lines = got.text.splitlines()
-    assert lines[:2] == ["FAILED — no backup was saved", 'hook "b1" pre failed: exit code 3']
+    assert lines[:2] == ["FAILED — no backup was saved", failure]
     failures = lines[lines.index("Failures"):]
     assert failures[1:4] == ['  hook "b1" pre: exit code 3',
                              "    $ /bin/sh -c 'echo '\"'\"'disk not found'\"'\"' >&2; exit 3'",
@@ -640,8 +642,9 @@ critical = true
     result = ws.run("run")
     assert result.returncode == 1, result.stderr
     report = _report_file_matches_attachment(ws, _only_message(server))
+    assert report["failure"].startswith('hook "mount" pre failed: exit code 4')
     assert parts(server.messages[0]).subject == (
-        f'[pibackup] FAILED {report["name"]} — hook "mount" pre failed: exit code 4')
+        f'[pibackup] FAILED {report["name"]} — {report["failure"]}')
 
 
 @needs_wiring

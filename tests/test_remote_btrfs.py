@@ -335,6 +335,7 @@ def test_remote_send_is_full_then_incremental_and_keeps_only_the_newest_parent(
     assert s.dest_fs is not None
     assert s.dest_fs.subvolumes() == sorted([f"{first}/data", f"{second}/data"])
     wait_disconnected(s.sshd)
+    wait_no_processes(ws, 10)
 
 
 # --- b: into a plain folder ---------------------------------------------------------------
@@ -371,7 +372,8 @@ def test_remote_snapshot_into_a_plain_folder_is_rsynced_linked_and_not_kept(
     assert (one / "bin/tool.sh").read_text() == "#!/bin/sh\necho hi\n"
     assert snapshot_names(s.local_snapshots) == []
     assert s.source_subvolumes() == ["data"]
-    wait_disconnected(s.sshd)
+    wait_disconnected(s.sshd)  # the OpenSSH master of the rsync pulls too
+    wait_no_processes(ws, 10)
 
 
 # --- c: SIGINT during the remote send -------------------------------------------------------
