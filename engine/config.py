@@ -378,6 +378,8 @@ def _report_problems(report: ReportSettings | None) -> Iterator[str]:
     smtp = report.smtp
     if smtp.password_file is not None and smtp.password_env is not None:
         yield "report.smtp: give password_file or password_env, not both"
+    if smtp.username is not None and smtp.password_file is None and smtp.password_env is None:
+        yield "report.smtp.username: a login needs password_file or password_env"
     yield from _absolute("report.smtp.password_file", smtp.password_file)
     yield from _absolute("report.smtp.ca_file", smtp.ca_file)
     yield from _duration("report.smtp.timeout", smtp.timeout)

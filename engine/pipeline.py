@@ -96,12 +96,8 @@ async def _send_report(ctx: RunContext) -> None:
         return
     from .mail import deliver_report
 
-    with anyio.CancelScope(shield=True):
+    with anyio.CancelScope(shield=True):  # the mailer logs how it went
         ctx.report.delivery = await deliver_report(settings, ctx.report)
-    if ctx.report.delivery.status == "failed":
-        log.error("report not delivered", error=ctx.report.delivery.error)
-    else:
-        log.info("report sent", to=settings.to)
 
 
 async def _steps(ctx: RunContext) -> None:
