@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import structlog
 
-from .processes import GRACE_S, Finished, Tail, managed_process
+from .processes import GRACE_S, Finished, Tail, drain, managed_process
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Mapping
@@ -241,12 +241,13 @@ class RemoteHost:
     async def ensure_master(self) -> None:
         """Start the host's OpenSSH master connection, once; RemoteError if impossible.
 
-        The asyncssh connection is made first: it verifies the host key, so
-        nothing of an untrusted host runs. If the master cannot start, rsync
-        connects on its own and its error says why.
+        The master checks the host key itself (``StrictHostKeyChecking=yes``),
+        so an rsync-only host needs no asyncssh connection (nor its import);
+        a host it cannot reach or trust is remembered as failed for the run.
         """
-        await self.connection()
         async with self._lock:
+            if self._error is not None:
+                raise RemoteError(self._error)
             if self._master_started:
                 return
             self._master_started = True
@@ -259,6 +260,18 @@ class RemoteHost:
                 # ssh offers no readiness signal but its control socket.
                 while not os.path.exists(self.control_path) and master.returncode is None:  # noqa: ASYNC110
                     await anyio.sleep(0.02)
+            if os.path.exists(self.control_path):
+                log.info("ssh master connected", host=self.name)
+                return
+            said = Tail()
+            with anyio.move_on_after(2):
+                await drain(master.stderr, said, "stderr")
+            last = said.lines[-1] if said.lines else "no answer"
+            self._error = (f"host {self.name} ({self.host.address}:{self.host.port}): ssh "
+                           f"failed: {last} (host keys checked against "
+                           f"{_known_hosts(self.host)})")
+            log.error("host unavailable", host=self.name, problem=self._error)
+            raise RemoteError(self._error)
 
     async def aclose(self) -> None:
         """Close the asyncssh connection and end the master; shielded, bounded."""
