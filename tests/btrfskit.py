@@ -242,3 +242,16 @@ def btrfs_filesystems(root: Path) -> Iterator[Callable[..., Btrfs]]:
         yield factory
     finally:
         factory.close()
+
+
+def save_command(report: dict[str, Any], source: str = "data") -> list[str]:
+    """A btrfs source's save command from the report (``btrfs send … | btrfs receive …``)."""
+    command = report["sources"][source]["save"]["command"]
+    assert command is not None, report["sources"][source]
+    return [str(arg) for arg in command]
+
+
+def parent_of(command: list[str]) -> str | None:
+    """The ``-p`` argument of a ``btrfs send … | btrfs receive …`` command, if any."""
+    send = command[: command.index("|")] if "|" in command else command
+    return send[send.index("-p") + 1] if "-p" in send else None

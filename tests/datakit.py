@@ -247,3 +247,10 @@ def max_overlap(intervals: Iterable[tuple[datetime, datetime]]) -> int:
         running += delta
         peak = max(peak, running)
     return peak
+
+
+def assert_same_tree(source: Path, copy: Path) -> None:
+    """The copy matches the source field by field, hard-link groups included."""
+    problems = diff_trees(describe_tree(source), describe_tree(copy))
+    assert problems == [], "\n".join(problems)
+    assert hardlink_groups(copy) == hardlink_groups(source)

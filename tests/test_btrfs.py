@@ -26,7 +26,9 @@ from btrfskit import (
     fill_random,
     is_subvolume,
     needs_btrfs,
+    parent_of,
     receive_running,
+    save_command,
     snapshot_names,
     subvolume_show,
     sync,
@@ -34,11 +36,11 @@ from btrfskit import (
 from conftest import needs_rsync, wait_for
 from datakit import (
     BACKUP_NAME,
+    assert_same_tree,
     cli_ok,
     complete_backups,
     describe_tree,
     diff_trees,
-    hardlink_groups,
     settle_times,
 )
 from hookkit import (
@@ -135,24 +137,6 @@ def change(root: Path) -> None:
         os.utime(path, ns=(LATER, LATER), follow_symlinks=False)
 
 
-def assert_same_tree(source: Path, copy: Path) -> None:
-    problems = diff_trees(describe_tree(source), describe_tree(copy))
-    assert problems == [], "\n".join(problems)
-    assert hardlink_groups(copy) == hardlink_groups(source)
-
-
-def send_command(report: dict[str, Any]) -> list[str]:
-    command = report["sources"]["data"]["save"]["command"]
-    assert command is not None, report["sources"]["data"]
-    return [str(arg) for arg in command]
-
-
-def parent_of(command: list[str]) -> str | None:
-    """The ``-p`` argument of a ``btrfs send … | btrfs receive …`` command, if any."""
-    send = command[: command.index("|")] if "|" in command else command
-    return send[send.index("-p") + 1] if "-p" in send else None
-
-
 def assert_received(copy: Path, snapshot: Path | None = None) -> dict[str, str]:
     """``copy`` is a complete received subvolume (read-only, with a received UUID)."""
     assert is_subvolume(copy), f"{copy} is not a subvolume"
@@ -186,7 +170,7 @@ def test_full_send_gives_a_read_only_received_subvolume_with_equal_content(
     assert data["type"] == "btrfs" and data["status"] == "ok"
     assert data["snapshot"]["command"] == [
         "btrfs", "subvolume", "snapshot", "-r", str(s.source), str(s.snapshot(name))]
-    command = send_command(report)
+    command = save_command(report)
     assert command[:2] == ["btrfs", "send"] and parent_of(command) is None, command
     assert command[-3:] == ["btrfs", "receive", str(ws.dest / f"{name}.in-progress")]
     assert data["bytes"] > 8 * 1024 * 1024, "bytes is the size of the full send stream"
@@ -203,7 +187,7 @@ def test_second_run_sends_incrementally_and_rotates_the_parent(
     change(s.source)
     second, report = s.run()
 
-    command = send_command(report)
+    command = save_command(report)
     assert parent_of(command) == str(s.snapshot(first)), command
     assert str(s.snapshot(first)) in s.stderr, "the log names the parent"
     stream = report["sources"]["data"]["bytes"]
@@ -232,7 +216,7 @@ def test_into_a_plain_folder_rsync_links_unchanged_files_and_keeps_no_snapshot(
     one = ws.dest / first / "data"
     assert_same_tree(s.source, one)
     assert not is_subvolume(one)
-    command = send_command(report)
+    command = save_command(report)
     assert command[0] == "rsync" and f"{s.snapshot(first)}/" in command, command
     assert snapshot_names(s.snapshots) == [], "no local snapshot is kept"
     assert s.src_fs.subvolumes() == ["data"]
@@ -241,7 +225,7 @@ def test_into_a_plain_folder_rsync_links_unchanged_files_and_keeps_no_snapshot(
     second, report = s.run()
     two = ws.dest / second / "data"
     assert_same_tree(s.source, two)
-    assert f"--link-dest={one}" in send_command(report)
+    assert f"--link-dest={one}" in save_command(report)
     for unchanged in ("readme.txt", "readme.hardlink", "blob.bin", "secret.key",
                       "private/owned.txt"):
         assert os.lstat(one / unchanged).st_ino == os.lstat(two / unchanged).st_ino, unchanged
@@ -319,7 +303,7 @@ def test_sigint_during_send_receive_leaves_no_partial_subvolume(
     assert s.src_fs.subvolumes() == sorted(["data", f"{SNAPSHOTS}/{first}/data"])
 
     third, report = s.run()
-    assert parent_of(send_command(report)) == str(s.snapshot(first))
+    assert parent_of(save_command(report)) == str(s.snapshot(first))
     assert_same_tree(s.source, ws.dest / third / "data")
     assert_received(ws.dest / third / "data", s.snapshot(third))
     assert snapshot_names(s.snapshots) == [third]
@@ -433,7 +417,7 @@ def test_next_run_after_a_crash_removes_the_stale_received_subvolume_and_snapsho
     assert s.dest_fs.subvolumes() == sorted([f"{first}/data", f"{third}/data"])
     assert snapshot_names(s.snapshots) == [third]
     assert s.src_fs.subvolumes() == sorted(["data", f"{SNAPSHOTS}/{third}/data"])
-    assert parent_of(send_command(report)) == str(s.snapshot(first))
+    assert parent_of(save_command(report)) == str(s.snapshot(first))
     assert_same_tree(s.source, ws.dest / third / "data")
 
 

@@ -37,17 +37,19 @@ from btrfskit import (
     is_subvolume,
     mount_points,
     needs_btrfs,
+    parent_of,
+    save_command,
     snapshot_names,
     subvolume_list,
     subvolume_show,
 )
 from conftest import needs_rsync, processes_mentioning, wait_for
 from datakit import (
+    assert_same_tree,
     cli_ok,
     complete_backups,
     describe_tree,
     diff_trees,
-    hardlink_groups,
     settle_times,
 )
 from hookkit import in_progress, source_toml, start, tail_text, wait_no_processes
@@ -238,24 +240,6 @@ def change(root: Path) -> None:
     (root / "dangling").unlink()
     for path in (root / "bin" / "tool.sh", root / "bin", root / "new.txt", root):
         os.utime(path, ns=(LATER, LATER), follow_symlinks=False)
-
-
-def assert_same_tree(source: Path, copy: Path) -> None:
-    problems = diff_trees(describe_tree(source), describe_tree(copy))
-    assert problems == [], "\n".join(problems)
-    assert hardlink_groups(copy) == hardlink_groups(source)
-
-
-def save_command(report: dict[str, Any]) -> list[str]:
-    command = report["sources"]["data"]["save"]["command"]
-    assert command is not None, report["sources"]["data"]
-    return [str(arg) for arg in command]
-
-
-def parent_of(command: list[str]) -> str | None:
-    """The ``-p`` argument of a ``btrfs send … | btrfs receive …`` command, if any."""
-    send = command[: command.index("|")] if "|" in command else command
-    return send[send.index("-p") + 1] if "-p" in send else None
 
 
 def assert_received(copy: Path, snapshot: Path) -> None:
