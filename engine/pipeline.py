@@ -120,6 +120,7 @@ async def _steps(ctx: RunContext) -> None:
 async def _open_destination(ctx: RunContext) -> None:
     """Check the destination, clean up after crashed runs, create ``<name>.in-progress``."""
     dest = ctx.destination
+    t0 = time.monotonic()
     if not os.path.isdir(dest):
         _fail(ctx, f"destination {dest} does not exist (is the backup disk mounted?)")
     if ctx.config.require_mountpoint and not os.path.ismount(dest):
@@ -142,7 +143,8 @@ async def _open_destination(ctx: RunContext) -> None:
     except OSError as e:
         _fail(ctx, f"destination: cannot create {ctx.in_progress_dir}: {e.strerror}")
     ctx.in_progress_created = True
-    log.info("in-progress folder created", folder=ctx.in_progress_dir)
+    log.info("in-progress folder created", folder=ctx.in_progress_dir,
+             duration_s=round(time.monotonic() - t0, 6))
 
 
 def _fail(ctx: RunContext, message: str) -> None:
@@ -189,9 +191,12 @@ async def _for_each_source(ctx: RunContext, work: Work) -> None:
             failed_required = True
             tg.cancel_scope.cancel()
 
+    t0 = time.monotonic()
     async with anyio.create_task_group() as tg:
         for source in ctx.config.sources:
             tg.start_soon(one, source)
+    log.info("snapshots finished" if work is _snapshot else "saves finished",
+             duration_s=round(time.monotonic() - t0, 6), failed=failed_required)
     if failed_required:
         raise StepFailed("a source failed")
 
@@ -297,6 +302,7 @@ async def _finish_backup(ctx: RunContext) -> None:
     """Rename the in-progress folder to the backup's name, then apply retention."""
     os.rename(ctx.in_progress_dir, ctx.final_dir)
     ctx.report.saved = True
+    t0 = time.monotonic()
     log.info("backup saved", folder=ctx.final_dir)
     for source in _btrfs_sources(ctx):
         # Only now, with the new copy under its final name, may the old
@@ -314,6 +320,8 @@ async def _finish_backup(ctx: RunContext) -> None:
             log.warning("old snapshots not deleted", source=source.name, problem=str(e))
     retention = ctx.report.retention
     await prune(ctx.config, retention, protect=ctx.name)
+    log.info("retention applied", deleted=len(retention.deleted), kept=len(retention.kept),
+             duration_s=round(time.monotonic() - t0, 6))
     if retention.errors:
         ctx.fail(f"retention: {retention.errors[0]}")  # each error was logged
 

@@ -6,15 +6,17 @@ import os
 import re
 from typing import TYPE_CHECKING
 
+import structlog
+
 from ..config import BtrfsSource, Config, RsyncSource
 from ..processes import describe_exit, run_process
 from .errors import SourceError
 
 if TYPE_CHECKING:
     from ..remote import Transport
-
-if TYPE_CHECKING:
     from ..report import Step
+
+log = structlog.get_logger("pibackup.rsync")
 
 # Everything a restore needs: archive mode (permissions, times, symlinks,
 # devices and owners when root), hard links, ACLs, xattrs, numeric owners so
@@ -102,4 +104,8 @@ async def copy(argv: list[str], ok_codes: list[int], step: Step) -> int:
         telling = [line for line in lines if not line.startswith("rsync error:")]
         last = (telling or lines or ["no error output"])[-1]
         raise SourceError(f"rsync {describe_exit(finished.exit_code)}: {last}")
+    if finished.exit_code != 0:
+        # rsync_ok_codes let it pass (24: files vanished while copying); say so.
+        log.warning("rsync reported a problem, accepted by rsync_ok_codes",
+                    exit_code=finished.exit_code, stderr=finished.stderr.text())
     return transferred_bytes(finished.stdout.text())
