@@ -40,7 +40,10 @@ async def run_hook(ctx: RunContext, kind: Kind, hook: Hook, phase: Phase) -> Non
     ctx.report.hooks.append(step)
     env = ctx.hook_env(phase, hook.env)
     with bound_contextvars(hook=hook.name, phase=phase):
-        log.info("hook started", kind=kind, status=env.get("PIBACKUP_STATUS"))
+        if phase == "post":
+            log.info("hook started", kind=kind, status=env["PIBACKUP_STATUS"])
+        else:
+            log.info("hook started", kind=kind)
         step.begin(argv)
         problem: str | None = None
         try:

@@ -36,6 +36,7 @@ from .report import (
     SourceReport,
     Step,
     now,
+    stamp,
     write_report,
 )
 from .sources import btrfs, rsync
@@ -51,7 +52,7 @@ async def run_backup(config: Config, options: RunOptions, interruption: Interrup
     LockHeld, before anything is touched, if another run holds the lock.
     """
     name, started = await choose_name(config.destination)
-    report = Report(name=name, start=started.isoformat(),
+    report = Report(name=name, start=stamp(started),
                     concurrency=options.jobs or config.concurrency)
     for source in config.sources:
         report.sources[source.name] = SourceReport(
@@ -350,7 +351,7 @@ async def _discard_unfinished(ctx: RunContext) -> None:
 
 def _finish_report(ctx: RunContext, duration: float) -> None:
     report = ctx.report
-    report.end = now().isoformat()
+    report.end = stamp()
     report.duration_s = round(duration, 6)
     if ctx.interruption.happened:
         report.status = "interrupted"

@@ -11,7 +11,7 @@ import structlog
 from .context import CriticalStop, RunContext, RunOptions, StepFailed
 from .destination import clean_stale, complete, delete_backup, run_lock, scan
 from .hooks import hook_stage
-from .report import Report, now
+from .report import Report, stamp
 from .retention import plan_retention
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ async def prune_backups(config: Config, interruption: Interruption) -> Report:
     Returns a report (not written to disk) whose status says how it went;
     raises LockHeld if another run holds the lock.
     """
-    report = Report(name="", start=now().isoformat(), concurrency=1)
+    report = Report(name="", start=stamp(), concurrency=1)
     ctx = RunContext(config, RunOptions(), "", interruption, report)
     with run_lock(config.lock_path):
         with anyio.CancelScope() as scope:
@@ -75,7 +75,7 @@ async def prune_backups(config: Config, interruption: Interruption) -> Report:
                         ctx.fail(f"retention: {report.retention.errors[0]}")
             except (StepFailed, CriticalStop):
                 pass
-    report.end = now().isoformat()
+    report.end = stamp()
     if interruption.happened:
         report.status = "interrupted"
     elif report.failure is not None:

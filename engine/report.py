@@ -20,6 +20,11 @@ def now() -> datetime:
     return datetime.now().astimezone()
 
 
+def stamp(moment: datetime | None = None) -> str:
+    """ISO 8601 with offset, always with microseconds (isoformat drops a zero fraction)."""
+    return (moment or now()).isoformat(timespec="microseconds")
+
+
 class Step(Struct, kw_only=True):
     """One timed piece of work: a hook phase, or a source's snapshot or save."""
 
@@ -33,14 +38,14 @@ class Step(Struct, kw_only=True):
     _t0: float = 0.0
 
     def begin(self, command: list[str] | None = None) -> None:
-        self.start = now().isoformat()
+        self.start = stamp()
         self._t0 = time.monotonic()
         self.command = command
 
     def finish(self, status: Status) -> None:
         self.status = status
         if self.start is not None:
-            self.end = now().isoformat()
+            self.end = stamp()
             self.duration_s = round(time.monotonic() - self._t0, 6)
 
 
