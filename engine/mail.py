@@ -1,7 +1,6 @@
 """The emailed run report (SPEC §6): a body a person reads on a phone, sent over SMTP.
 
-Rendering is pure: the same report and host always give the same text, so a
-golden file can pin what a person reads. Delivery retries what may pass
+The text comes from ``mail_body`` (pure). Delivery retries what may pass
 (connection refused or reset, timeouts, 4xx replies) and never what will not
 (5xx, a refused login, a certificate that does not verify); every attempt is
 bounded by ``smtp.timeout`` and all of them together by a total, so a dead
@@ -16,8 +15,6 @@ them (NOTES: import cost). aiosmtplib is asyncio-only (NOTES pitfall 4).
 from __future__ import annotations
 
 import os
-import re
-import shlex
 import socket
 from datetime import datetime
 from typing import TYPE_CHECKING, TypeVar
@@ -26,9 +23,12 @@ import anyio
 import anyio.lowlevel
 import structlog
 
-from .durations import format_duration, parse_duration
+from .durations import parse_duration
 from .errors import PibackupError
-from .processes import describe_exit
+from .mail_body import (
+    render_body,
+    render_subject,
+)
 from .report import Delivery, Report, encode_report
 
 if TYPE_CHECKING:
@@ -38,7 +38,6 @@ if TYPE_CHECKING:
     import aiosmtplib
 
     from .config import ReportSettings, Smtp
-    from .report import Step
 
 log = structlog.get_logger("pibackup.mail")
 
@@ -54,240 +53,11 @@ _BACKOFF_FRACTIONS = (0.2, 0.6)
 # not turn a delivered message into a failure, nor hold the run.
 _QUIT_BOUND_S = 2.0
 
-# What the body shows of a failure: enough to act on, short enough for a phone.
-TAIL_LINES = 10
-LINE_CAP = 160
-COMMAND_CAP = 300
-SUBJECT_FAILURE_CAP = 70
-_CUT_MARK = re.compile(r"^\[(\d+) earlier lines cut\]$")
-
-
 class MailError(PibackupError):
     """The mail settings cannot be used as they stand (an unreadable password file, say)."""
 
 
 # --- when -------------------------------------------------------------------------------
-
-
-def should_send(settings: ReportSettings | None, status: str, no_report: bool) -> bool:
-    """Whether this run's report is mailed: ``[report]`` present, ``when`` allows it.
-
-    ``when = "failure"`` covers every run that is not ok, interrupted ones
-    included; ``--no-report`` (``no_report``) suppresses the mail only.
-    """
-    if settings is None or no_report or settings.when == "never":
-        return False
-    return settings.when == "always" or status != "ok"
-
-
-# --- rendering ----------------------------------------------------------------------------
-
-
-def render_subject(report: Report) -> str:
-    """``[pibackup] OK <name> — 4 sources, 3m12s``, ``FAILED <name> — <failure>``, …"""
-    if report.status == "ok":
-        count = len(report.sources)
-        what = f"{count} source{'' if count == 1 else 's'}, {_duration(report.duration_s)}"
-        return f"[pibackup] OK {report.name} — {what}"
-    if report.status == "interrupted":
-        saved = "backup saved" if report.saved else "no backup saved"
-        return (f"[pibackup] INTERRUPTED {report.name} — after "
-                f"{_duration(report.duration_s)}, {saved}")
-    failure = _first_line(report.failure or "failed")
-    if len(failure) > SUBJECT_FAILURE_CAP:
-        cut = failure[:SUBJECT_FAILURE_CAP].rsplit(" ", 1)[0]
-        failure = cut.rstrip(" ,;:") + "…"
-    return f"[pibackup] FAILED {report.name} — {failure}"
-
-
-def render_body(report: Report, *, host: str) -> str:
-    """The plain-text body, laid out for a phone screen; deterministic for a given report."""
-    sections = [
-        _headline(report),
-        _facts(report, host),
-        _hook_table(report),
-        _source_table(report),
-        _failures(report),
-        _timing(report),
-        _retention(report),
-        _space(report),
-        ["The JSON report is attached."],
-    ]
-    return "\n\n".join("\n".join(s) for s in sections if s) + "\n"
-
-
-def _headline(report: Report) -> list[str]:
-    saved = "the backup was saved" if report.saved else "no backup was saved"
-    lines = [f"{report.status.upper()} — {saved}"]
-    if report.failure is not None:
-        lines.append(report.failure)
-    if _space_is_short(report):
-        lines.append("Warning: the destination is running out of space (see below).")
-    return lines
-
-
-def _facts(report: Report, host: str) -> list[str]:
-    return [
-        f"Backup    {report.name}",
-        f"Host      {host}",
-        f"Started   {_clock(report.start)}",
-        f"Ended     {_clock(report.end)}",
-        f"Duration  {_duration(report.duration_s)}",
-    ]
-
-
-def _hook_table(report: Report) -> list[str]:
-    if not report.hooks:
-        return []
-    lines = ["Hooks, in the order they ran"]
-    for h in report.hooks:
-        lines.append(f"  {h.status:<9} {_duration(h.duration_s):>6}  {h.phase:<4}  {h.hook}")
-    return lines
-
-
-def _source_table(report: Report) -> list[str]:
-    lines = ["Sources"]
-    for name, s in report.sources.items():
-        steps = [s.snapshot] + ([s.save] if s.save is not None else [])
-        spent = [st.duration_s for st in steps if st.duration_s is not None]
-        took = _duration(sum(spent)) if spent else "-"
-        lines.append(f"  {s.status:<9} {took:>6} {human_bytes(s.bytes):>10}  {name}")
-    lines.append(f"  {'written':<16} {human_bytes(_written(report)):>10}")
-    return lines
-
-
-def _failures(report: Report) -> list[str]:
-    failed: list[tuple[str, Step]] = [
-        (f'hook "{h.hook}" {h.phase}', h) for h in report.hooks if h.status == "failed"]
-    for name, s in report.sources.items():
-        for kind, step in (("snapshot", s.snapshot), ("save", s.save)):
-            if step is not None and step.status == "failed":
-                failed.append((f'source "{name}" {kind}', step))
-    if not failed:
-        return []
-    lines = ["Failures"]
-    for what, step in failed:
-        how = "failed" if step.exit_code is None else describe_exit(step.exit_code)
-        lines.append(f"  {what}: {how}")
-        if step.command:
-            lines.append(f"    $ {_cap(shlex.join(step.command), COMMAND_CAP)}")
-        tail = _tail(step.stderr_tail)
-        lines += [f"    | {line}" for line in tail] if tail else ["    (no output)"]
-    return lines
-
-
-def _tail(text: str) -> list[str]:
-    """The last TAIL_LINES lines, each capped, with a mark where earlier ones were cut."""
-    lines = text.splitlines()
-    dropped = 0
-    if lines and (mark := _CUT_MARK.match(lines[0])):
-        dropped, lines = int(mark.group(1)), lines[1:]
-    while lines and not lines[-1].strip():
-        lines.pop()
-    kept = lines[-TAIL_LINES:]
-    dropped += len(lines) - len(kept)
-    head = [f"[{dropped} earlier lines cut]"] if dropped else []
-    return head + [_cap(line, LINE_CAP) for line in kept]
-
-
-def _timing(report: Report) -> list[str]:
-    window = report.snapshot_window_s
-    lines = ["Timing", f"  snapshot window  {_duration(window)}"]
-    work = report.source_seconds_total
-    wall = _source_wall_seconds(report)
-    if wall is not None and wall > 0:
-        lines.append(f"  source work      {format_duration(work)} in {format_duration(wall)}, "
-                     f"concurrency {report.concurrency}")
-    else:
-        lines.append(f"  source work      {format_duration(work)}, "
-                     f"concurrency {report.concurrency}")
-    return lines
-
-
-def _source_wall_seconds(report: Report) -> float | None:
-    """How long the snapshot and save phases took on the clock (the sum of both spans)."""
-    total, seen = 0.0, False
-    for phase in ("snapshot", "save"):
-        starts, ends = [], []
-        for s in report.sources.values():
-            step = s.snapshot if phase == "snapshot" else s.save
-            if step is not None and step.start is not None and step.end is not None:
-                starts.append(datetime.fromisoformat(step.start))
-                ends.append(datetime.fromisoformat(step.end))
-        if starts:
-            seen = True
-            total += (max(ends) - min(starts)).total_seconds()
-    return total if seen else None
-
-
-def _retention(report: Report) -> list[str]:
-    r = report.retention
-    if not r.kept and not r.deleted and not r.errors:
-        why = "" if report.saved else " (no backup was saved)"
-        return [f"Retention: not applied{why}"]
-    lines = [f"Retention: kept {len(r.kept)}, deleted {len(r.deleted)}"]
-    lines += [f"  deleted  {name}" for name in sorted(r.deleted, reverse=True)]
-    lines += [f"  kept     {name}  {', '.join(r.kept[name])}"
-              for name in sorted(r.kept, reverse=True)]
-    lines += [f"  error    {error}" for error in r.errors]
-    return lines
-
-
-def _written(report: Report) -> int:
-    return sum(s.bytes for s in report.sources.values())
-
-
-def _space_is_short(report: Report) -> bool:
-    d = report.destination
-    return d is not None and d.free_bytes < _written(report)
-
-
-def _space(report: Report) -> list[str]:
-    d = report.destination
-    if d is None:
-        return ["Destination: not visible after the run; free space unknown"]
-    share = f" ({d.free_bytes * 100 // d.total_bytes}%)" if d.total_bytes else ""
-    lines = [f"Destination: {human_bytes(d.free_bytes)} free of "
-             f"{human_bytes(d.total_bytes)}{share}"]
-    if _space_is_short(report):
-        lines += [
-            f"WARNING: less free space than this backup wrote ({human_bytes(_written(report))}).",
-            "The next run may not fit, and a full disk fails every run until someone acts.",
-        ]
-    return lines
-
-
-def human_bytes(n: int) -> str:
-    """``512 B``, ``1.5 KiB``, ``120 MiB``, ``3.4 GiB`` (binary units)."""
-    if n < 1024:
-        return f"{n} B"
-    value = float(n)
-    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
-        value /= 1024
-        if value < 1024 or unit == "PiB":
-            break
-    return f"{value:.1f} {unit}" if value < 100 else f"{value:.0f} {unit}"
-
-
-def _duration(seconds: float | None) -> str:
-    return "-" if seconds is None else format_duration(seconds)
-
-
-def _clock(iso: str | None) -> str:
-    if iso is None:
-        return "-"
-    return datetime.fromisoformat(iso).strftime("%Y-%m-%d %H:%M:%S %z")
-
-
-def _first_line(text: str) -> str:
-    return text.strip().splitlines()[0] if text.strip() else text
-
-
-def _cap(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[:limit] + " [cut]"
-
-
-# --- the message ---------------------------------------------------------------------------
 
 
 def build_message(settings: ReportSettings, report: Report, *, host: str) -> EmailMessage:

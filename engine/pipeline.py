@@ -27,6 +27,7 @@ from .destination import (
 )
 from .filesystems import is_btrfs
 from .hooks import Kind, hook_stage
+from .mail_body import should_send
 from .pruning import prune
 from .remote import RemoteError, open_remotes
 from .report import (
@@ -91,8 +92,6 @@ async def _send_report(ctx: RunContext) -> None:
     bounds its own time. Imported here: aiosmtplib costs start-up time.
     """
     settings = ctx.config.report
-    from .mail import should_send
-
     if settings is None or not should_send(settings, ctx.report.status, ctx.options.no_report):
         return
     from .mail import deliver_report

@@ -26,12 +26,14 @@ from pibackup_async.engine.mail import (
     ATTEMPTS,
     check_smtp,
     deliver_report,
-    human_bytes,
     read_password,
+    total_bound_s,
+)
+from pibackup_async.engine.mail_body import (
+    human_bytes,
     render_body,
     render_subject,
     should_send,
-    total_bound_s,
 )
 from pibackup_async.engine.report import (
     DestinationSpace,
