@@ -569,3 +569,19 @@ def test_check_connect_reports_each_host(ws: Workspace, new_sshd: Callable[[], S
     assert "impostor-host" in said, said
     assert other.logins() == 0
     assert up.logins() == 2
+
+
+@pytest.mark.skipif(shutil.which("sudo") is None, reason="sudo is not installed")
+def test_sudo_runs_remote_hooks_and_rsync_through_sudo(ws: Workspace, sshd: Sshd) -> None:
+    src = ws.make_source("data")
+    # A remote hook gets only its own variables: the events file is named in it.
+    hook = (
+        '[[backup_hooks]]\nname = "who"\nhost = "h1"\n'
+        f"pre = {toml_value(f'echo sudo:$SUDO_USER:$PIBACKUP_PHASE >> {ws.events}')}\n"
+    )
+    ws.write_config(sshd.host_toml("h1", sudo=True) + hook + remote_source("data", src, "h1"))
+    run_ok(ws)
+    assert ws.event_lines() == ["sudo:root:pre"]
+    report = ws.report()
+    assert "--rsync-path=sudo -n rsync" in report["sources"]["data"]["snapshot"]["command"]
+    assert (ws.dest / report["name"] / "data" / "file.txt").read_text() == "content of data\n"
