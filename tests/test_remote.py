@@ -585,3 +585,28 @@ def test_sudo_runs_remote_hooks_and_rsync_through_sudo(ws: Workspace, sshd: Sshd
     report = ws.report()
     assert "--rsync-path=sudo -n rsync" in report["sources"]["data"]["snapshot"]["command"]
     assert (ws.dest / report["name"] / "data" / "file.txt").read_text() == "content of data\n"
+
+
+@pytest.mark.slow
+def test_a_host_that_never_answers_fails_its_optional_source_within_the_bound(
+        ws: Workspace, sshd: Sshd) -> None:
+    from smtpkit import silent_server  # a port that accepts and never says a word
+
+    local = ws.make_source("local")
+    remote = ws.make_source("far")
+    with silent_server() as port:
+        ws.write_config(
+            sshd.host_toml("mute", port=port)
+            + source_toml("local", local)
+            + remote_source("far", remote, "mute", optional=True))
+        t0 = time.monotonic()
+        result = ws.run("run", timeout=90)
+        elapsed = time.monotonic() - t0
+    assert result.returncode == 1, result.stderr
+    # The connect timeout (15 s, banner exchange included) bounds it, not the test's 90 s.
+    assert elapsed < 40, elapsed
+    report = ws.report()
+    assert (report["status"], report["saved"]) == ("failed", True)
+    assert report["sources"]["far"]["status"] == "failed"
+    assert report["sources"]["local"]["status"] == "ok"
+    assert sorted(p.name for p in (ws.dest / report["name"]).iterdir()) == ["local"]
