@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("pibackup.destination")
 
 State = Literal["complete", "in-progress", "deleting"]
+_SUFFIXES: tuple[tuple[str, State], ...] = ((IN_PROGRESS, "in-progress"), (DELETING, "deleting"))
 
 
 @dataclass(frozen=True)
@@ -52,9 +53,9 @@ def scan(destination: str) -> list[Entry]:
     for folder in os.listdir(destination):
         state: State = "complete"
         name = folder
-        for suffix, suffix_state in ((IN_PROGRESS, "in-progress"), (DELETING, "deleting")):
+        for suffix, suffix_state in _SUFFIXES:
             if folder.endswith(suffix):
-                name, state = folder[: -len(suffix)], suffix_state  # type: ignore[assignment]
+                name, state = folder[: -len(suffix)], suffix_state
         moment = parse_name(name)
         if moment is not None and os.path.isdir(os.path.join(destination, folder)):
             entries.append(Entry(name, state, moment))
