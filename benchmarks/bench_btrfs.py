@@ -42,6 +42,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchkit import Filesystem, drop_caches, sh
+
 REPO = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "pibackup_async.cli"]
 K = 4
@@ -50,55 +52,6 @@ CONTENDERS = ("ours --jobs 4", "ours --jobs 1", "btrbk")
 
 
 # --- loop-mounted btrfs -----------------------------------------------------------------
-
-
-def sh(argv: list[str]) -> str:
-    result = subprocess.run(argv, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"{shlex.join(argv)} exited {result.returncode}:\n"
-                         f"{result.stdout}{result.stderr}")
-    return str(result.stdout)
-
-
-def mounted(point: Path) -> bool:
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == str(point) for line in f if len(line.split()) > 4)
-
-
-@dataclass
-class Filesystem:
-    image: Path
-    mount: Path
-
-    def make(self, size_mb: int) -> None:
-        self.remove()
-        self.image.parent.mkdir(parents=True, exist_ok=True)
-        self.mount.mkdir(parents=True, exist_ok=True)
-        sh(["truncate", "-s", f"{size_mb}M", str(self.image)])
-        sh(["mkfs.btrfs", "-q", "-f", str(self.image)])
-        sh(["mount", "-o", "loop", str(self.image), str(self.mount)])
-
-    def remove(self) -> None:
-        deadline = time.monotonic() + 15
-        while mounted(self.mount):
-            if subprocess.run(["umount", str(self.mount)], capture_output=True).returncode == 0:
-                break
-            if time.monotonic() > deadline:
-                subprocess.run(["umount", "-l", str(self.mount)], capture_output=True)
-                break
-            time.sleep(0.2)
-        # Only the loop devices backing this image (`mount -o loop` sets autoclear,
-        # but the kernel releases the device asynchronously).
-        while self.image.exists() and time.monotonic() < deadline:
-            out = subprocess.run(["losetup", "-j", str(self.image)], capture_output=True,
-                                 text=True).stdout
-            devices = [line.split(":", 1)[0] for line in out.splitlines() if line.strip()]
-            if not devices:
-                break
-            for device in devices:
-                subprocess.run(["losetup", "-d", device], capture_output=True)
-            time.sleep(0.1)
-        self.image.unlink(missing_ok=True)
 
 
 def subvolumes_below(folder: Path) -> list[Path]:
@@ -158,12 +111,6 @@ def tree_size(root: Path) -> tuple[int, int]:
             count += 1
             total += os.lstat(os.path.join(dirpath, name)).st_size
     return count, total
-
-
-def drop_caches() -> None:
-    subprocess.run(["sync"], check=True)
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
 
 
 # --- the contenders ---------------------------------------------------------------------

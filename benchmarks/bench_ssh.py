@@ -66,6 +66,7 @@ from typing import TYPE_CHECKING
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
+from benchkit import Filesystem, drop_caches, sh  # noqa: E402
 from sshkit import ClientKey, Sshd  # noqa: E402  (the test kit, found through sys.path)
 
 if TYPE_CHECKING:
@@ -77,20 +78,6 @@ FILES_PER_DIR = 200
 
 
 # --- helpers ------------------------------------------------------------------------------
-
-
-def sh(argv: list[str]) -> str:
-    result = subprocess.run(argv, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"{shlex.join(argv)} exited {result.returncode}:\n"
-                         f"{result.stdout}{result.stderr}")
-    return str(result.stdout)
-
-
-def drop_caches() -> None:
-    subprocess.run(["sync"], check=True)
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
 
 
 def warm(paths: list[Path]) -> None:
@@ -109,48 +96,6 @@ def count_files(root: Path) -> tuple[int, int]:
             files += 1
             size += os.lstat(os.path.join(dirpath, name)).st_size
     return files, size
-
-
-def mounted(point: Path) -> bool:
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == str(point) for line in f if len(line.split()) > 4)
-
-
-@dataclass
-class Filesystem:
-    """A loop-mounted btrfs; ``remove`` detaches only this image's loop devices."""
-
-    image: Path
-    mount: Path
-
-    def make(self, size_mb: int) -> Filesystem:
-        self.remove()
-        self.image.parent.mkdir(parents=True, exist_ok=True)
-        self.mount.mkdir(parents=True, exist_ok=True)
-        sh(["truncate", "-s", f"{size_mb}M", str(self.image)])
-        sh(["mkfs.btrfs", "-q", "-f", str(self.image)])
-        sh(["mount", "-o", "loop", str(self.image), str(self.mount)])
-        return self
-
-    def remove(self) -> None:
-        deadline = time.monotonic() + 20
-        while mounted(self.mount):
-            if subprocess.run(["umount", str(self.mount)], capture_output=True).returncode == 0:
-                break
-            if time.monotonic() > deadline:
-                subprocess.run(["umount", "-l", str(self.mount)], capture_output=True)
-                break
-            time.sleep(0.2)
-        while self.image.exists() and time.monotonic() < deadline:
-            out = subprocess.run(["losetup", "-j", str(self.image)], capture_output=True,
-                                 text=True).stdout
-            devices = [line.split(":", 1)[0] for line in out.splitlines() if line.strip()]
-            if not devices:
-                break
-            for device in devices:
-                subprocess.run(["losetup", "-d", device], capture_output=True)
-            time.sleep(0.1)
-        self.image.unlink(missing_ok=True)
 
 
 # --- the data -----------------------------------------------------------------------------
