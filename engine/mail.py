@@ -340,6 +340,13 @@ def total_bound_s(smtp: Smtp) -> float:
             + ATTEMPTS * _QUIT_BOUND_S)
 
 
+def _server(smtp: Smtp, host: str) -> tuple[_Secrets, _Server]:
+    """The server to talk to, and what to scrub from whatever it says; MailError if the
+    password cannot be read."""
+    password = read_password(smtp)
+    return _Secrets(smtp.username, password), _Server(smtp, password, host)
+
+
 async def deliver_report(settings: ReportSettings, report: Report, *,
                          host: str | None = None) -> Delivery:
     """Mail the report to every recipient; return how it went, never raise for mail problems.
@@ -351,12 +358,9 @@ async def deliver_report(settings: ReportSettings, report: Report, *,
     appears in neither the returned error nor the log.
     """
     host = host or socket.gethostname()
-    smtp = settings.smtp
-    secrets = _Secrets(smtp.username, None)
+    secrets = _Secrets(settings.smtp.username, None)
     try:
-        password = read_password(smtp)
-        secrets = _Secrets(smtp.username, password)
-        server = _Server(smtp, password, host)
+        secrets, server = _server(settings.smtp, host)
         message = build_message(settings, report, host=host)
     except Exception as e:  # MailError, or a header the email package refuses
         detail = str(e) if isinstance(e, MailError) else f"cannot build the message: {e}"
@@ -407,12 +411,9 @@ async def check_smtp(settings: ReportSettings, *, send_test: bool) -> str | None
     worked, else one line saying what did not (never holding the password).
     """
     host = socket.gethostname()
-    smtp = settings.smtp
-    secrets = _Secrets(smtp.username, None)
+    secrets = _Secrets(settings.smtp.username, None)
     try:
-        password = read_password(smtp)
-        secrets = _Secrets(smtp.username, password)
-        server = _Server(smtp, password, host)
+        secrets, server = _server(settings.smtp, host)
         message = None
         if send_test:
             body = (f"This is a test message from pibackup-async on {host}.\n"
