@@ -255,3 +255,29 @@ def parent_of(command: list[str]) -> str | None:
     """The ``-p`` argument of a ``btrfs send … | btrfs receive …`` command, if any."""
     send = command[: command.index("|")] if "|" in command else command
     return send[send.index("-p") + 1] if "-p" in send else None
+
+
+# Whole-second-free mtimes: what a first backup holds, then what a change gives.
+SETTLED = 1_400_000_000_987_654_321
+LATER = 1_500_000_000_123_456_789
+
+
+def change(root: Path, *, remove: str) -> None:
+    """Edit one file, add one, remove ``remove``; what changed gets a new, settled mtime."""
+    (root / "bin" / "tool.sh").write_text("#!/bin/sh\necho changed, and longer\n")
+    (root / "new.txt").write_text("added after the first backup\n")
+    (root / remove).unlink()
+    for path in (root / "bin" / "tool.sh", root / "bin", root / "new.txt", root):
+        os.utime(path, ns=(LATER, LATER), follow_symlinks=False)
+
+
+def assert_received(copy: Path, snapshot: Path | None = None) -> dict[str, str]:
+    """``copy`` is a complete received subvolume (read-only, with a received UUID),
+    made from ``snapshot`` when one is given."""
+    assert is_subvolume(copy), f"{copy} is not a subvolume"
+    info = subvolume_show(copy)
+    assert "readonly" in info.get("Flags", ""), info
+    assert info.get("Received UUID", "-") != "-", info
+    if snapshot is not None:
+        assert info["Received UUID"] == subvolume_show(snapshot)["UUID"]
+    return info

@@ -35,9 +35,13 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from datakit import toml_value
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
 
 SSHD = "/usr/sbin/sshd"
 READY_TIMEOUT_S = 10.0
@@ -281,3 +285,18 @@ class Sshd:
         ]
         lines += [f"{key} = {toml_value(value)}" for key, value in extra.items()]
         return "\n".join(lines) + "\n"
+
+
+def sshd_servers(tmp_path_factory: pytest.TempPathFactory,
+                 client_key: ClientKey) -> Iterator[Callable[[], Sshd]]:
+    """For a fixture to ``yield from``: start servers on demand, stop them (by PID) after."""
+    servers: list[Sshd] = []
+
+    def make() -> Sshd:
+        server = Sshd(tmp_path_factory.mktemp("sshd"), client_key)
+        servers.append(server)
+        return server.start()
+
+    yield make
+    for server in servers:
+        server.stop()

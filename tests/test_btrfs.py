@@ -19,10 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from btrfskit import (
+    SETTLED,
     SNAPSHOTS,
     Btrfs,
+    assert_received,
     btrfs_filesystems,
     btrfs_source,
+    change,
     fill_random,
     is_subvolume,
     needs_btrfs,
@@ -30,7 +33,6 @@ from btrfskit import (
     receive_running,
     save_command,
     snapshot_names,
-    subvolume_show,
     sync,
 )
 from conftest import needs_rsync, wait_for
@@ -62,8 +64,6 @@ if TYPE_CHECKING:
 
 pytestmark = [needs_btrfs, needs_rsync, pytest.mark.root]
 
-SETTLED = 1_400_000_000_987_654_321
-LATER = 1_500_000_000_123_456_789
 
 
 @pytest.fixture
@@ -128,26 +128,6 @@ def populate(root: Path) -> None:
     settle_times(root, SETTLED)
 
 
-def change(root: Path) -> None:
-    """Edit one file, add one, remove one; give what changed a new, settled mtime."""
-    (root / "bin" / "tool.sh").write_text("#!/bin/sh\necho changed, and longer\n")
-    (root / "new.txt").write_text("added after the first backup\n")
-    (root / "empty").unlink()
-    for path in (root / "bin" / "tool.sh", root / "bin", root / "new.txt", root):
-        os.utime(path, ns=(LATER, LATER), follow_symlinks=False)
-
-
-def assert_received(copy: Path, snapshot: Path | None = None) -> dict[str, str]:
-    """``copy`` is a complete received subvolume (read-only, with a received UUID)."""
-    assert is_subvolume(copy), f"{copy} is not a subvolume"
-    info = subvolume_show(copy)
-    assert "readonly" in info.get("Flags", ""), info
-    assert info.get("Received UUID", "-") != "-", info
-    if snapshot is not None:
-        assert info["Received UUID"] == subvolume_show(snapshot)["UUID"]
-    return info
-
-
 # --- 1 and 2: btrfs into btrfs ------------------------------------------------------------
 
 
@@ -184,7 +164,7 @@ def test_second_run_sends_incrementally_and_rotates_the_parent(
     first, first_report = s.run()
     as_first = describe_tree(s.source)
 
-    change(s.source)
+    change(s.source, remove="empty")
     second, report = s.run()
 
     command = save_command(report)
@@ -221,7 +201,7 @@ def test_into_a_plain_folder_rsync_links_unchanged_files_and_keeps_no_snapshot(
     assert snapshot_names(s.snapshots) == [], "no local snapshot is kept"
     assert s.src_fs.subvolumes() == ["data"]
 
-    change(s.source)
+    change(s.source, remove="empty")
     second, report = s.run()
     two = ws.dest / second / "data"
     assert_same_tree(s.source, two)
@@ -363,7 +343,7 @@ def test_retention_deletes_received_subvolumes(
     populate(s.source)
     s.configure(extra="[retention]\nkeep_last = 1\n")
     first, _ = s.run()
-    change(s.source)
+    change(s.source, remove="empty")
     second, report = s.run()
     assert report["retention"]["deleted"] == [first]
     assert ws.backups() == [second]

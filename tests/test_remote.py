@@ -47,7 +47,7 @@ from hookkit import (
     wait_marker,
     wait_no_processes,
 )
-from sshkit import SSHD, ClientKey, Sshd, established_to, free_port
+from sshkit import SSHD, ClientKey, Sshd, established_to, free_port, sshd_servers
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -77,16 +77,7 @@ def client_key(tmp_path_factory: pytest.TempPathFactory) -> ClientKey:
 def new_sshd(tmp_path_factory: pytest.TempPathFactory,
              client_key: ClientKey) -> Iterator[Callable[[], Sshd]]:
     """Start test sshd instances on demand; all are stopped (by PID) at teardown."""
-    servers: list[Sshd] = []
-
-    def make() -> Sshd:
-        server = Sshd(tmp_path_factory.mktemp("sshd"), client_key)
-        servers.append(server)
-        return server.start()
-
-    yield make
-    for server in servers:
-        server.stop()
+    yield from sshd_servers(tmp_path_factory, client_key)
 
 
 @pytest.fixture

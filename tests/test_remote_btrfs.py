@@ -29,10 +29,14 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from btrfskit import (
+    LATER,
+    SETTLED,
     SNAPSHOTS,
     Btrfs,
+    assert_received,
     btrfs_filesystems,
     btrfs_source,
+    change,
     fill_random,
     is_subvolume,
     mount_points,
@@ -53,7 +57,7 @@ from datakit import (
     settle_times,
 )
 from hookkit import in_progress, source_toml, start, tail_text, wait_no_processes
-from sshkit import SSHD, ClientKey, Sshd, established_to, free_port
+from sshkit import SSHD, ClientKey, Sshd, established_to, free_port, sshd_servers
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -70,8 +74,6 @@ pytestmark = [
 ]
 
 HOST = "h1"
-SETTLED = 1_400_000_000_987_654_321
-LATER = 1_500_000_000_123_456_789
 MiB = 1024 * 1024
 
 
@@ -96,16 +98,7 @@ def new_sshd(btrfs_fs: Callable[..., Btrfs], tmp_path_factory: pytest.TempPathFa
     Depends on ``btrfs_fs`` so that the servers, whose mount namespaces hold
     the source filesystem, are gone before the loop devices are detached.
     """
-    servers: list[Sshd] = []
-
-    def make() -> Sshd:
-        server = Sshd(tmp_path_factory.mktemp("sshd"), client_key)
-        servers.append(server)
-        return server.start()
-
-    yield make
-    for server in servers:
-        server.stop()
+    yield from sshd_servers(tmp_path_factory, client_key)
 
 
 @dataclass
@@ -233,23 +226,6 @@ def populate(root: Path) -> None:
     settle_times(root, SETTLED)
 
 
-def change(root: Path) -> None:
-    """Edit one file, add one, remove one; what changed gets a new, settled mtime."""
-    (root / "bin" / "tool.sh").write_text("#!/bin/sh\necho changed, and longer\n")
-    (root / "new.txt").write_text("added after the first backup\n")
-    (root / "dangling").unlink()
-    for path in (root / "bin" / "tool.sh", root / "bin", root / "new.txt", root):
-        os.utime(path, ns=(LATER, LATER), follow_symlinks=False)
-
-
-def assert_received(copy: Path, snapshot: Path) -> None:
-    """``copy`` is a complete read-only received subvolume made from ``snapshot``."""
-    assert is_subvolume(copy), f"{copy} is not a subvolume"
-    info = subvolume_show(copy)
-    assert "readonly" in info.get("Flags", ""), info
-    assert info.get("Received UUID", "-") == subvolume_show(snapshot)["UUID"], info
-
-
 def descends_from(pid: int, ancestor: int) -> bool:
     while pid > 1:
         if pid == ancestor:
@@ -300,7 +276,7 @@ def test_remote_send_is_full_then_incremental_and_keeps_only_the_newest_parent(
     first_uuid = subvolume_show(s.local_snapshot(first))["UUID"]
 
     as_first = describe_tree(s.local_source)
-    change(s.local_source)
+    change(s.local_source, remove="dangling")
     second, report = s.run()
 
     command = save_command(report)
@@ -342,7 +318,7 @@ def test_remote_snapshot_into_a_plain_folder_is_rsynced_linked_and_not_kept(
     assert snapshot_names(s.local_snapshots) == [], "no snapshot is kept on the host"
     assert s.source_subvolumes() == ["data"]
 
-    change(s.local_source)
+    change(s.local_source, remove="dangling")
     second, report = s.run()
     two = ws.dest / second / "data"
     assert_same_tree(s.local_source, two)
