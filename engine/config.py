@@ -21,6 +21,7 @@ from msgspec import Meta, Struct, field
 
 from .durations import DURATION_HINT, parse_duration
 from .errors import ConfigError
+from .filesystems import is_within
 
 NonNegative = Annotated[int, Meta(ge=0)]
 Command = str | list[str]
@@ -256,12 +257,6 @@ def _value_problems(tp: Any, value: Any, path: str) -> Iterator[str]:
 # --- rules across fields ----------------------------------------------------------------
 
 
-def _inside(child: str, parent: str) -> bool:
-    """True when ``child`` is ``parent`` or lies below it (paths normalised)."""
-    child, parent = os.path.normpath(child), os.path.normpath(parent)
-    return child == parent or child.startswith(parent.rstrip("/") + "/")
-
-
 def _rule_problems(config: Config) -> Iterator[str]:
     yield from _path_problems(config)
     yield from _hook_problems(config)
@@ -332,9 +327,9 @@ def _source_problems(config: Config) -> Iterator[str]:
         elif os.path.isabs(source.path) and os.path.isabs(config.destination):
             if os.path.normpath(source.path) == os.path.normpath(config.destination):
                 yield f"{where}.path: the destination cannot also be a source"
-            elif _inside(source.path, config.destination):
+            elif is_within(source.path, config.destination):
                 yield f"{where}.path: a source cannot lie inside the destination"
-            elif isinstance(source, BtrfsSource) and _inside(config.destination, source.path):
+            elif isinstance(source, BtrfsSource) and is_within(config.destination, source.path):
                 yield f"{where}.path: the destination cannot lie inside a btrfs source"
         if isinstance(source, BtrfsSource):
             yield from _absolute(f"{where}.snapshot_dir", source.snapshot_dir)

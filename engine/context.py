@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import signal
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import structlog
 
 from .names import IN_PROGRESS
 from .remote import Remotes
+from .report import stamp
 
 if TYPE_CHECKING:
     import anyio
@@ -107,6 +108,20 @@ class RunContext:
         """Record a failure; the first one is the run's ``failure``. The caller logs it."""
         if self.report.failure is None:
             self.report.failure = message
+
+    def close(self) -> None:
+        """Stamp the report's end and settle its status from what happened."""
+        self.report.end = stamp()
+        if self.interruption.happened:
+            self.report.status = "interrupted"
+        elif self.report.failure is not None:
+            self.report.status = "failed"
+
+    def fail_step(self, message: str) -> NoReturn:
+        """Log and record ``message`` as a failure, and end the step (StepFailed)."""
+        log.error(message)
+        self.fail(message)
+        raise StepFailed(message)
 
     @property
     def post_status(self) -> str:

@@ -166,9 +166,8 @@ async def delete_backup(destination: str, name: str) -> None:
     await remove_tree(deleting)
 
 
-async def clean_stale(destination: str, entries: list[Entry]) -> list[str]:
+async def clean_stale(destination: str, entries: list[Entry]) -> None:
     """Remove in-progress folders of crashed runs and finish interrupted deletions."""
-    removed = []
     for entry in entries:
         if entry.state == "complete":
             continue
@@ -177,8 +176,6 @@ async def clean_stale(destination: str, entries: list[Entry]) -> list[str]:
                 else "interrupted deletion")
         log.warning(f"removing {what}", folder=path)
         await remove_tree(path)
-        removed.append(entry.folder)
-    return removed
 
 
 @contextmanager

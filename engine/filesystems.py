@@ -16,6 +16,12 @@ class Mount:
     source: str  # the device, e.g. /dev/loop3; equal sources = the same filesystem
 
 
+def is_within(child: str, parent: str) -> bool:
+    """True when ``child`` is ``parent`` or lies below it (paths normalised, not resolved)."""
+    child, parent = os.path.normpath(child), os.path.normpath(parent)
+    return child == parent or child.startswith(parent.rstrip("/") + "/")
+
+
 def _unescape(field: str) -> str:
     # mountinfo writes space, tab, newline and backslash as octal escapes.
     for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):

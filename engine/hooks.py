@@ -38,7 +38,8 @@ async def run_hook(ctx: RunContext, kind: Kind, hook: Hook, phase: Phase) -> Non
     argv = hook_argv(command)
     step = HookStep(hook=hook.name, kind=kind, phase=phase)
     ctx.report.hooks.append(step)
-    env = ctx.hook_env(phase, hook.env)
+    # A remote hook gets only its own variables, set on its command line.
+    env = ctx.hook_env(phase, hook.env, inherit=hook.host is None)
     with bound_contextvars(hook=hook.name, phase=phase):
         if phase == "post":
             log.info("hook started", kind=kind, status=env["PIBACKUP_STATUS"])
@@ -54,8 +55,7 @@ async def run_hook(ctx: RunContext, kind: Kind, hook: Hook, phase: Phase) -> Non
                     remote = ctx.remotes[hook.host]
                     async with remote.limiter:
                         finished = await remote.run(
-                            command if isinstance(command, str) else shlex.join(command),
-                            ctx.hook_env(phase, hook.env, inherit=False))
+                            command if isinstance(command, str) else shlex.join(command), env)
         except TimeoutError:
             problem = f"timed out after {hook.timeout}"
         except RemoteError as e:

@@ -122,17 +122,17 @@ async def _open_destination(ctx: RunContext) -> None:
     dest = ctx.destination
     t0 = time.monotonic()
     if not os.path.isdir(dest):
-        _fail(ctx, f"destination {dest} does not exist (is the backup disk mounted?)")
+        ctx.fail_step(f"destination {dest} does not exist (is the backup disk mounted?)")
     if ctx.config.require_mountpoint and not os.path.ismount(dest):
-        _fail(ctx, f"destination {dest} is not a mount point (require_mountpoint = true)")
+        ctx.fail_step(f"destination {dest} is not a mount point (require_mountpoint = true)")
     entries = scan(dest)
     done = complete(entries)
     started = now()
     if done and done[0].time > started:
-        _fail(ctx, f"destination: the clock reads {started.isoformat()}, earlier than the "
-                   f"newest backup {done[0].name}; is the time set (NTP synced)?")
+        ctx.fail_step(f"destination: the clock reads {started.isoformat()}, earlier than the "
+                      f"newest backup {done[0].name}; is the time set (NTP synced)?")
     if not name_is_free(dest, ctx.name):
-        _fail(ctx, f"destination: the backup name {ctx.name} is already taken")
+        ctx.fail_step(f"destination: the backup name {ctx.name} is already taken")
     await clean_stale(dest, entries)
     ctx.previous = done
     ctx.dest_is_btrfs = is_btrfs(dest)
@@ -141,16 +141,10 @@ async def _open_destination(ctx: RunContext) -> None:
     try:
         os.mkdir(ctx.in_progress_dir)
     except OSError as e:
-        _fail(ctx, f"destination: cannot create {ctx.in_progress_dir}: {e.strerror}")
+        ctx.fail_step(f"destination: cannot create {ctx.in_progress_dir}: {e.strerror}")
     ctx.in_progress_created = True
     log.info("in-progress folder created", folder=ctx.in_progress_dir,
              duration_s=round(time.monotonic() - t0, 6))
-
-
-def _fail(ctx: RunContext, message: str) -> None:
-    log.error(message)
-    ctx.fail(message)
-    raise StepFailed(message)
 
 
 # --- steps 3 and 5 ------------------------------------------------------------------
@@ -350,12 +344,8 @@ async def _discard_unfinished(ctx: RunContext) -> None:
 
 def _finish_report(ctx: RunContext, duration: float) -> None:
     report = ctx.report
-    report.end = stamp()
+    ctx.close()
     report.duration_s = round(duration, 6)
-    if ctx.interruption.happened:
-        report.status = "interrupted"
-    elif report.failure is not None:
-        report.status = "failed"
     ran = {(h.hook, h.phase) for h in report.hooks}
     stages: tuple[tuple[Kind, list[Hook]], ...] = (
         ("backup", ctx.config.backup_hooks), ("snapshot", ctx.config.snapshot_hooks))

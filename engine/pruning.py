@@ -63,10 +63,7 @@ async def prune_backups(config: Config, interruption: Interruption) -> Report:
             try:
                 async with hook_stage(ctx, "backup", config.backup_hooks):
                     if not os.path.isdir(config.destination):
-                        message = f"destination {config.destination} does not exist"
-                        log.error(message)
-                        ctx.fail(message)
-                        raise StepFailed(message)
+                        ctx.fail_step(f"destination {config.destination} does not exist")
                     entries = scan(config.destination)
                     await clean_stale(config.destination,
                                       [e for e in entries if e.state == "deleting"])
@@ -75,9 +72,5 @@ async def prune_backups(config: Config, interruption: Interruption) -> Report:
                         ctx.fail(f"retention: {report.retention.errors[0]}")
             except (StepFailed, CriticalStop):
                 pass
-    report.end = stamp()
-    if interruption.happened:
-        report.status = "interrupted"
-    elif report.failure is not None:
-        report.status = "failed"
+    ctx.close()
     return report

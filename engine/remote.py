@@ -292,9 +292,6 @@ class Remotes:
     def __getitem__(self, name: str) -> RemoteHost:
         return self._hosts[name]
 
-    def __contains__(self, name: str) -> bool:
-        return name in self._hosts
-
 
 @asynccontextmanager
 async def open_remotes(config: Config) -> AsyncIterator[Remotes]:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from ..config import BtrfsSource, Config, RsyncSource
+from ..filesystems import is_within
 from ..processes import describe_exit, run_process
 from .errors import SourceError
 
@@ -33,11 +34,6 @@ def _escape(pattern: str) -> str:
     return re.sub(r"([*?\[\\])", r"\\\1", pattern)
 
 
-def _inside(child: str, parent: str) -> bool:
-    child, parent = os.path.normpath(child), os.path.normpath(parent)
-    return child != parent and (parent == "/" or child.startswith(parent + "/"))
-
-
 def auto_excludes(config: Config, source_path: str) -> list[str]:
     """Anchored excludes for the engine's own folders that lie inside the source.
 
@@ -49,7 +45,7 @@ def auto_excludes(config: Config, source_path: str) -> list[str]:
             if isinstance(s, BtrfsSource) and s.snapshot_dir is not None]
     excludes = []
     for path in own:
-        if _inside(path, source_path):
+        if is_within(path, source_path) and not is_within(source_path, path):
             rel = os.path.relpath(os.path.normpath(path), os.path.normpath(source_path))
             excludes.append(f"--exclude=/{_escape(rel)}")
     return excludes
