@@ -42,7 +42,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchkit import Filesystem, drop_caches, sh
+from benchkit import Filesystem, count_tree, drop_caches, sh
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "pibackup_async.cli"]
@@ -102,15 +102,6 @@ def change(subvolume: Path, files: int, round_: int) -> None:
     for i in range(round_ % 37 + 50, files, files // 10 or 1):
         (subvolume / f"d{i // 200:03d}" / f"f{i:05d}.dat").unlink(missing_ok=True)
     (subvolume / f"new-{round_}.bin").write_bytes(os.urandom(4 * MiB))
-
-
-def tree_size(root: Path) -> tuple[int, int]:
-    count = total = 0
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            count += 1
-            total += os.lstat(os.path.join(dirpath, name)).st_size
-    return count, total
 
 
 # --- the contenders ---------------------------------------------------------------------
@@ -281,7 +272,7 @@ def main() -> int:
                           f"(+ sync {result.sync_s:.2f}s)", flush=True)
             for name in order:  # the newest copies match the sources
                 for sv in subvolumes:
-                    want, got = tree_size(sv), tree_size(contenders[name].newest_copy(sv.name))
+                    want, got = count_tree(sv), count_tree(contenders[name].newest_copy(sv.name))
                     if want != got:
                         raise SystemExit(f"{name}: {sv.name} has {got} (files, bytes), "
                                          f"the source {want}")

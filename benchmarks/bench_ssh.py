@@ -66,7 +66,7 @@ from typing import TYPE_CHECKING
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from benchkit import Filesystem, drop_caches, sh  # noqa: E402
+from benchkit import Filesystem, count_tree, drop_caches, sh  # noqa: E402
 from sshkit import ClientKey, Sshd  # noqa: E402  (the test kit, found through sys.path)
 
 if TYPE_CHECKING:
@@ -87,15 +87,6 @@ def warm(paths: list[Path]) -> None:
         with open(path, "rb") as f:
             while f.read(8 * MiB):
                 pass
-
-
-def count_files(root: Path) -> tuple[int, int]:
-    files = size = 0
-    for dirpath, _, names in os.walk(root):
-        for name in names:
-            files += 1
-            size += os.lstat(os.path.join(dirpath, name)).st_size
-    return files, size
 
 
 # --- the data -----------------------------------------------------------------------------
@@ -196,7 +187,7 @@ def script_pull(server: Sshd, tree: Path, run_dir: Path) -> Sample:
 
 
 def check_copy(tree: Path, copy: Path) -> None:
-    want, got = count_files(tree), count_files(copy)
+    want, got = count_tree(tree), count_tree(copy)
     if want != got:
         raise SystemExit(f"{copy} holds {got} (files, bytes), expected {want}")
 
@@ -281,7 +272,7 @@ def engine_send(server: Sshd, snapshot: Path, dest: Filesystem, size_mb: int) ->
     finally:
         dest.remove()
     # The rate counts the subvolume's file bytes on both sides (the stream is a little more).
-    return Sample(wall, {"bytes": count_files(snapshot)[1], "stream": stream})
+    return Sample(wall, {"bytes": count_tree(snapshot)[1], "stream": stream})
 
 
 def ssh_send(server: Sshd, snapshot: Path, dest: Filesystem, size_mb: int,
@@ -299,7 +290,7 @@ def ssh_send(server: Sshd, snapshot: Path, dest: Filesystem, size_mb: int,
         if result.returncode != 0:
             raise SystemExit(f"ssh btrfs send | receive failed: {result.stderr}")
         check_copy(snapshot, dest.mount / snapshot.name)
-        size = count_files(snapshot)[1]
+        size = count_tree(snapshot)[1]
     finally:
         dest.remove()
     return Sample(wall, {"bytes": size})

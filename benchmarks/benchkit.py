@@ -6,6 +6,7 @@ on ``sys.path``).
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import time
@@ -30,6 +31,16 @@ def drop_caches() -> None:
     subprocess.run(["sync"], check=True)
     with open("/proc/sys/vm/drop_caches", "w") as f:
         f.write("3\n")
+
+
+def count_tree(root: Path) -> tuple[int, int]:
+    """Files below ``root`` and their total size (to check a copy against its source)."""
+    files = size = 0
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            files += 1
+            size += os.lstat(os.path.join(dirpath, name)).st_size
+    return files, size
 
 
 def mounted(point: Path) -> bool:

@@ -537,14 +537,6 @@ async def test_check_connects_authenticates_and_sends_a_test(
 # --- end to end, through the command line ---------------------------------------------------------
 
 
-def _wired() -> bool:
-    pipeline = Path(__file__).parent.parent / "engine" / "pipeline.py"
-    return "deliver_report" in pipeline.read_text()
-
-
-needs_wiring = pytest.mark.skipif(not _wired(), reason="the pipeline does not mail reports yet")
-
-
 def write_mail_config(ws: Workspace, server_port: int, pki: Pki, password_file: Path, *,
                       when: str = "always", hooks: str = "", timeout: str = "5s",
                       security: str = "starttls") -> None:
@@ -583,7 +575,6 @@ def _report_file_matches_attachment(ws: Workspace, received: Received) -> dict[s
     return report
 
 
-@needs_wiring
 @needs_rsync
 def test_cli_ok_run_mails_one_report(ws: Workspace, server: MailServer, pki: Pki,
                                      password_file: Path) -> None:
@@ -604,7 +595,6 @@ def test_cli_ok_run_mails_one_report(ws: Workspace, server: MailServer, pki: Pki
     assert PASSWORD not in result.stderr + result.stdout
 
 
-@needs_wiring
 @needs_rsync
 def test_cli_failed_run_mails_the_failure(ws: Workspace, server: MailServer, pki: Pki,
                                           password_file: Path) -> None:
@@ -630,7 +620,6 @@ pre = "echo 'disk not found' >&2; exit 3"
                              "    | disk not found"]
 
 
-@needs_wiring
 @needs_rsync
 def test_cli_critical_hook_stop_still_mails(ws: Workspace, server: MailServer, pki: Pki,
                                             password_file: Path) -> None:
@@ -649,7 +638,6 @@ critical = true
         f'[pibackup] FAILED {report["name"]} — {report["failure"]}')
 
 
-@needs_wiring
 @needs_rsync
 def test_cli_interrupted_run_mails_and_exits_143(ws: Workspace, server: MailServer, pki: Pki,
                                                  password_file: Path) -> None:
@@ -679,7 +667,6 @@ pre = 'touch "{started}"; while [ ! -e "{release}" ]; do sleep 0.05; done'
     assert got.text.startswith("INTERRUPTED — no backup was saved\n")
 
 
-@needs_wiring
 @needs_rsync
 @pytest.mark.parametrize(("when", "args"), [("failure", ()), ("never", ()),
                                             ("always", ("--no-report",))])
@@ -693,7 +680,6 @@ def test_cli_sends_nothing_when_not_asked(ws: Workspace, server: MailServer, pki
     assert server.messages == [] and server.connections == 0
 
 
-@needs_wiring
 @needs_rsync
 @pytest.mark.parametrize("problem", ["wrong password", "server down", "421 once",
                                      pytest.param("never answers", marks=pytest.mark.slow)])
@@ -735,7 +721,6 @@ def test_cli_delivery_problems_keep_the_backup_and_set_the_exit_code(
         assert elapsed < 3 * 1.0 + 0.8 + 5.0  # three timeouts, the waits, the run itself
 
 
-@needs_wiring
 def test_cli_check_connect_and_send_test(ws: Workspace, server: MailServer, pki: Pki,
                                          password_file: Path, tmp_path: Path) -> None:
     write_mail_config(ws, server.port, pki, password_file)
