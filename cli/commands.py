@@ -21,11 +21,11 @@ from pibackup_async.engine import (
     list_backups,
     load_config,
     plan_run,
-    preflight,
     prune_backups,
     run_backup,
 )
 
+from .check import check_command
 from .logs import configure_logging
 from .render import listing_table
 
@@ -50,7 +50,7 @@ def dispatch(args: argparse.Namespace, config_path: str) -> int:
             print(f"error: {e.path}: {problem}", file=sys.stderr)
         return EXIT_USAGE
     command: Callable[[argparse.Namespace, Config], int] = {
-        "run": _run, "check": _check, "list": _list, "prune": _prune,
+        "run": _run, "check": check_command, "list": _list, "prune": _prune,
     }[args.command]
     return command(args, config)
 
@@ -134,48 +134,3 @@ def _prune(args: argparse.Namespace, config: Config) -> int:
     kept = sum(1 for r in rows if r.kept_by)
     print(f"dry run: {len(doomed)} backups would be deleted, {kept} kept; nothing was changed")
     return EXIT_OK
-
-
-def _check(args: argparse.Namespace, config: Config) -> int:
-    problems, warnings = preflight(config)
-    for warning in warnings:
-        log.warning(warning)
-    for problem in problems:
-        print(f"error: {args.config or 'configuration'}: {problem}", file=sys.stderr)
-    if problems:
-        return EXIT_USAGE
-    if args.connect or args.send_test:
-        unreachable = anyio.run(_connect, config, args.send_test, backend="asyncio")
-        if unreachable:
-            return EXIT_FAILED
-    print(f"{args.config or 'configuration'}: ok ({len(config.sources)} sources, "
-          f"{len(config.backup_hooks) + len(config.snapshot_hooks)} hooks)", file=sys.stderr)
-    return EXIT_OK
-
-
-async def _connect(config: Config, send_test: bool) -> int:
-    """``check --connect``: try every host (and the mail server); count what failed."""
-    from pibackup_async.engine.remote import check_hosts
-
-    failed = 0
-    for name, problem in (await check_hosts(config)).items():
-        if problem is None:
-            print(f"host {name}: ok", file=sys.stderr)
-        else:
-            print(f"error: {problem}", file=sys.stderr)
-            failed += 1
-    if config.report is None:
-        if send_test:
-            print("error: --send-test needs a [report] table", file=sys.stderr)
-            failed += 1
-        return failed
-    from pibackup_async.engine.mail import check_smtp
-
-    problem = await check_smtp(config.report, send_test=send_test)
-    what = "test message sent" if send_test else "connected, TLS and login ok"
-    if problem is None:
-        print(f"mail server {config.report.smtp.host}: {what}", file=sys.stderr)
-    else:
-        print(f"error: mail server {config.report.smtp.host}: {problem}", file=sys.stderr)
-        failed += 1
-    return failed

@@ -22,3 +22,7 @@ class LockHeld(PibackupError):
     def __init__(self, lock_path: str) -> None:
         self.lock_path = lock_path
         super().__init__(f"another run holds the lock {lock_path}")
+
+
+class DestinationUnavailable(PibackupError):
+    """The destination cannot be read as it is now (missing, or its disk not mounted)."""

@@ -50,7 +50,7 @@ async def run_hook(ctx: RunContext, kind: Kind, hook: Hook, phase: Phase) -> Non
         try:
             with anyio.fail_after(hook.timeout_s):
                 if hook.host is None:
-                    finished = await run_process(argv, env=env)
+                    finished = await run_process(argv, env=env, leave_background=True)
                 else:
                     remote = ctx.remotes[hook.host]
                     async with remote.limiter:

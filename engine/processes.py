@@ -196,6 +196,7 @@ async def run_process(
     cwd: str | None = None,
     stdout_lines: int = TAIL_LINES,
     grace: float = GRACE_S,
+    leave_background: bool = False,
 ) -> Finished:
     """Run ``argv`` to its end in a new session and return how it ended.
 

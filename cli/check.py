@@ -1,0 +1,62 @@
+"""``check``: validate the configuration and what it names; with ``--connect``, reach out."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING
+
+import anyio
+import structlog
+from pibackup_async.engine import Config, preflight
+
+if TYPE_CHECKING:
+    import argparse
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+log = structlog.get_logger("pibackup")
+
+
+def check_command(args: argparse.Namespace, config: Config) -> int:
+    problems, warnings = preflight(config)
+    for warning in warnings:
+        log.warning(warning)
+    for problem in problems:
+        print(f"error: {args.config or 'configuration'}: {problem}", file=sys.stderr)
+    if problems:
+        return EXIT_USAGE
+    if args.connect or args.send_test:
+        unreachable = anyio.run(_connect, config, args.send_test, backend="asyncio")
+        if unreachable:
+            return EXIT_FAILED
+    print(f"{args.config or 'configuration'}: ok ({len(config.sources)} sources, "
+          f"{len(config.backup_hooks) + len(config.snapshot_hooks)} hooks)", file=sys.stderr)
+    return EXIT_OK
+
+
+async def _connect(config: Config, send_test: bool) -> int:
+    """``check --connect``: try every host (and the mail server); count what failed."""
+    from pibackup_async.engine.remote import check_hosts
+
+    failed = 0
+    for name, problem in (await check_hosts(config)).items():
+        if problem is None:
+            print(f"host {name}: ok", file=sys.stderr)
+        else:
+            print(f"error: {problem}", file=sys.stderr)
+            failed += 1
+    if config.report is None:
+        if send_test:
+            print("error: --send-test needs a [report] table", file=sys.stderr)
+            failed += 1
+        return failed
+    from pibackup_async.engine.mail import check_smtp
+
+    problem = await check_smtp(config.report, send_test=send_test)
+    what = "test message sent" if send_test else "connected, TLS and login ok"
+    if problem is None:
+        print(f"mail server {config.report.smtp.host}: {what}", file=sys.stderr)
+    else:
+        print(f"error: mail server {config.report.smtp.host}: {problem}", file=sys.stderr)
+        failed += 1
+    return failed
