@@ -85,3 +85,13 @@ def same_filesystem(a: str, b: str) -> bool:
     """
     ma, mb = mount_of(a), mount_of(b)
     return ma is not None and mb is not None and (ma.fstype, ma.source) == (mb.fstype, mb.source)
+
+
+def on_mounted_filesystem(path: str) -> bool:
+    """True when ``path`` (resolved) is a mount point or lies under one, other than ``/``.
+
+    What ``require_mountpoint`` asks of the destination: the backup disk is
+    mounted, so nothing is written to the root filesystem by mistake.
+    """
+    mount = mount_of(os.path.realpath(path))
+    return mount is not None and mount.mount_point != "/"

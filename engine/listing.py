@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from .destination import complete, scan
+from .destination import complete, destination_problem, scan
+from .errors import DestinationUnavailable
 from .retention import plan_retention
 
 if TYPE_CHECKING:
@@ -24,10 +25,20 @@ def list_backups(config: Config) -> list[Listed]:
     """The destination's backups, newest first, each with the retention rules that keep it.
 
     A complete backup with an empty ``kept_by`` goes at the next prune; in-progress
-    and deleting entries never have rules. Raises OSError if the destination
-    cannot be read (not mounted, say).
+    and deleting entries never have rules; symbolic links are not listed.
+    Raises DestinationUnavailable, with one line naming the destination and
+    why, when it is not visible (missing; not mounted while
+    ``require_mountpoint`` is set; unreadable): "no backups" is never the
+    answer for a disk that is not there.
     """
-    entries = scan(config.destination)
+    problem = destination_problem(config)
+    if problem is not None:
+        raise DestinationUnavailable(problem)
+    try:
+        entries = [e for e in scan(config.destination) if not e.link]
+    except OSError as e:
+        raise DestinationUnavailable(
+            f"destination {config.destination} cannot be read: {e.strerror}") from e
     plan = plan_retention([e.name for e in complete(entries)], config.retention)
     return [
         Listed(

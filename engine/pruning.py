@@ -9,7 +9,14 @@ import anyio
 import structlog
 
 from .context import CriticalStop, RunContext, RunOptions, StepFailed
-from .destination import clean_stale, complete, delete_backup, run_lock, scan
+from .destination import (
+    clean_stale,
+    complete,
+    delete_backup,
+    destination_problem_async,
+    run_lock,
+    scan_async,
+)
 from .hooks import hook_stage
 from .report import Report, stamp
 from .retention import plan_retention
@@ -26,9 +33,12 @@ async def prune(config: Config, result: RetentionResult, *, protect: str | None 
     """Delete the complete backups that no rule keeps, recording what happened in ``result``.
 
     ``protect`` (the backup just made) is never deleted whatever the rules
-    say. A failed deletion is logged and recorded; the others still go.
+    say. A failed deletion is logged and recorded; the others still go. A
+    cancel takes effect before the next deletion (the one under way stays
+    ``.deleting``, for the next run): what was deleted by then is recorded.
+    Raises OSError if the destination cannot be read.
     """
-    names = [e.name for e in complete(scan(config.destination))]
+    names = [e.name for e in complete(await scan_async(config.destination))]
     plan = plan_retention(names, config.retention)
     result.kept = {name: list(rules) for name, rules in plan.kept.items()}
     for name in plan.deleted:
@@ -62,9 +72,10 @@ async def prune_backups(config: Config, interruption: Interruption) -> Report:
             interruption.attach(scope)
             try:
                 async with hook_stage(ctx, "backup", config.backup_hooks):
-                    if not os.path.isdir(config.destination):
-                        ctx.fail_step(f"destination {config.destination} does not exist")
-                    entries = scan(config.destination)
+                    problem = await destination_problem_async(config)
+                    if problem is not None:
+                        ctx.fail_step(problem)
+                    entries = await scan_async(config.destination)
                     await clean_stale(config.destination,
                                       [e for e in entries if e.state == "deleting"])
                     await prune(config, report.retention)
