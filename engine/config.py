@@ -1,14 +1,16 @@
 """The configuration: one frozen msgspec tree, and a loader that reports every problem.
 
 msgspec stops at the first decoding error, but ``check`` must list every
-problem at once. So the loader first walks the raw TOML against the struct
-definitions, field by field, collecting problems with their key paths; only a
-clean document is converted into the structs, and then the cross-field rules
-run (again collecting everything).
+problem at once. So the loader walks the raw TOML twice: against the struct
+definitions, field by field, and through the cross-field rules (undefined
+hosts, duplicate names, nesting paths, ...), collecting problems with their
+key paths from both into one listing. Only a clean document is converted
+into the structs.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tomllib
@@ -156,14 +158,15 @@ def load_config(path: str) -> Config:
         raise ConfigError(path, [f"cannot read: {e.strerror}"]) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(path, [f"not valid TOML: {e}"]) from None
-    problems = list(_shape_problems(Config, raw, ""))
+    # The rules read the raw document too, so a wrong type in one table does
+    # not hide a duplicate name in another: one listing, every problem.
+    problems = list(dict.fromkeys([*_shape_problems(Config, raw, ""), *_rule_problems(raw)]))
     if problems:
         raise ConfigError(path, problems)
-    config = msgspec.convert(raw, Config)
-    problems = list(_rule_problems(config))
-    if problems:
-        raise ConfigError(path, problems)
-    return config
+    try:
+        return msgspec.convert(raw, Config)
+    except msgspec.ValidationError as e:  # the shape pass should have said it; never a traceback
+        raise ConfigError(path, [str(e)]) from None
 
 
 # --- shape: every key against the struct definitions ---------------------------------
@@ -176,9 +179,14 @@ _FRIENDLY_UNKNOWN = {
 }
 
 
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def _join(path: str, key: str | int) -> str:
     if isinstance(key, int):
         return f"{path}[{key}]"
+    if not _BARE_KEY.fullmatch(key):
+        key = json.dumps(key, ensure_ascii=False)  # as TOML quotes it
     return f"{path}.{key}" if path else key
 
 
@@ -234,6 +242,11 @@ def _value_problems(tp: Any, value: Any, path: str) -> Iterator[str]:
         for key, item in value.items():
             yield from _shape_problems(args[1], item, _join(path, key))
         return
+    if origin is dict and isinstance(value, Mapping):
+        # Checked one by one, so the message names the key (msgspec says `[...]`).
+        for key, item in value.items():
+            yield from _value_problems(args[1], item, _join(path, key))
+        return
     if (
         union
         and type(None) in args
@@ -254,108 +267,197 @@ def _value_problems(tp: Any, value: Any, path: str) -> Iterator[str]:
         yield f"{path}{inner_path}: {message[0].lower()}{message[1:]}"
 
 
-# --- rules across fields ----------------------------------------------------------------
+# --- rules across fields, on the raw document ------------------------------------------
+#
+# They run whether or not the shape pass found problems, so every accessor
+# below reads defensively: a value of the wrong type counts as absent (the
+# shape pass has already named it), and a rule that cannot be judged without
+# it stays silent rather than report a consequence of the same mistake.
+
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+HOOK_TABLES = ("backup_hooks", "snapshot_hooks")
 
 
-def _rule_problems(config: Config) -> Iterator[str]:
-    yield from _path_problems(config)
-    yield from _hook_problems(config)
-    yield from _source_problems(config)
-    yield from _retention_problems(config.retention)
-    yield from _report_problems(config.report)
+def _table(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = data.get(key)
+    return value if isinstance(value, Mapping) else {}
+
+
+def _items(data: Mapping[str, Any], key: str) -> Iterator[tuple[int, Mapping[str, Any]]]:
+    """The tables of an array of tables, with their index in the file."""
+    value = data.get(key)
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            if isinstance(item, Mapping):
+                yield i, item
+
+
+def _text(data: Mapping[str, Any], key: str) -> str | None:
+    value = data.get(key)
+    return value if isinstance(value, str) else None
+
+
+def _rule_problems(raw: Mapping[str, Any]) -> Iterator[str]:
+    hosts = raw.get("hosts", {})
+    # With [hosts] itself malformed, no host reference can be judged.
+    defined = set(hosts) if isinstance(hosts, Mapping) else None
+    yield from _path_problems(raw)
+    yield from _host_table_problems(_table(raw, "hosts"))
+    yield from _hook_problems(raw, defined)
+    yield from _source_problems(raw, defined)
+    yield from _retention_problems(raw.get("retention"))
+    yield from _report_problems(raw.get("report"))
 
 
 def _absolute(path: str, value: str | None) -> Iterator[str]:
-    if value is not None and not os.path.isabs(value):
+    if value is None:
+        return
+    if "\0" in value:
+        yield f"{path}: expected a path, got one with a NUL byte"
+    elif not os.path.isabs(value):
         yield f"{path}: expected an absolute path, got {value!r}"
 
 
-def _path_problems(config: Config) -> Iterator[str]:
-    yield from _absolute("destination", config.destination)
-    yield from _absolute("state_dir", config.state_dir)
-    yield from _absolute("lock_file", config.lock_file)
-    for name, host in config.hosts.items():
-        yield from _absolute(f"hosts.{name}.identity_file", host.identity_file)
-        yield from _absolute(f"hosts.{name}.known_hosts", host.known_hosts)
+def _path_problems(raw: Mapping[str, Any]) -> Iterator[str]:
+    for key in ("destination", "state_dir", "lock_file"):
+        yield from _absolute(key, _text(raw, key))
 
 
-def _hook_problems(config: Config) -> Iterator[str]:
+def _host_table_problems(hosts: Mapping[str, Any]) -> Iterator[str]:
+    for name, host in hosts.items():
+        if not isinstance(host, Mapping):
+            continue
+        where = _join("hosts", name)
+        yield from _absolute(f"{where}.identity_file", _text(host, "identity_file"))
+        yield from _absolute(f"{where}.known_hosts", _text(host, "known_hosts"))
+        for key in ("address", "user"):
+            value = _text(host, key)
+            # ssh would read it as an option (-oProxyCommand=...), not a name.
+            if value is not None and value.startswith("-"):
+                yield f"{where}.{key}: expected a name that does not start with '-', got {value!r}"
+
+
+def _hook_problems(raw: Mapping[str, Any], hosts: set[str] | None) -> Iterator[str]:
     seen: dict[str, str] = {}
-    for table, hooks in (("backup_hooks", config.backup_hooks),
-                         ("snapshot_hooks", config.snapshot_hooks)):
-        for i, hook in enumerate(hooks):
+    for table in HOOK_TABLES:
+        for i, hook in _items(raw, table):
             where = f"{table}[{i}]"
-            if hook.name in seen:
-                yield f"{where}.name: {hook.name!r} is already the name of {seen[hook.name]}"
-            else:
-                seen[hook.name] = where
-            if hook.pre is None and hook.post is None:
+            name = _text(hook, "name")
+            if name is not None and name in seen:
+                yield f"{where}.name: {name!r} is already the name of {seen[name]}"
+            elif name is not None:
+                seen[name] = where
+            if "pre" not in hook and "post" not in hook:
                 yield f"{where}: a hook needs pre, post or both"
-            for phase, command in (("pre", hook.pre), ("post", hook.post)):
-                if command is not None and (not command or command == [""]):
+            for phase in ("pre", "post"):
+                command = hook.get(phase)
+                if command in ("", [], [""]):
                     yield f"{where}.{phase}: expected a command, got an empty one"
-            yield from _duration(f"{where}.timeout", hook.timeout)
-            if hook.host is not None:
-                yield from _host_problems(config, f"{where}.host", hook.host)
+            yield from _timeout(f"{where}.timeout", _text(hook, "timeout"))
+            yield from _env_problems(f"{where}.env", _table(hook, "env"))
+            yield from _host_problems(hosts, f"{where}.host", _text(hook, "host"))
 
 
-def _host_problems(config: Config, where: str, host: str) -> Iterator[str]:
-    if host not in config.hosts:
-        defined = ", ".join(sorted(config.hosts)) or "none"
-        yield f"{where}: host {host!r} is not defined in [hosts] (defined: {defined})"
+def _env_problems(where: str, env: Mapping[str, Any]) -> Iterator[str]:
+    for name, value in env.items():
+        if not ENV_NAME.fullmatch(name):
+            yield (f"{_join(where, name)}: expected a shell variable name "
+                   f"([A-Za-z_][A-Za-z0-9_]*), got {name!r}")
+        elif isinstance(value, str) and "\0" in value:
+            yield f"{_join(where, name)}: expected a value without a NUL byte"
 
 
-def _source_problems(config: Config) -> Iterator[str]:
-    if not config.sources:
+def _host_problems(hosts: set[str] | None, where: str, host: str | None) -> Iterator[str]:
+    if hosts is not None and host is not None and host not in hosts:
+        listed = ", ".join(sorted(hosts)) or "none"
+        yield f"{where}: host {host!r} is not defined in [hosts] (defined: {listed})"
+
+
+def _source_problems(raw: Mapping[str, Any], hosts: set[str] | None) -> Iterator[str]:
+    if raw.get("sources", []) == []:
         yield "sources: at least one [[sources]] table is required"
+    destination = _text(raw, "destination")
     seen: dict[str, int] = {}
-    for i, source in enumerate(config.sources):
+    for i, source in _items(raw, "sources"):
         where = f"sources[{i}]"
-        if not SOURCE_NAME.fullmatch(source.name):
+        name = _text(source, "name")
+        if name is not None and not SOURCE_NAME.fullmatch(name):
             yield (f"{where}.name: expected a plain folder name "
-                   f"([A-Za-z0-9][A-Za-z0-9._-]*), got {source.name!r}")
-        if source.name in seen:
-            first = seen[source.name]
-            yield f"{where}.name: {source.name!r} is already the name of sources[{first}]"
-        else:
-            seen[source.name] = i
-        yield from _absolute(f"{where}.path", source.path)
-        if source.timeout is not None:
-            yield from _duration(f"{where}.timeout", source.timeout)
-        if source.host is not None:
-            yield from _host_problems(config, f"{where}.host", source.host)
-        elif os.path.isabs(source.path) and os.path.isabs(config.destination):
-            if os.path.normpath(source.path) == os.path.normpath(config.destination):
-                yield f"{where}.path: the destination cannot also be a source"
-            elif is_within(source.path, config.destination):
-                yield f"{where}.path: a source cannot lie inside the destination"
-            elif isinstance(source, BtrfsSource) and is_within(config.destination, source.path):
-                yield f"{where}.path: the destination cannot lie inside a btrfs source"
-        if isinstance(source, BtrfsSource):
-            yield from _absolute(f"{where}.snapshot_dir", source.snapshot_dir)
+                   f"([A-Za-z0-9][A-Za-z0-9._-]*), got {name!r}")
+        if name is not None and name in seen:
+            yield f"{where}.name: {name!r} is already the name of sources[{seen[name]}]"
+        elif name is not None:
+            seen[name] = i
+        path = _text(source, "path")
+        yield from _absolute(f"{where}.path", path)
+        yield from _timeout(f"{where}.timeout", _text(source, "timeout"))
+        btrfs = source.get("type") == "btrfs"
+        if "host" in source:
+            yield from _host_problems(hosts, f"{where}.host", _text(source, "host"))
+        elif path is not None and destination is not None:
+            yield from _nesting_problems(f"{where}.path", path, destination, btrfs=btrfs)
+        if btrfs:
+            yield from _absolute(f"{where}.snapshot_dir", _text(source, "snapshot_dir"))
 
 
-def _duration(where: str, text: str) -> Iterator[str]:
+def _nesting_problems(where: str, source: str, destination: str, *, btrfs: bool) -> Iterator[str]:
+    """Backups must never nest: compare where the paths lead, not how they are written."""
+    if not all(os.path.isabs(p) and "\0" not in p for p in (source, destination)):
+        return  # _absolute has said so
+    real_source, real_dest = os.path.realpath(source), os.path.realpath(destination)
+    resolved = ""
+    if (real_source, real_dest) != (os.path.normpath(source), os.path.normpath(destination)):
+        resolved = (f" (after resolving symbolic links: source {real_source}, "
+                    f"destination {real_dest})")
+    if real_source == real_dest:
+        yield f"{where}: the destination cannot also be a source{resolved}"
+    elif is_within(real_source, real_dest):
+        yield f"{where}: a source cannot lie inside the destination{resolved}"
+    elif btrfs and is_within(real_dest, real_source):
+        yield f"{where}: the destination cannot lie inside a btrfs source{resolved}"
+
+
+def _duration(where: str, text: str | None) -> Iterator[str]:
+    if text is None:
+        return
     try:
         parse_duration(text)
     except ValueError:
         yield f"{where}: expected {DURATION_HINT}, got {text!r}"
 
 
+def _timeout(where: str, text: str | None) -> Iterator[str]:
+    """A timeout of zero would fail every run at its first step."""
+    problems = list(_duration(where, text))
+    yield from problems
+    if not problems and text is not None and parse_duration(text) <= 0:
+        yield f"{where}: expected a duration longer than zero, got {text!r}"
+
+
 RETENTION_COUNTS = ("keep_last", "keep_hourly", "keep_daily", "keep_weekly",
                     "keep_monthly", "keep_yearly")
 
 
-def _retention_problems(retention: Retention | None) -> Iterator[str]:
-    if retention is None:
+def _retention_problems(retention: Any) -> Iterator[str]:
+    if not isinstance(retention, Mapping):
         return
-    if retention.keep_within is not None:
-        yield from _duration("retention.keep_within", retention.keep_within)
-    counts = [getattr(retention, key) for key in RETENTION_COUNTS]
-    within = retention.keep_within
-    if not any(counts) and (within is None or _zero_duration(within)):
+    within = _text(retention, "keep_within")
+    yield from _duration("retention.keep_within", within)
+    # "Keeps nothing" is judged only on a table whose every key is valid: a
+    # misspelt key or a negative count is its own problem, already named.
+    valid = all(
+        (key in RETENTION_COUNTS and _count(value))
+        or (key == "keep_within" and isinstance(value, str))
+        for key, value in retention.items()
+    )
+    counts = [retention.get(key) for key in RETENTION_COUNTS]
+    if valid and not any(counts) and (within is None or _zero_duration(within)):
         yield ("retention: the table has no rule that keeps anything; leave [retention] out "
                "to keep every backup")
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _zero_duration(text: str) -> bool:
@@ -365,16 +467,16 @@ def _zero_duration(text: str) -> bool:
         return False
 
 
-def _report_problems(report: ReportSettings | None) -> Iterator[str]:
-    if report is None:
+def _report_problems(report: Any) -> Iterator[str]:
+    if not isinstance(report, Mapping):
         return
-    if not report.to:
+    if report.get("to") == []:
         yield "report.to: expected at least one recipient"
-    smtp = report.smtp
-    if smtp.password_file is not None and smtp.password_env is not None:
+    smtp = _table(report, "smtp")
+    if "password_file" in smtp and "password_env" in smtp:
         yield "report.smtp: give password_file or password_env, not both"
-    if smtp.username is not None and smtp.password_file is None and smtp.password_env is None:
+    if "username" in smtp and "password_file" not in smtp and "password_env" not in smtp:
         yield "report.smtp.username: a login needs password_file or password_env"
-    yield from _absolute("report.smtp.password_file", smtp.password_file)
-    yield from _absolute("report.smtp.ca_file", smtp.ca_file)
-    yield from _duration("report.smtp.timeout", smtp.timeout)
+    yield from _absolute("report.smtp.password_file", _text(smtp, "password_file"))
+    yield from _absolute("report.smtp.ca_file", _text(smtp, "ca_file"))
+    yield from _timeout("report.smtp.timeout", _text(smtp, "timeout"))
