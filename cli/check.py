@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import anyio
 import structlog
 from pibackup_async.engine import Config, preflight
+from pibackup_async.engine.preflight import state_problems
 
 if TYPE_CHECKING:
     import argparse
@@ -19,16 +20,23 @@ log = structlog.get_logger("pibackup")
 
 def check_command(args: argparse.Namespace, config: Config) -> int:
     problems, warnings = preflight(config)
+    unusable = state_problems(config)
     for warning in warnings:
         log.warning(warning)
     for problem in problems:
         print(f"error: {args.config or 'configuration'}: {problem}", file=sys.stderr)
+    for problem in unusable:
+        print(f"error: {problem}", file=sys.stderr)
+    # What the file asks for cannot work (a btrfs source that is no
+    # subvolume): a configuration error, like the refusals at load time.
     if problems:
         return EXIT_USAGE
+    # The file is right but state_dir or the lock is not: `run` fails (exit 1).
+    failed = bool(unusable)
     if args.connect or args.send_test:
-        unreachable = anyio.run(_connect, config, args.send_test, backend="asyncio")
-        if unreachable:
-            return EXIT_FAILED
+        failed = bool(anyio.run(_connect, config, args.send_test, backend="asyncio")) or failed
+    if failed:
+        return EXIT_FAILED
     print(f"{args.config or 'configuration'}: ok ({len(config.sources)} sources, "
           f"{len(config.backup_hooks) + len(config.snapshot_hooks)} hooks)", file=sys.stderr)
     return EXIT_OK

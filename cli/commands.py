@@ -13,9 +13,12 @@ import structlog
 from pibackup_async.engine import (
     Config,
     ConfigError,
+    DestinationUnavailable,
+    Interrupted,
     Interruption,
     Listed,
     LockHeld,
+    PibackupError,
     Report,
     RunOptions,
     list_backups,
@@ -24,16 +27,18 @@ from pibackup_async.engine import (
     prune_backups,
     run_backup,
 )
+from pibackup_async.engine.lock import StateUnusable
+from pibackup_async.engine.secret_env import withhold_secrets
 
 from .check import check_command
 from .logs import configure_logging
 from .render import listing_table
+from .signals import SignalBridge
 
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Awaitable, Callable
 
-    from anyio.abc import TaskStatus
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
 
@@ -49,6 +54,7 @@ def dispatch(args: argparse.Namespace, config_path: str) -> int:
         for problem in e.problems:
             print(f"error: {e.path}: {problem}", file=sys.stderr)
         return EXIT_USAGE
+    withhold_secrets(config)
     command: Callable[[argparse.Namespace, Config], int] = {
         "run": _run, "check": check_command, "list": _list, "prune": _prune,
     }[args.command]
@@ -64,47 +70,45 @@ def _run(args: argparse.Namespace, config: Config) -> int:
 
 
 def _under_signals(work: Callable[[Interruption], Awaitable[Report]]) -> int:
-    """Run ``work`` with SIGINT/SIGTERM turned into a cancel; map its report to an exit code."""
+    """Run ``work`` with SIGINT/SIGTERM/SIGHUP turned into a cancel; map its outcome to an
+    exit code."""
     interruption = Interruption()
+    bridge = SignalBridge()
+    bridge.install()
 
-    async def main() -> Report | LockHeld:
-        async with anyio.create_task_group() as tg:
-            await tg.start(_watch_signals, interruption)
-            try:
-                outcome: Report | LockHeld = await work(interruption)
-            except LockHeld as e:
-                # Caught here, not around anyio.run: the task group would
-                # wrap it in an exception group.
-                outcome = e
-            tg.cancel_scope.cancel()
-        return outcome
+    async def main() -> Report | PibackupError:
+        bridge.connect(interruption.trigger)
+        try:
+            return await work(interruption)
+        except (LockHeld, StateUnusable, Interrupted) as e:
+            return e
+        finally:
+            bridge.disconnect()
 
-    report = anyio.run(main, backend="asyncio")
-    if isinstance(report, LockHeld):
-        print(f"error: another run holds the lock {report.lock_path}; not starting",
+    outcome = anyio.run(main, backend="asyncio")
+    if isinstance(outcome, LockHeld):
+        print(f"error: another run holds the lock {outcome.lock_path}; not starting",
               file=sys.stderr)
         return EXIT_LOCKED
-    if report.status == "interrupted":
+    if isinstance(outcome, Interrupted):
+        return 128 + (outcome.signum or signal.SIGINT)
+    if isinstance(outcome, PibackupError):
+        print(f"error: {outcome}", file=sys.stderr)
+        return EXIT_FAILED
+    if outcome.status == "interrupted":
         return 128 + (interruption.signum or signal.SIGINT)
-    if report.status != "ok" or report.delivery.status == "failed":
+    if outcome.status != "ok" or outcome.delivery.status == "failed":
         return EXIT_FAILED
     return EXIT_OK
-
-
-async def _watch_signals(interruption: Interruption,
-                         *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-    # Children run in their own sessions and never see the terminal's
-    # Ctrl-C (NOTES pitfall 2): the engine must catch it and end them.
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        task_status.started()
-        async for signum in signals:
-            interruption.trigger(signum)
 
 
 def _read_backups(config: Config) -> list[Listed] | None:
     """The destination as it is (no lock, no hook); None, said on stderr, if unreadable."""
     try:
         return list_backups(config)
+    except DestinationUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
     except OSError as e:
         print(f"error: cannot read the destination {config.destination}: {e.strerror} "
               "(is the backup disk mounted?)", file=sys.stderr)

@@ -4,11 +4,58 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Literal
+from typing import Literal, TextIO
 
 import structlog
 
 LogFormat = Literal["console", "json"]
+
+
+class QuietStream:
+    """stderr that never raises: logging must not change the run (SPEC §2).
+
+    A terminal that went away, a closed pipe (``run 2>&1 | head -3``) or a
+    full disk under a redirect make writes fail; the run goes on without
+    its log rather than stop half-way with the disk mounted.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self.broken = False
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                self._stream.write(text)
+            except (OSError, ValueError):
+                self.broken = True
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self._stream.flush()
+            except (OSError, ValueError):
+                self.broken = True
+
+    def isatty(self) -> bool:
+        try:
+            return self._stream.isatty()
+        except (OSError, ValueError):
+            return False
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return self._stream.encoding
+
+
+def quiet_stderr() -> None:
+    """Replace ``sys.stderr`` by a QuietStream, once."""
+    if not isinstance(sys.stderr, QuietStream):
+        sys.stderr = QuietStream(sys.stderr)  # type: ignore[assignment]
 
 
 def configure_logging(fmt: LogFormat, verbosity: int) -> None:
@@ -17,6 +64,7 @@ def configure_logging(fmt: LogFormat, verbosity: int) -> None:
     Colours only when stderr is a terminal, so a journal or a redirected
     file stays readable. Standard-library loggers (asyncssh) go the same way.
     """
+    quiet_stderr()
     level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
     processors: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,

@@ -61,7 +61,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from .commands import dispatch  # deferred: `--help` stays fast
 
-        return dispatch(args, args.config or os.environ.get("PIBACKUP_CONFIG") or DEFAULT_CONFIG)
+        code = dispatch(args, args.config or os.environ.get("PIBACKUP_CONFIG") or DEFAULT_CONFIG)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # stdout closed early (`list | head`): stop quietly. Python would
+        # complain again when it flushes stdout at exit: point it elsewhere.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         # A Ctrl-C before the run installed its own handler: nothing started yet.
         print("pibackup-async: interrupted", file=sys.stderr)

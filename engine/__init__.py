@@ -5,6 +5,8 @@ from .config import load_config as load_config
 from .context import Interruption as Interruption
 from .context import RunOptions as RunOptions
 from .errors import ConfigError as ConfigError
+from .errors import DestinationUnavailable as DestinationUnavailable
+from .errors import Interrupted as Interrupted
 from .errors import LockHeld as LockHeld
 from .errors import PibackupError as PibackupError
 from .listing import Listed as Listed
@@ -18,6 +20,8 @@ from .report import Report as Report
 __all__ = [
     "Config",
     "ConfigError",
+    "DestinationUnavailable",
+    "Interrupted",
     "Interruption",
     "Listed",
     "LockHeld",

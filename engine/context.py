@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, NoReturn
 
 import structlog
@@ -29,10 +30,15 @@ class RunOptions:
 
     jobs: int | None = None
     no_report: bool = False
+    command: str = "run"
 
 
 class StepFailed(Exception):
     """A step failed; the reason is already recorded as the run's failure."""
+
+
+class HookCutShort(StepFailed):
+    """A hook's pre was ended from outside (timeout, signal, lost connection): its post runs."""
 
 
 class CriticalStop(Exception):
@@ -40,28 +46,50 @@ class CriticalStop(Exception):
 
 
 class Interruption:
-    """The bridge from a signal handler to the run's cancel scope.
+    """The bridge from a signal handler to the run's cancel scopes.
 
-    Only the first signal cancels; later ones are remembered but change
-    nothing, so a second Ctrl-C cannot skip the post hooks.
+    Before the report is first written, the first signal cancels the run;
+    later ones are remembered but change nothing, so a second Ctrl-C cannot
+    skip the post hooks. Once the report is written (``delivering``), a
+    signal changes neither the report nor the exit code: the first is only
+    logged and the mail goes on within its own bounds; a second one (counting
+    one that interrupted the run) cuts the delivery short.
     """
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.count = 0
         self._scope: anyio.CancelScope | None = None
+        self._delivery: anyio.CancelScope | None = None
+        self._delivering = False
 
     def attach(self, scope: anyio.CancelScope) -> None:
         self._scope = scope
         if self.signum is not None:
             scope.cancel()
 
+    def delivering(self, scope: anyio.CancelScope) -> None:
+        """From now on signals only log, and a second one cancels ``scope`` (the delivery)."""
+        self._delivering = True
+        self._delivery = scope
+
     def trigger(self, signum: int) -> None:
+        self.count += 1
+        name = signal.Signals(signum).name
+        if self._delivering:
+            if self.count >= 2 and self._delivery is not None:
+                log.warning("signal received again; cutting the report's delivery short",
+                            signal=name)
+                self._delivery.cancel()
+            else:
+                log.warning("signal received after the report was written; delivering it",
+                            signal=name)
+            return
         if self.signum is not None:
-            log.warning("signal received again; still cleaning up",
-                        signal=signal.Signals(signum).name)
+            log.warning("signal received again; still cleaning up", signal=name)
             return
         self.signum = signum
-        log.warning("signal received; cancelling the run", signal=signal.Signals(signum).name)
+        log.warning("signal received; cancelling the run", signal=name)
         if self._scope is not None:
             self._scope.cancel()
 
@@ -92,17 +120,15 @@ class RunContext:
         self.snapshots: dict[str, str] = {}
         self.remotes = Remotes({})
         self.halted = False
+        # The destination as step 1 found it (st_dev, st_ino): a later stat
+        # that differs means it was unmounted or unplugged under the run.
+        self.destination_identity: tuple[int, int] | None = None
+        # When the run started: the time its backup name stands for.
+        self.started = datetime.now().astimezone()
 
     @property
     def concurrency(self) -> int:
         return self.report.concurrency
-
-    @property
-    def backup_dir(self) -> str:
-        """``PIBACKUP_BACKUP_DIR``: the in-progress path while it exists, then the final one."""
-        if self.report.saved:
-            return self.final_dir
-        return self.in_progress_dir
 
     def fail(self, message: str) -> None:
         """Record a failure; the first one is the run's ``failure``. The caller logs it."""
@@ -117,6 +143,33 @@ class RunContext:
         elif self.report.failure is not None:
             self.report.status = "failed"
 
+    def fail_unexpected(self, error: BaseException) -> None:
+        """Record an error nobody foresaw as the failure of the step it hit, in one line.
+
+        The traceback goes to the debug log only (``-v``). A destination
+        that vanished explains most OS errors on it: say that instead.
+        """
+        log.debug("unexpected error", exc_info=error)
+        gone = self.destination_gone()
+        message = gone or f"unexpected error: {_one_line(error)}"
+        log.error(message)
+        self.fail(message)
+
+    def destination_gone(self) -> str | None:
+        """A line saying the destination vanished under the run, or None if it is still there."""
+        if self.destination_identity is None:
+            return None
+        try:
+            st = os.stat(self.destination)
+        except OSError as e:
+            seen = f"{e.strerror}"
+        else:
+            if (st.st_dev, st.st_ino) == self.destination_identity:
+                return None
+            seen = "another filesystem is there now"
+        return (f"destination {self.destination} vanished during the run ({seen}): "
+                "the backup disk was unmounted or unplugged")
+
     def fail_step(self, message: str) -> NoReturn:
         """Log and record ``message`` as a failure, and end the step (StepFailed)."""
         log.error(message)
@@ -130,15 +183,22 @@ class RunContext:
             return "interrupted"
         return "failed" if self.report.failure is not None else "ok"
 
-    def hook_env(self, phase: str, extra: dict[str, str], *,
+    def hook_env(self, kind: str, phase: str, extra: dict[str, str], *,
                  inherit: bool = True) -> dict[str, str]:
-        """A hook's environment: ours (local hooks only), its ``env``, the PIBACKUP_* values."""
+        """A hook's environment: ours (local hooks only), its ``env``, the PIBACKUP_* values.
+
+        ``PIBACKUP_BACKUP_DIR`` is the in-progress path for a backup hook's
+        pre and for the snapshot hooks (they run inside the unfinished
+        backup), the final path for a backup hook's post.
+        """
         env = dict(os.environ) if inherit else {}
         env.update(extra)
+        final = kind == "backup" and phase == "post"
         env.update(
             PIBACKUP_NAME=self.name,
             PIBACKUP_DESTINATION=self.destination,
-            PIBACKUP_BACKUP_DIR=self.final_dir if phase == "post" else self.backup_dir,
+            PIBACKUP_COMMAND=self.options.command,
+            PIBACKUP_BACKUP_DIR=self.final_dir if final else self.in_progress_dir,
             PIBACKUP_PHASE=phase,
         )
         if phase == "post":
@@ -146,3 +206,11 @@ class RunContext:
         else:
             env.pop("PIBACKUP_STATUS", None)
         return env
+
+
+def _one_line(error: BaseException) -> str:
+    # A task group wraps what its children raised: name the first of them.
+    while isinstance(error, BaseExceptionGroup) and error.exceptions:
+        error = error.exceptions[0]
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -26,3 +26,11 @@ class LockHeld(PibackupError):
 
 class DestinationUnavailable(PibackupError):
     """The destination cannot be read as it is now (missing, or its disk not mounted)."""
+
+
+class Interrupted(PibackupError):
+    """A signal arrived before the lock was taken: nothing ran."""
+
+    def __init__(self, signum: int | None) -> None:
+        self.signum = signum
+        super().__init__("interrupted before the run started")

@@ -1,4 +1,4 @@
-"""Hooks: running one phase of a hook, and the stage that owns every successful pre's post."""
+"""Hooks: running one phase of a hook, and the stage that owns every started pre's post."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import anyio
 import structlog
 from structlog.contextvars import bound_contextvars
 
-from .context import CriticalStop, RunContext, StepFailed
+from .context import CriticalStop, HookCutShort, RunContext, StepFailed
 from .processes import describe_exit, run_process
 from .remote import RemoteError
 from .report import HookStep
@@ -25,6 +25,10 @@ log = structlog.get_logger("pibackup.hooks")
 Kind = Literal["backup", "snapshot"]
 Phase = Literal["pre", "post"]
 
+# Posts run after the body failed or was cancelled, shielded: their shield
+# needs a deadline too, longer than the posts' own timeouts together.
+_POST_MARGIN_S = 30.0
+
 
 def hook_argv(command: str | list[str]) -> list[str]:
     """A string runs under ``/bin/sh -c``; a list runs as argv."""
@@ -32,22 +36,31 @@ def hook_argv(command: str | list[str]) -> list[str]:
 
 
 async def run_hook(ctx: RunContext, kind: Kind, hook: Hook, phase: Phase) -> None:
-    """Run one phase of ``hook``; raise StepFailed, or CriticalStop for a critical hook."""
+    """Run one phase of ``hook``.
+
+    Raises StepFailed when the hook failed on its own (it exited non-zero,
+    or could not start), HookCutShort when it was ended from outside (its
+    timeout, a signal, a lost connection, an unexpected error: it may have
+    done half its work), CriticalStop when a critical hook failed on its own,
+    and the cancellation exception when the run is cancelled under it.
+    """
     command = hook.pre if phase == "pre" else hook.post
     assert command is not None
     argv = hook_argv(command)
     step = HookStep(hook=hook.name, kind=kind, phase=phase)
     ctx.report.hooks.append(step)
-    # A remote hook gets only its own variables, set on its command line.
-    env = ctx.hook_env(phase, hook.env, inherit=hook.host is None)
     with bound_contextvars(hook=hook.name, phase=phase):
-        if phase == "post":
-            log.info("hook started", kind=kind, status=env["PIBACKUP_STATUS"])
-        else:
-            log.info("hook started", kind=kind)
-        step.begin(argv)
+        # Inside the try: building the environment is part of the hook's work.
         problem: str | None = None
+        cut_short = False
         try:
+            # A remote hook gets only its own variables, set on its command line.
+            env = ctx.hook_env(kind, phase, hook.env, inherit=hook.host is None)
+            if phase == "post":
+                log.info("hook started", kind=kind, status=env["PIBACKUP_STATUS"])
+            else:
+                log.info("hook started", kind=kind)
+            step.begin(argv)
             with anyio.fail_after(hook.timeout_s):
                 if hook.host is None:
                     finished = await run_process(argv, env=env, leave_background=True)
@@ -57,23 +70,32 @@ async def run_hook(ctx: RunContext, kind: Kind, hook: Hook, phase: Phase) -> Non
                         finished = await remote.run(
                             command if isinstance(command, str) else shlex.join(command), env)
         except TimeoutError:
-            problem = f"timed out after {hook.timeout}"
-        except RemoteError as e:
-            problem = str(e)
-        except OSError as e:
-            problem = f"cannot start {argv[0]!r}: {e.strerror}"
+            problem, cut_short = f"timed out after {hook.timeout}", True
         except anyio.get_cancelled_exc_class():
+            if step.start is None:
+                step.begin(argv)
             step.finish("cancelled")
             log.warning("hook cancelled", duration_s=step.duration_s)
             raise
+        except RemoteError as e:
+            problem, cut_short = str(e), True
+        except OSError as e:
+            problem = f"cannot start {argv[0]!r}: {e.strerror or e}"
+        except Exception as e:
+            # A bug, or something no one foresaw: the hook's step fails, the
+            # run goes on to its clean-up (SPEC §2), and -v shows the traceback.
+            log.debug("unexpected error in a hook", exc_info=True)
+            problem, cut_short = f"unexpected error: {e!r}", True
         else:
             step.exit_code = finished.exit_code
             step.stderr_tail = finished.stderr.text() or finished.stdout.text()
             if finished.exit_code != 0:
-                # The hook's own last words usually say what went wrong.
-                lines = [ln for ln in (finished.stderr.lines or finished.stdout.lines)
-                         if ln.strip()]
-                problem = describe_exit(finished.exit_code) + (f": {lines[-1]}" if lines else "")
+                # Killed by a signal from outside: it did not end on its own.
+                cut_short = finished.exit_code < 0
+                said = _telling(list(finished.stderr.lines) or list(finished.stdout.lines))
+                problem = describe_exit(finished.exit_code) + (f": {said}" if said else "")
+        if step.start is None:
+            step.begin(argv)
         if problem is None:
             step.finish("ok")
             log.info("hook finished", duration_s=step.duration_s)
@@ -82,36 +104,63 @@ async def run_hook(ctx: RunContext, kind: Kind, hook: Hook, phase: Phase) -> Non
         ctx.fail(f'hook "{hook.name}" {phase} failed: {problem}')
         log.error("hook failed", problem=problem, critical=hook.critical,
                   duration_s=step.duration_s)
+        if cut_short and phase == "pre":
+            # Never a critical stop: its post must undo the half it did.
+            raise HookCutShort(hook.name)
         if hook.critical:
             ctx.halted = True
             raise CriticalStop(hook.name)
         raise StepFailed(hook.name)
 
 
+def _telling(lines: list[str]) -> str | None:
+    # TODO(issue 9): failure_text.telling_line once it lands.
+    meaningful = [line for line in lines if line.strip()]
+    return meaningful[-1] if meaningful else None
+
+
 @asynccontextmanager
 async def hook_stage(ctx: RunContext, kind: Kind, hooks: Sequence[Hook]) -> AsyncIterator[None]:
-    """Run every ``pre`` in order; on leaving, the ``post`` of each that succeeded, reversed.
+    """Run every ``pre`` in order; on leaving, the ``post`` of each that ran, reversed.
 
-    The posts run on every exit path — success, failure, cancellation —
-    shielded from the cancel and each bounded by its own timeout. A hook
-    without ``pre`` counts as succeeded when its turn comes. A failing post
-    does not stop the other posts; a critical one stops everything.
+    A hook owns its post once its pre succeeded or was cut short (timeout,
+    signal, cancel, lost connection: it may have stopped the database and
+    then hung); a pre that failed on its own owns none, nor do the hooks
+    after it. A hook without ``pre`` owns its post when its turn comes.
+    The posts run on every exit path, shielded from the cancel, each bounded
+    by its own timeout. A failing post does not stop the other posts; only a
+    critical one stops everything. An unexpected error in the body is
+    recorded as the run's failure before the posts run, so they see
+    ``PIBACKUP_STATUS=failed``, and leaves as StepFailed.
     """
-    succeeded: list[Hook] = []
+    owned: list[Hook] = []
     try:
         for hook in hooks:
             if hook.pre is not None:
-                await run_hook(ctx, kind, hook, "pre")
-            succeeded.append(hook)
-        yield
-    finally:
-        with anyio.CancelScope(shield=True):
-            for hook in reversed(succeeded):
-                if ctx.halted:
-                    break
-                if hook.post is None:
-                    continue
                 try:
-                    await run_hook(ctx, kind, hook, "post")
-                except StepFailed:
-                    continue
+                    await run_hook(ctx, kind, hook, "pre")
+                except (HookCutShort, anyio.get_cancelled_exc_class()):
+                    owned.append(hook)
+                    raise
+            owned.append(hook)
+        yield
+    except (StepFailed, CriticalStop):
+        raise
+    except Exception as e:
+        ctx.fail_unexpected(e)
+        raise StepFailed("unexpected error") from e
+    finally:
+        await _run_posts(ctx, kind, owned)
+
+
+async def _run_posts(ctx: RunContext, kind: Kind, owned: list[Hook]) -> None:
+    posts = [h for h in reversed(owned) if h.post is not None]
+    bound = sum(h.timeout_s for h in posts) + _POST_MARGIN_S
+    with anyio.move_on_after(bound, shield=True):
+        for hook in posts:
+            if ctx.halted:
+                break
+            try:
+                await run_hook(ctx, kind, hook, "post")
+            except StepFailed:
+                continue

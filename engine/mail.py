@@ -14,7 +14,6 @@ them (NOTES: import cost). aiosmtplib is asyncio-only (NOTES pitfall 4).
 
 from __future__ import annotations
 
-import os
 import socket
 from datetime import datetime
 from typing import TYPE_CHECKING, TypeVar
@@ -30,6 +29,7 @@ from .mail_body import (
     render_subject,
 )
 from .report import Delivery, Report, encode_report
+from .secret_env import secret
 
 if TYPE_CHECKING:
     import ssl
@@ -115,7 +115,7 @@ def read_password(smtp: Smtp) -> str | None:
                             "UTF-8 text") from None
         return text.removesuffix("\n").removesuffix("\r")
     if smtp.password_env is not None:
-        value = os.environ.get(smtp.password_env)
+        value = secret(smtp.password_env)
         if value is None:
             raise MailError(f"report.smtp.password_env: the environment variable "
                             f"{smtp.password_env} is not set")

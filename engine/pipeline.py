@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -21,22 +22,23 @@ from .destination import (
     name_is_free,
     newest_holding,
     remove_tree,
-    run_lock,
     scan,
     space,
 )
+from .errors import Interrupted
 from .filesystems import is_btrfs
 from .hooks import Kind, hook_stage
+from .lock import private_state
 from .mail_body import should_send
 from .pruning import prune
 from .remote import RemoteError, open_remotes
 from .report import (
+    Delivery,
     DestinationSpace,
     HookStep,
     Report,
     SourceReport,
     Step,
-    now,
     stamp,
     write_report,
 )
@@ -45,12 +47,19 @@ from .sources.errors import SourceError
 
 log = structlog.get_logger("pibackup")
 
+# Under a signal, how long the clean-up of an unfinished backup may take
+# before it is left to the next run; how long reading free space may take.
+_DISCARD_BOUND_S = 30.0
+_SPACE_BOUND_S = 10.0
+
 
 async def run_backup(config: Config, options: RunOptions, interruption: Interruption) -> Report:
-    """Make one backup as SPEC §2 describes, and write its report.
+    """Make one backup as SPEC §2 describes, write its report and deliver it.
 
-    Returns the report (its ``status`` says how the run went). Raises
-    LockHeld, before anything is touched, if another run holds the lock.
+    Returns the report (its ``status`` says how the run went). Raises,
+    before any hook runs: LockHeld if another run holds the lock,
+    StateUnusable if ``state_dir`` or ``lock_file`` cannot be used, and
+    Interrupted if a signal arrived before the lock was taken.
     """
     name, started = await choose_name(config.destination)
     report = Report(name=name, start=stamp(started),
@@ -59,8 +68,10 @@ async def run_backup(config: Config, options: RunOptions, interruption: Interrup
         report.sources[source.name] = SourceReport(
             type=source.kind, save=None if isinstance(source, RsyncSource) else Step())
     ctx = RunContext(config, options, name, interruption, report)
-    os.makedirs(config.state_dir, exist_ok=True)
-    with run_lock(config.lock_path), bound_contextvars(backup=name):  # step 0
+    ctx.started = started
+    with private_state(config), bound_contextvars(backup=name):  # step 0
+        if interruption.happened:
+            raise Interrupted(interruption.signum)
         log.info("run started", destination=config.destination, concurrency=ctx.concurrency)
         t0 = time.monotonic()
         with anyio.CancelScope() as scope:
@@ -71,47 +82,75 @@ async def run_backup(config: Config, options: RunOptions, interruption: Interrup
             except (StepFailed, CriticalStop):
                 pass
             except Exception as e:
-                # A bug or an unforeseen OS error: the posts have run (they
-                # unwind on every path); the user still gets a report.
-                log.exception("unexpected error")
-                ctx.fail(f"unexpected error: {e!r}")
+                # Outside every step (opening the remotes, a bug between
+                # steps): the posts have run; the user still gets a report.
+                ctx.fail_unexpected(e)
         _finish_report(ctx, time.monotonic() - t0)
-        path = write_report(report, config.reports_dir)
         log.info("run finished", status=report.status, saved=report.saved,
-                 duration_s=report.duration_s, report=path)
-        await _send_report(ctx)
-        if report.delivery.status != "skipped":
-            write_report(report, config.reports_dir)
+                 duration_s=report.duration_s)
+        await deliver(ctx)
     return report
+
+
+async def deliver(ctx: RunContext) -> None:
+    """Write the report, mail it, write it again with the delivery's outcome.
+
+    The report is the last thing that may fail: built in memory, it is
+    mailed even when ``state_dir`` refuses it (a full disk), and the log says
+    why it was not written. From the first write on, a signal only logs; a
+    second one cuts the delivery short (SPEC §2).
+    """
+    report = ctx.report
+    written = _write_report(ctx)
+    with anyio.CancelScope() as delivery:
+        ctx.interruption.delivering(delivery)
+        await _send_report(ctx)
+    if delivery.cancelled_caught:
+        report.delivery = Delivery(status="failed", error="cut short by a second signal")
+    if written and report.delivery.status != "skipped":
+        _write_report(ctx)
+
+
+def _write_report(ctx: RunContext) -> bool:
+    try:
+        path = write_report(ctx.report, ctx.config.reports_dir)
+    except OSError as e:
+        log.error("report not written; the mail carries it", folder=ctx.config.reports_dir,
+                  error=e.strerror or str(e))
+        return False
+    log.info("report written", report=path)
+    return True
 
 
 async def _send_report(ctx: RunContext) -> None:
     """Mail the report where ``[report]`` asks for it; the outcome goes to ``delivery``.
 
-    Shielded: a signal during the run must still be reported, and the mailer
-    bounds its own time. Imported here: aiosmtplib costs start-up time.
+    The mailer bounds its own time. Imported here: aiosmtplib costs start-up time.
     """
     settings = ctx.config.report
     if settings is None or not should_send(settings, ctx.report.status, ctx.options.no_report):
         return
     from .mail import deliver_report
 
-    with anyio.CancelScope(shield=True):  # the mailer logs how it went
-        ctx.report.delivery = await deliver_report(settings, ctx.report)
+    ctx.report.delivery = await deliver_report(settings, ctx.report)
 
 
 async def _steps(ctx: RunContext) -> None:
     config = ctx.config
     async with hook_stage(ctx, "backup", config.backup_hooks):  # 1 (and 7 on the way out)
-        await _open_destination(ctx)  # 1
         try:
-            with _snapshot_window(ctx):
-                async with hook_stage(ctx, "snapshot", config.snapshot_hooks):  # 2 (and 4)
-                    await _for_each_source(ctx, _snapshot)  # 3
-            await _for_each_source(ctx, _save)  # 5
-            await _finish_backup(ctx)  # 6
+            await _open_destination(ctx)  # 1
+            try:
+                with _snapshot_window(ctx):
+                    async with hook_stage(ctx, "snapshot", config.snapshot_hooks):  # 2 (and 4)
+                        await _for_each_source(ctx, _snapshot)  # 3
+                await _for_each_source(ctx, _save)  # 5
+                await _finish_backup(ctx)  # 6
+            finally:
+                await _discard_unfinished(ctx)
         finally:
-            await _discard_unfinished(ctx)
+            # The last touch of the destination, before a post unmounts it.
+            await _measure_space(ctx)
 
 
 # --- step 1 -----------------------------------------------------------------------
@@ -121,16 +160,19 @@ async def _open_destination(ctx: RunContext) -> None:
     """Check the destination, clean up after crashed runs, create ``<name>.in-progress``."""
     dest = ctx.destination
     t0 = time.monotonic()
-    if not os.path.isdir(dest):
-        ctx.fail_step(f"destination {dest} does not exist (is the backup disk mounted?)")
-    if ctx.config.require_mountpoint and not os.path.ismount(dest):
-        ctx.fail_step(f"destination {dest} is not a mount point (require_mountpoint = true)")
-    entries = scan(dest)
+    problem = await anyio.to_thread.run_sync(destination_problem, ctx.config)
+    if problem is not None:
+        ctx.fail_step(problem)
+    st = await anyio.to_thread.run_sync(os.stat, dest)
+    ctx.destination_identity = (st.st_dev, st.st_ino)
+    entries = await anyio.to_thread.run_sync(scan, dest)
     done = complete(entries)
-    started = now()
-    if done and done[0].time > started:
-        ctx.fail_step(f"destination: the clock reads {started.isoformat()}, earlier than the "
-                      f"newest backup {done[0].name}; is the time set (NTP synced)?")
+    # The name's own time, not a later reading: NTP may step the clock
+    # forward during a pre, and the name is what orders the backups.
+    if done and done[0].time > ctx.started:
+        ctx.fail_step(f"destination: the clock read {ctx.started.isoformat()} when the run "
+                      f"started, earlier than the newest backup {done[0].name}; is the time "
+                      "set (NTP synced)?")
     if not name_is_free(dest, ctx.name):
         ctx.fail_step(f"destination: the backup name {ctx.name} is already taken")
     await clean_stale(dest, entries)
@@ -145,6 +187,16 @@ async def _open_destination(ctx: RunContext) -> None:
     ctx.in_progress_created = True
     log.info("in-progress folder created", folder=ctx.in_progress_dir,
              duration_s=round(time.monotonic() - t0, 6))
+
+
+def destination_problem(config: Config) -> str | None:
+    # TODO(issue 9): destination.destination_problem once it lands.
+    dest = config.destination
+    if not os.path.isdir(dest):
+        return f"destination {dest} does not exist (is the backup disk mounted?)"
+    if config.require_mountpoint and not os.path.ismount(dest):
+        return f"destination {dest} is not a mount point (require_mountpoint = true)"
+    return None
 
 
 # --- steps 3 and 5 ------------------------------------------------------------------
@@ -212,10 +264,17 @@ async def _run_step(ctx: RunContext, source: Source, step: Step, work: Work,
         problem = f"timed out after {source.timeout}"
     except (SourceError, RemoteError, OSError) as e:
         problem = str(e)
+    except Exception as e:
+        log.debug("unexpected error", exc_info=True)
+        problem = f"unexpected error: {e!r}"
     else:
         step.finish("ok")
         log.info(f"{kind} finished", duration_s=step.duration_s, bytes=record.bytes)
         return None
+    # A copy that failed because the disk went away says so, not "rsync code 23".
+    gone = await anyio.to_thread.run_sync(ctx.destination_gone)
+    if gone is not None:
+        problem = gone
     if step.start is None:
         step.begin()
     step.finish("failed")
@@ -294,7 +353,11 @@ def _snapshot_window(ctx: RunContext) -> Iterator[None]:
 
 async def _finish_backup(ctx: RunContext) -> None:
     """Rename the in-progress folder to the backup's name, then apply retention."""
-    os.rename(ctx.in_progress_dir, ctx.final_dir)
+    try:
+        os.rename(ctx.in_progress_dir, ctx.final_dir)
+    except OSError as e:
+        ctx.fail_step(ctx.destination_gone()
+                      or f"destination: cannot rename {ctx.in_progress_dir}: {e.strerror}")
     ctx.report.saved = True
     t0 = time.monotonic()
     log.info("backup saved", folder=ctx.final_dir)
@@ -321,22 +384,46 @@ async def _finish_backup(ctx: RunContext) -> None:
 
 
 async def _discard_unfinished(ctx: RunContext) -> None:
-    """Remove this run's in-progress folder unless the backup was saved.
+    """Remove this run's snapshots and in-progress folder unless the backup was saved.
 
     After a critical hook's failure nothing is cleaned, as after a crash;
-    the next run removes it.
+    the next run removes it. Under a signal the removal is shielded but
+    bounded: the posts and the report must still fit in a service manager's
+    stop timeout, and what is left stays ``.in-progress`` for the next run.
     """
     if ctx.report.saved or ctx.halted:
         return
-    for source in _btrfs_sources(ctx):
-        if source.name in ctx.snapshots:
+    bound = _DISCARD_BOUND_S if ctx.interruption.happened else math.inf
+    with anyio.move_on_after(bound, shield=ctx.interruption.happened) as scope:
+        for source in _btrfs_sources(ctx):
+            if source.name in ctx.snapshots:
+                try:
+                    await btrfs.drop_snapshot(_site(ctx, source), source, ctx.name)
+                except (RemoteError, SourceError, OSError) as e:
+                    log.warning("snapshot not deleted", source=source.name, problem=str(e))
+        if ctx.in_progress_created:
+            log.info("removing the unfinished backup", folder=ctx.in_progress_dir)
             try:
-                await btrfs.drop_snapshot(_site(ctx, source), source, ctx.name)
-            except (RemoteError, SourceError, OSError) as e:
-                log.warning("snapshot not deleted", source=source.name, problem=str(e))
-    if ctx.in_progress_created:
-        log.info("removing the unfinished backup", folder=ctx.in_progress_dir)
-        await remove_tree(ctx.in_progress_dir)
+                await remove_tree(ctx.in_progress_dir)
+            except OSError as e:
+                log.warning("unfinished backup not removed; the next run removes it",
+                            folder=ctx.in_progress_dir, error=e.strerror or str(e))
+    if scope.cancelled_caught:
+        log.warning("unfinished backup not removed in time; the next run removes it",
+                    folder=ctx.in_progress_dir, bound_s=bound)
+
+
+async def _measure_space(ctx: RunContext) -> None:
+    """Free and total bytes of the destination, if it is still the one step 1 found."""
+    with anyio.move_on_after(_SPACE_BOUND_S, shield=True):
+        if ctx.destination_identity is None:
+            return
+        if await anyio.to_thread.run_sync(ctx.destination_gone, abandon_on_cancel=True):
+            return
+        measured = await anyio.to_thread.run_sync(space, ctx.destination,
+                                                  abandon_on_cancel=True)
+        if measured is not None:
+            ctx.report.destination = DestinationSpace(*measured)
 
 
 # --- the report -----------------------------------------------------------------------
@@ -362,6 +449,4 @@ def _finish_report(ctx: RunContext, duration: float) -> None:
         if record.status == "skipped" and steps[0].status != "skipped":
             record.status = "ok" if all(s.status == "ok" for s in steps) else steps[0].status
     report.source_seconds_total = round(total, 6)
-    free_total = space(ctx.destination)
-    report.destination = None if free_total is None else DestinationSpace(*free_total)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from datetime import datetime
@@ -9,6 +10,8 @@ from typing import Literal
 
 import msgspec
 from msgspec import Struct
+
+from .lock import make_private_dir
 
 Status = Literal["ok", "failed", "cancelled", "skipped"]
 RunStatus = Literal["ok", "failed", "interrupted"]
@@ -119,15 +122,32 @@ def _strip(data: object) -> None:
 
 
 def write_report(report: Report, reports_dir: str) -> str:
-    """Write ``<reports_dir>/<name>.json`` atomically; keep the newest 100 reports."""
-    os.makedirs(reports_dir, exist_ok=True)
+    """Write ``<reports_dir>/<name>.json`` atomically, mode 0600; keep the newest 100 reports.
+
+    Raises OSError (a full disk, say); no partial file is left behind then.
+    """
+    make_private_dir(reports_dir)
     path = os.path.join(reports_dir, f"{report.name}.json")
     partial = path + ".partial"
-    with open(partial, "wb") as f:
-        f.write(encode_report(report))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
+    data = encode_report(report)
+    # Reports hold hook command lines and output: private, whatever the umask.
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.replace(partial, path)
+    except OSError:
+        if fd >= 0:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(partial)
+        raise
     reports = sorted(
         (e for e in os.scandir(reports_dir) if e.name.endswith(".json")),
         key=lambda e: e.stat().st_mtime,

@@ -46,10 +46,11 @@ def test_successful_run_hook_order_environment_and_view_of_destination(ws: Works
             assert e.status == "-", f"PIBACKUP_STATUS must be unset in pre: {e}"
         else:
             assert e.status == "ok", e
-        if phase == "post":
-            # In every post it is the final path, whether or not the backup exists yet.
+        if hook.startswith("b") and phase == "post":
+            # In a backup hook's post it is the final path, whether or not the backup exists.
             assert e.backup_dir == final, e
         else:
+            # Snapshot hooks run inside the unfinished backup, post included (SPEC §4).
             assert e.backup_dir == progress, e
         if hook.startswith("b") and phase == "pre":
             assert e.listing == [], f"nothing is created before the backup hooks' pre: {e}"

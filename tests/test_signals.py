@@ -79,14 +79,17 @@ def test_signal_during_backup_pre_hook(ws: Workspace, sig: int) -> None:
     assert rc == EXIT_FOR[sig], running.stderr
     assert running.stdout == ""
     assert_no_processes(ws)
-    # b2's pre was cut short: it did not succeed, so only b1 gets its post.
-    assert order(ws) == ["b1.pre", "b2.pre", "b1.post"]
+    # b2's pre was cut short: it may have done half its work (stopped the
+    # service, then hung), so its post runs too, first (SPEC §2, issue 9 item 3).
+    assert order(ws) == ["b1.pre", "b2.pre", "b2.post", "b1.post"]
+    assert statuses(ws)["b2.post"] == "interrupted"
     assert statuses(ws)["b1.post"] == "interrupted"
     assert ws.backups() == []
     report = _assert_interrupted_report(ws, saved=False)
     hooks = report_hooks(report)
-    assert hooks[:3] == [("b1", "pre", "ok"), ("b2", "pre", "cancelled"), ("b1", "post", "ok")]
-    assert all(status == "skipped" for _, _, status in hooks[3:])
+    assert hooks[:4] == [("b1", "pre", "ok"), ("b2", "pre", "cancelled"),
+                         ("b2", "post", "ok"), ("b1", "post", "ok")]
+    assert all(status == "skipped" for _, _, status in hooks[4:])
     assert len(hooks) == 8
 
 

@@ -1,0 +1,101 @@
+"""The run lock (SPEC §2 "One run at a time") and the private state folder it lives in."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from .errors import LockHeld, PibackupError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from .config import Config
+
+
+class StateUnusable(PibackupError):
+    """``state_dir`` or ``lock_file`` cannot be used; the message names the path and why."""
+
+
+def make_private_dir(path: str) -> None:
+    """Create ``path`` (and missing parents) mode 0700; an existing folder is left as it is.
+
+    Reports hold hook command lines and their output: only the engine's
+    user may read them.
+    """
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(path.rstrip("/"))
+    if parent and parent != path:
+        os.makedirs(parent, exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return
+    # mkdir's mode is masked by the umask, which may leave less than 0700.
+    os.chmod(path, 0o700)
+
+
+@contextmanager
+def run_lock(lock_path: str) -> Iterator[None]:
+    """Hold an exclusive flock on ``lock_path`` for the block.
+
+    Raises LockHeld if another run holds it, StateUnusable if the file is a
+    symbolic link, not a regular file or owned by another user. The link is
+    never followed (O_NOFOLLOW), so a planted link cannot make the engine
+    truncate a file elsewhere. The descriptor is close-on-exec: a stray child
+    can never keep the lock alive.
+    """
+    parent = os.path.dirname(lock_path) or "."
+    os.makedirs(parent, exist_ok=True)
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise StateUnusable(f"lock_file {lock_path} is a symbolic link; refusing to follow it"
+                                ) from None
+        if e.errno == errno.EISDIR:
+            raise StateUnusable(f"lock_file {lock_path} is a folder, not a file") from None
+        raise StateUnusable(f"lock_file {lock_path} cannot be opened: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise StateUnusable(f"lock_file {lock_path} is not a regular file")
+        if st.st_uid != os.geteuid():
+            raise StateUnusable(f"lock_file {lock_path} is owned by uid {st.st_uid}, "
+                                f"not by this user (uid {os.geteuid()})")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise LockHeld(lock_path) from None
+            raise
+        try:
+            # Who holds it, for a person looking; a full disk must not stop the run.
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def private_state(config: Config) -> Iterator[None]:
+    """Step 0: check ``state_dir`` and ``lock_file``, create ``state_dir`` (0700), hold the lock.
+
+    Raises StateUnusable (one line naming the path) before anything else
+    happens, LockHeld if another run holds the lock.
+    """
+    try:
+        make_private_dir(config.state_dir)
+    except OSError as e:
+        raise StateUnusable(f"state_dir {config.state_dir} cannot be created: "
+                            f"{e.strerror or e}") from None
+    with run_lock(config.lock_path):
+        yield
