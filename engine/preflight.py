@@ -1,11 +1,18 @@
-"""What ``check`` can tell about the machine beyond the file: paths, filesystems, subvolumes."""
+"""What ``check`` can tell about the machine beyond the file: paths, filesystems, programs.
+
+Also what ``run`` and ``prune`` ask before any hook: whether ``state_dir`` and
+the lock file can be used at all (``state_problems``).
+"""
 
 from __future__ import annotations
 
 import os
+import pwd
+import shutil
+import stat
 
-from .config import BtrfsSource, Config
-from .filesystems import filesystem_type
+from .config import BtrfsSource, Config, Hook
+from .filesystems import filesystem_type, mount_of
 from .sources import btrfs
 
 # Filesystems that cannot keep owners, ACLs or xattrs (NOTES pitfall 13).
@@ -16,25 +23,191 @@ def preflight(config: Config) -> tuple[list[str], list[str]]:
     """Problems (the run cannot work) and warnings (it may not), each with its key path.
 
     Paths that do not exist yet only warn: a backup hook may mount them.
+    ``state_dir`` and the lock file are judged apart, by ``state_problems``.
     """
     problems: list[str] = []
-    warnings: list[str] = []
-    dest = config.destination
-    if not os.path.isdir(dest):
-        warnings.append(f"destination: {dest} does not exist (yet); a backup hook may mount it")
-    else:
-        fstype = filesystem_type(dest)
-        poor = [s.name for s in config.sources
-                if not ("--no-A" in s.rsync_args and "--no-X" in s.rsync_args)]
-        if fstype in _POOR_FILESYSTEMS and poor:
-            warnings.append(
-                f"destination: its filesystem ({fstype}) cannot keep owners, ACLs or xattrs; "
-                f'rsync will fail for {", ".join(poor)}: add rsync_args = ["--no-A", "--no-X"]')
+    warnings = _destination_warnings(config)
     for i, source in enumerate(config.sources):
-        if not isinstance(source, BtrfsSource) or source.host is not None:
+        if source.host is not None:
             continue
         if not os.path.exists(source.path):
             warnings.append(f"sources[{i}].path: {source.path} does not exist (yet)")
-            continue
-        problems += [f"sources[{i}].path: {p}" for p in btrfs.source_problems(source)]
+        elif isinstance(source, BtrfsSource):
+            problems += [f"sources[{i}].path: {p}" for p in btrfs.source_problems(source)]
+    warnings += _hook_warnings(config)
+    if os.geteuid() != 0:
+        warnings.append(
+            f"running as {_user(os.geteuid())}, not root: owners cannot be kept, and files "
+            "this user cannot read will fail the run")
     return problems, warnings
+
+
+def on_mounted_filesystem(path: str) -> bool:
+    """True when ``path`` exists on a mounted filesystem other than the root one.
+
+    It is a mount point or lies under one, judged after resolving symbolic
+    links (a link on the root disk pointing at the backup disk counts as the
+    backup disk). What ``require_mountpoint`` asks for.
+    """
+    if not os.path.exists(path):
+        return False
+    mount = mount_of(os.path.realpath(path))
+    return mount is not None and mount.mount_point != "/"
+
+
+def _destination_warnings(config: Config) -> list[str]:
+    dest = config.destination
+    if not os.path.isdir(dest):
+        return [f"destination: {dest} does not exist (yet); a backup hook may mount it"]
+    warnings = []
+    if config.require_mountpoint and not on_mounted_filesystem(dest):
+        warnings.append(
+            f"destination: {dest} is not on a mounted filesystem other than the root one "
+            "(require_mountpoint = true): a run fails unless a backup hook mounts it")
+    fstype = filesystem_type(dest)
+    poor = [s.name for s in config.sources
+            if not ("--no-A" in s.rsync_args and "--no-X" in s.rsync_args)]
+    if fstype in _POOR_FILESYSTEMS and poor:
+        warnings.append(
+            f"destination: its filesystem ({fstype}) cannot keep owners, ACLs or xattrs; "
+            f'rsync will fail for {", ".join(poor)}: add rsync_args = ["--no-A", "--no-X"]')
+    return warnings
+
+
+def _hook_warnings(config: Config) -> list[str]:
+    """A list-form local hook whose program cannot be started (a string goes to /bin/sh)."""
+    warnings = []
+    for table, hooks in (("backup_hooks", config.backup_hooks),
+                         ("snapshot_hooks", config.snapshot_hooks)):
+        for i, hook in enumerate(hooks):
+            if hook.host is not None:
+                continue
+            for phase, command in (("pre", hook.pre), ("post", hook.post)):
+                if isinstance(command, list) and command:
+                    problem = _program_problem(hook, command[0])
+                    if problem:
+                        warnings.append(f"{table}[{i}].{phase}: {problem}")
+    return warnings
+
+
+def _program_problem(hook: Hook, program: str) -> str | None:
+    # The hook's own env may set PATH; the process is started with it.
+    search = hook.env.get("PATH", os.environ.get("PATH", os.defpath))
+    if shutil.which(program, path=search) is not None:
+        return None
+    if os.sep in program:
+        if os.path.isfile(program):
+            return f"{program} is not executable"
+        return f"{program} does not exist"
+    return f"program {program!r} is not found in PATH"
+
+
+# --- state_dir and the lock file ----------------------------------------------------------
+
+
+def state_problems(config: Config) -> list[str]:
+    """Why ``state_dir`` or the lock file cannot be used, one line each; empty if they can.
+
+    Judged by type, owner and permission bits, never by writing: a full disk
+    does not make them unusable (the report then travels by mail). A path
+    that does not exist yet is fine when it can be created.
+    """
+    problems = _folder_problems("state_dir", config.state_dir)
+    if not problems:
+        reports = config.reports_dir
+        if os.path.lexists(reports) and not os.path.isdir(reports):
+            problems.append(f"state_dir {reports} is {_kind(reports)}, not a folder")
+    return problems + _lock_problems(config)
+
+
+def _folder_problems(label: str, path: str) -> list[str]:
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        if os.path.lexists(path):
+            return [f"{label} {path} is {_kind(path)}, not a folder"]
+        return _creation_problems(label, path)
+    except OSError as e:
+        return [f"{label} {path} cannot be examined: {e.strerror}"]
+    if not stat.S_ISDIR(st.st_mode):
+        return [f"{label} {path} is {_kind(path)}, not a folder"]
+    if st.st_uid != os.geteuid():
+        return [f"{label} {path} is owned by {_user(st.st_uid)}, not by {_user(os.geteuid())} "
+                "who runs the engine"]
+    needed = stat.S_IWUSR | stat.S_IXUSR
+    if st.st_mode & needed != needed:
+        return [f"{label} {path} is not writable and searchable by its owner "
+                f"(mode {stat.S_IMODE(st.st_mode):04o})"]
+    return []
+
+
+def _lock_problems(config: Config) -> list[str]:
+    path = config.lock_path
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        if os.path.dirname(os.path.normpath(path)) == os.path.normpath(config.state_dir):
+            return []  # created with state_dir, which is judged on its own
+        return _creation_problems("lock_file", path)
+    except OSError as e:
+        return [f"lock_file {path} cannot be examined: {e.strerror}"]
+    # The lock is opened without following links: a link would let whoever
+    # can write its folder point the engine at any file.
+    if not stat.S_ISREG(st.st_mode):
+        return [f"lock_file {path} is {_kind(path)}, not a regular file"]
+    if st.st_uid != os.geteuid():
+        return [f"lock_file {path} is owned by {_user(st.st_uid)}, not by "
+                f"{_user(os.geteuid())} who runs the engine"]
+    needed = stat.S_IRUSR | stat.S_IWUSR
+    if st.st_mode & needed != needed:
+        return [f"lock_file {path} is not readable and writable by its owner "
+                f"(mode {stat.S_IMODE(st.st_mode):04o})"]
+    return []
+
+
+def _creation_problems(label: str, path: str) -> list[str]:
+    """A missing ``path`` is made later: its nearest existing ancestor must allow that."""
+    ancestor = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        return [f"{label} {path} cannot be created: {ancestor} is {_kind(ancestor)}, "
+                "not a folder"]
+    # os.access asks the kernel without writing (a read-only mount says no).
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return [f"{label} {path} cannot be created: {ancestor} is not writable "
+                f"by {_user(os.geteuid())}"]
+    return []
+
+
+def _kind(path: str) -> str:
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return "missing"
+    if stat.S_ISLNK(mode):
+        try:
+            target = os.stat(path).st_mode
+        except OSError:
+            return "a symbolic link to nothing"
+        return "a symbolic link to " + _kind_of_mode(target)
+    return _kind_of_mode(mode)
+
+
+def _kind_of_mode(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISREG(mode):
+        return "a file"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a device"
+
+
+def _user(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"

@@ -6,11 +6,16 @@ no traceback, and nothing created on disk.
 
 from __future__ import annotations
 
+import copy
+import json
 import os
-from typing import TYPE_CHECKING
+import tempfile
+from typing import TYPE_CHECKING, Any
 
 import pytest
-from datakit import rsync_source, table, write_raw_config
+from datakit import rsync_source, table, toml_value, write_raw_config
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pibackup_async.engine.config import load_config
 from pibackup_async.engine.durations import parse_duration
 from pibackup_async.engine.errors import ConfigError
@@ -111,6 +116,28 @@ REFUSED: list[tuple[str, str, list[str]]] = [
      HEAD + HOOK + 'timeout = "1y"\n' + SOURCE, ["backup_hooks[0].timeout"]),
     ("keep-within-months",
      HEAD + SOURCE + '[retention]\nkeep_within = "3mo"\n', ["retention.keep_within"]),
+    # A timeout must be longer than zero (it would fail every run).
+    ("hook-timeout-zero",
+     HEAD + HOOK + 'timeout = "0s"\n' + SOURCE, ["backup_hooks[0].timeout"]),
+    ("source-timeout-zero",
+     HEAD + SOURCE + 'timeout = "0m"\n', ["sources[0].timeout"]),
+    ("smtp-timeout-zero",
+     HEAD + SOURCE + '[report]\nfrom = "a@b.c"\nto = ["d@e.f"]\n'
+     '[report.smtp]\nhost = "smtp.example.com"\ntimeout = "0h0s"\n', ["report.smtp.timeout"]),
+    # A hook's env must be usable as a shell environment.
+    ("env-name-with-equals",
+     HEAD + HOOK + 'env = {{ "A=B" = "x" }}\n' + SOURCE, ['backup_hooks[0].env."A=B"']),
+    ("env-name-starting-with-digit",
+     HEAD + HOOK + 'env = {{ "1X" = "x" }}\n' + SOURCE, ["backup_hooks[0].env.1X"]),
+    ("env-value-with-nul",
+     HEAD + '[[snapshot_hooks]]\nname = "db"\npost = "true"\nenv = {{ X = "a\\u0000b" }}\n'
+     + SOURCE, ["snapshot_hooks[0].env.X"]),
+    # ssh would read these as options.
+    ("host-address-option",
+     HEAD + SOURCE + '[hosts.nas]\naddress = "-oProxyCommand=touch /tmp/pwned"\n',
+     ["hosts.nas.address"]),
+    ("host-user-option",
+     HEAD + SOURCE + '[hosts.nas]\naddress = "nas.lan"\nuser = "-lroot"\n', ["hosts.nas.user"]),
 ]
 
 
@@ -159,6 +186,12 @@ def test_run_refuses_before_doing_anything(ws: Workspace, text: str, paths: list
     assert os.listdir(ws.dest) == []
 
 
+def error_lines(ws: Workspace, stderr: str) -> list[str]:
+    """The key-path part of every ``error: <file>: <key path>: ...`` line."""
+    prefix = f"error: {ws.config_path}: "
+    return [line[len(prefix):] for line in stderr.splitlines() if line.startswith(prefix)]
+
+
 def test_check_lists_every_problem_at_once(ws: Workspace) -> None:
     text = fill(ws, (
         'destination = "relative/dest"\nstate_dir = "{state}"\nconcurrency = 0\nmystery = 1\n'
@@ -172,12 +205,53 @@ def test_check_lists_every_problem_at_once(ws: Workspace) -> None:
 
     result = ws.run("check")
 
-    # Shape errors (unknown keys, wrong types) may be reported before the
-    # cross-field rules run, so the expectation is every problem of the first kind.
-    assert_refused(ws, result.returncode, result.stderr,
-                   ["mystery", "backup_hooks[0].bogus", "sources[2].type", "concurrency"])
-    assert result.stderr.count(str(ws.config_path)) >= 4 or result.stderr.count("\n") >= 4, (
-        result.stderr)
+    # Field problems (unknown keys, wrong types) and cross-field rules together.
+    expected = ["mystery", "concurrency", "backup_hooks[0].bogus", "sources[2].type",
+                "destination", "snapshot_hooks[0]", "sources[0].timeout", "sources[1].name",
+                "sources[1].path"]
+    assert_refused(ws, result.returncode, result.stderr, expected)
+    assert sorted(line.split(":")[0] for line in error_lines(ws, result.stderr)) == sorted(
+        expected), result.stderr
+
+
+def test_field_and_rule_problems_in_one_listing(ws: Workspace) -> None:
+    """An unknown key and a wrong type in one source show with a duplicate name elsewhere."""
+    ws.make_source("data")
+    text = fill(ws, HEAD + (
+        '[[backup_hooks]]\nname = "mount"\npre = "true"\nhost = "nas"\n'
+        '[[sources]]\nname = "data"\ntype = "rsync"\npath = "{src}/data"\n'
+        'excludes = ["*.tmp"]\nrsync_ok_codes = "0,24"\n'
+        '[[sources]]\nname = "other"\ntype = "rsync"\npath = "{src}/data"\n'
+        '[[sources]]\nname = "other"\ntype = "btrfs"\npath = "{src}/vol"\n'
+    ))
+    write_raw_config(ws, text)
+
+    result = ws.run("check")
+
+    assert_refused(ws, result.returncode, result.stderr, [])
+    lines = error_lines(ws, result.stderr)
+    assert sorted(line.split(":")[0] for line in lines) == [
+        "backup_hooks[0].host", "sources[0].excludes", "sources[0].rsync_ok_codes",
+        "sources[2].name"], result.stderr
+    assert "is already the name of sources[1]" in result.stderr
+    assert "'nas' is not defined in [hosts]" in result.stderr
+
+
+def test_each_problem_is_listed_once(tmp_path: Path) -> None:
+    """Rules stay silent where the field pass has already named the mistake."""
+    path = tmp_path / "config.toml"
+    path.write_text(
+        'destination = 5\nstate_dir = "/var/lib/x"\nhosts = "nas"\n'
+        '[[backup_hooks]]\nname = "a"\npre = "true"\nhost = "nas"\ntimeout = 10\n'
+        '[[sources]]\nname = 3\ntype = "rsync"\npath = "/srv"\nhost = "nas"\n'
+        '[retention]\nkeep_dayly = 7\nkeep_last = -1\n'
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(path))
+    keys = [p.split(":")[0] for p in caught.value.problems]
+    assert sorted(keys) == sorted([
+        "destination", "hosts", "backup_hooks[0].timeout", "sources[0].name",
+        "retention.keep_dayly", "retention.keep_last"]), caught.value.problems
 
 
 def test_check_lists_every_rule_problem_at_once(ws: Workspace) -> None:
@@ -338,3 +412,150 @@ def test_durations_accepted_in_a_config(ws: Workspace, duration: str) -> None:
     assert config.backup_hooks[0].timeout == duration
     result = ws.run("check")
     assert result.returncode == 0, result.stderr
+
+
+# --- paths compared where they lead (symbolic links resolved) ------------------------------
+
+
+def _link(link: Path, target: Path) -> Path:
+    target.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(target)
+    return link
+
+
+def test_source_reached_through_a_link_to_the_destination_is_refused(ws: Workspace) -> None:
+    source = _link(ws.root / "looks-like-a-source", ws.dest)
+    write_raw_config(ws, fill(ws, HEAD) + rsync_source("data", source))
+
+    result = ws.run("check")
+
+    assert_refused(ws, result.returncode, result.stderr, ["sources[0].path"])
+    assert "the destination cannot also be a source" in result.stderr
+    assert str(ws.dest) in result.stderr, "the message shows where the link leads"
+
+
+def test_source_linked_into_the_destination_is_refused(ws: Workspace) -> None:
+    source = _link(ws.src / "data", ws.dest / "old" / "stuff")
+    write_raw_config(ws, fill(ws, HEAD) + rsync_source("data", f"{source}/"))
+
+    result = ws.run("check")
+
+    assert_refused(ws, result.returncode, result.stderr, ["sources[0].path"])
+    assert "a source cannot lie inside the destination" in result.stderr
+
+
+def test_destination_linked_into_a_btrfs_source_is_refused(ws: Workspace) -> None:
+    volume = ws.src / "vol"
+    dest = _link(ws.root / "usb", volume / "backups")
+    write_raw_config(ws, f'destination = "{dest}"\nstate_dir = "{ws.state}"\n'
+                     + table("[[sources]]", name="vol", type="btrfs", path=str(volume)))
+
+    result = ws.run("run")
+
+    assert_refused(ws, result.returncode, result.stderr, ["sources[0].path"])
+    assert "the destination cannot lie inside a btrfs source" in result.stderr
+    assert os.listdir(volume / "backups") == []
+
+
+def test_btrfs_source_linked_around_the_destination_is_refused(ws: Workspace) -> None:
+    """The source's path is a link to a folder that holds the destination."""
+    volume = _link(ws.src / "vol", ws.root / "real-vol")
+    dest = ws.root / "real-vol" / "backups"
+    dest.mkdir()
+    write_raw_config(ws, f'destination = "{dest}"\nstate_dir = "{ws.state}"\n'
+                     + table("[[sources]]", name="vol", type="btrfs", path=str(volume)))
+
+    result = ws.run("check")
+
+    assert_refused(ws, result.returncode, result.stderr, ["sources[0].path"])
+    assert "the destination cannot lie inside a btrfs source" in result.stderr
+
+
+def test_destination_linked_into_an_rsync_source_is_not_refused(ws: Workspace) -> None:
+    """rsync excludes it instead (SPEC §2 step 3): backing up / to a disk just works."""
+    data = ws.make_source("data")
+    dest = _link(ws.root / "usb", data / "backups")
+    write_raw_config(ws, f'destination = "{dest}"\nstate_dir = "{ws.state}"\n'
+                     + rsync_source("data", data))
+
+    config = load_config(str(ws.config_path))
+
+    assert config.destination == str(dest)
+
+
+def test_a_link_that_leads_out_of_the_source_does_not_nest(ws: Workspace) -> None:
+    """Written inside the btrfs source, but the link leads to another disk: no nesting."""
+    volume = ws.src / "vol"
+    volume.mkdir()
+    dest = _link(volume / "backups", ws.root / "usb")
+    write_raw_config(ws, f'destination = "{dest}"\nstate_dir = "{ws.state}"\n'
+                     + table("[[sources]]", name="vol", type="btrfs", path=str(volume)))
+
+    config = load_config(str(ws.config_path))
+
+    assert config.sources[0].path == str(volume)
+
+
+# --- no document makes the loader crash ------------------------------------------------------
+
+_VALID = {
+    "destination": "/mnt/backup", "state_dir": "/var/lib/x", "require_mountpoint": True,
+    "hosts": {"nas": {"address": "nas.lan", "user": "backup", "port": 22}},
+    "retention": {"keep_last": 3, "keep_within": "1h"},
+    "backup_hooks": [{"name": "m", "pre": ["true"], "env": {"A": "b"}, "host": "nas"}],
+    "snapshot_hooks": [{"name": "n", "post": "true", "timeout": "10m"}],
+    "sources": [
+        {"name": "vol", "type": "btrfs", "path": "/srv", "snapshot_dir": "/snap"},
+        {"name": "d2", "type": "rsync", "path": "/srv2", "exclude": ["a"], "host": "nas"},
+    ],
+    "report": {"from": "a@b", "to": ["c@d"],
+               "smtp": {"host": "h", "username": "u", "password_env": "P", "timeout": "5s"}},
+}
+_ODD_VALUES = [0, -1, True, 1.5, "", "0s", "-x", "rel", "/", "a\x00b", "/mnt/backup/x",
+               [], [1], [""], {}, {"x": 1}, {"A=B": "x"}, "btrfs", "nas", "vol"]
+
+
+def _key_paths(data: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    found = []
+    items = data.items() if isinstance(data, dict) else enumerate(data)
+    for key, value in items:
+        found.append((*prefix, key))
+        if isinstance(value, dict | list):
+            found += _key_paths(value, (*prefix, key))
+    return found
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return toml_value(value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(_key_paths(_VALID)),
+                          st.sampled_from([None, *_ODD_VALUES])), min_size=1, max_size=4))
+def test_mutated_documents_are_refused_never_crash(
+        mutations: list[tuple[tuple[Any, ...], Any]]) -> None:
+    document = copy.deepcopy(_VALID)
+    for path, value in mutations:
+        parent: Any = document
+        try:
+            for key in path[:-1]:
+                parent = parent[key]
+            if value is None:
+                del parent[path[-1]]
+            else:
+                parent[path[-1]] = copy.deepcopy(value)
+        except (KeyError, IndexError, TypeError):
+            continue  # an earlier mutation removed or replaced the parent
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "config.toml")
+        with open(path, "w") as f:
+            f.write("\n".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in document.items()))
+        try:
+            load_config(path)
+        except ConfigError as e:
+            assert e.problems
+            assert len(e.problems) == len(set(e.problems)), e.problems
