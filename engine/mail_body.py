@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from .durations import format_duration
+from .failure_text import root_cause, telling_line, without_hint
 from .processes import describe_exit
 
 if TYPE_CHECKING:
@@ -50,11 +51,29 @@ def render_subject(report: Report) -> str:
         saved = "backup saved" if report.saved else "no backup saved"
         return (f"[pibackup] INTERRUPTED {report.name} — after "
                 f"{_duration(report.duration_s)}, {saved}")
-    failure = _first_line(report.failure or "failed")
+    failure = gist(report.failure or "failed")
     if len(failure) > SUBJECT_FAILURE_CAP:
         cut = failure[:SUBJECT_FAILURE_CAP].rsplit(" ", 1)[0]
         failure = cut.rstrip(" ,;:") + "…"
     return f"[pibackup] FAILED {report.name} — {failure}"
+
+
+def gist(failure: str) -> str:
+    """The first failure in a few words, for the subject.
+
+    The failure's first line without its hint; when that is too long for a
+    subject and names a root cause, who failed and that cause (``source
+    "data" snapshot failed: No space left on device``), rather than a cut
+    that loses it.
+    """
+    text = without_hint(_first_line(failure))
+    who, sep, what = text.partition(" failed: ")
+    if not sep or len(text) <= SUBJECT_FAILURE_CAP:
+        return text
+    cause = root_cause(what)
+    if cause is not None:
+        return f"{who}{sep}{cause}"
+    return text
 
 
 def render_body(report: Report, *, host: str) -> str:
@@ -134,7 +153,12 @@ def _failures(report: Report) -> list[str]:
 
 
 def _tail(text: str) -> list[str]:
-    """The last TAIL_LINES lines, each capped, with a mark where earlier ones were cut."""
+    """The last TAIL_LINES lines, each capped, with a mark where earlier ones were cut.
+
+    The most telling line stays in view even when it came earlier (an
+    ENOSPC followed by many lines of fallout): it then takes the place of
+    the oldest line kept.
+    """
     lines = text.splitlines()
     dropped = 0
     if lines and (mark := _CUT_MARK.match(lines[0])):
@@ -143,6 +167,9 @@ def _tail(text: str) -> list[str]:
         lines.pop()
     kept = lines[-TAIL_LINES:]
     dropped += len(lines) - len(kept)
+    telling = telling_line(lines)
+    if telling is not None and len(kept) > 1 and telling not in (ln.strip() for ln in kept):
+        kept = [telling, *kept[1:]]  # as many lines shown, as many cut
     head = [f"[{dropped} earlier lines cut]"] if dropped else []
     return head + [_cap(line, LINE_CAP) for line in kept]
 

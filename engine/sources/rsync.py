@@ -9,8 +9,10 @@ from typing import TYPE_CHECKING
 import structlog
 
 from ..config import BtrfsSource, Config, RsyncSource
+from ..failure_text import telling_line, with_hint
 from ..filesystems import is_within
 from ..processes import describe_exit, run_process
+from .btrfs import snapshot_root
 from .errors import SourceError
 
 if TYPE_CHECKING:
@@ -38,16 +40,23 @@ def auto_excludes(config: Config, source_path: str) -> list[str]:
     """Anchored excludes for the engine's own folders that lie inside the source.
 
     Backing up ``/`` to ``/mnt/backup`` must not copy the backups into
-    themselves, nor the state folder or the lock.
+    themselves, nor the state folder, the lock or local btrfs snapshots.
+    Paths are compared after resolving symbolic links: a destination reached
+    through a link (or a source that is one) still lies inside the tree rsync
+    walks, and the pattern is relative to that tree (rsync follows the
+    source's own top-level link, as the path ends in ``/``, and no other).
     """
     own = [config.destination, config.state_dir, config.lock_path]
-    own += [s.snapshot_dir for s in config.sources
-            if isinstance(s, BtrfsSource) and s.snapshot_dir is not None]
-    excludes = []
+    own += [snapshot_root(s) for s in config.sources
+            if isinstance(s, BtrfsSource) and s.host is None]
+    walked = os.path.realpath(source_path)
+    excludes: list[str] = []
     for path in own:
-        if is_within(path, source_path) and not is_within(source_path, path):
-            rel = os.path.relpath(os.path.normpath(path), os.path.normpath(source_path))
-            excludes.append(f"--exclude=/{_escape(rel)}")
+        real = os.path.realpath(path)
+        if is_within(real, walked) and not is_within(walked, real):
+            pattern = f"--exclude=/{_escape(os.path.relpath(real, walked))}"
+            if pattern not in excludes:
+                excludes.append(pattern)
     return excludes
 
 
@@ -94,12 +103,10 @@ async def copy(argv: list[str], ok_codes: list[int], step: Step) -> int:
     step.exit_code = finished.exit_code
     step.stderr_tail = finished.stderr.text()
     if finished.exit_code not in ok_codes:
-        # rsync's closing "rsync error: ... (code 23)" line repeats the exit
-        # code; the line before it says what actually went wrong.
-        lines = [line for line in finished.stderr.lines if line.strip()]
-        telling = [line for line in lines if not line.startswith("rsync error:")]
-        last = (telling or lines or ["no error output"])[-1]
-        raise SourceError(f"rsync {describe_exit(finished.exit_code)}: {last}")
+        # Not merely the last line: rsync's "No space left on device" comes
+        # before the "Broken pipe" and "rsync error: (code 11)" lines.
+        telling = telling_line(finished.stderr.lines) or "no error output"
+        raise SourceError(with_hint(f"rsync {describe_exit(finished.exit_code)}: {telling}"))
     if finished.exit_code != 0:
         # rsync_ok_codes let it pass (24: files vanished while copying); say so.
         log.warning("rsync reported a problem, accepted by rsync_ok_codes",
