@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import pytest
 from btrfskit import btrfs_filesystems
 from conftest import needs_rsync, processes_mentioning
+from pibackup_async.engine.destination import delete_backup, remove_tree
 from prunekit import (
     SOURCE,
     event_hooks,
@@ -223,3 +224,30 @@ def test_links_named_like_in_progress_or_deleting_are_removed_as_links(
     assert json.loads(ws.reports()[-1].read_text())["status"] == "ok"
     assert outside.snapshot() == before
     assert not os.path.lexists(in_progress)
+
+
+# --- the removal itself, in-process ----------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_remove_tree_and_delete_backup_never_go_through_a_link(
+        ws: Workspace, btrfs_fs: Callable[..., Btrfs]) -> None:
+    outside = _outside(ws, btrfs_fs)
+    before = outside.snapshot()
+    # A folder holding links out, at its top and deeper, as a crafted backup might.
+    crafted = make_backup(ws.dest, "2025-06-01t03-00-00+0200.deleting")
+    (crafted / "to-subvolume").symlink_to(outside.subvolume, target_is_directory=True)
+    (crafted / SOURCE / "to-folder").symlink_to(outside.folder, target_is_directory=True)
+    (crafted / SOURCE / "to-file").symlink_to(outside.folder / "sub" / "file.txt")
+    top_link = _link(ws, "2025-05-01t03-00-00+0200.deleting", outside.subvolume)
+    backup_link = _link(ws, LINK_FOLDER, outside.folder)
+
+    await remove_tree(str(crafted))
+    await remove_tree(str(top_link))
+    with pytest.raises(OSError, match="not a folder"):
+        await delete_backup(str(ws.dest), LINK_FOLDER)
+
+    assert outside.snapshot() == before
+    assert not os.path.lexists(crafted) and not os.path.lexists(top_link)
+    assert backup_link.is_symlink(), "delete_backup renamed or removed a link"
+    assert sorted(os.listdir(ws.dest)) == [LINK_FOLDER]
