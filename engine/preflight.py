@@ -12,8 +12,10 @@ import shutil
 import stat
 
 from .config import BtrfsSource, Config, Hook
-from .filesystems import filesystem_type, mount_of
+from .filesystems import filesystem_type, on_mounted_filesystem
 from .sources import btrfs
+
+__all__ = ["on_mounted_filesystem", "preflight", "state_problems"]
 
 # Filesystems that cannot keep owners, ACLs or xattrs (NOTES pitfall 13).
 _POOR_FILESYSTEMS = {"vfat", "msdos", "exfat", "fat", "ntfs", "ntfs3", "fuseblk"}
@@ -40,19 +42,6 @@ def preflight(config: Config) -> tuple[list[str], list[str]]:
             f"running as {_user(os.geteuid())}, not root: owners cannot be kept, and files "
             "this user cannot read will fail the run")
     return problems, warnings
-
-
-def on_mounted_filesystem(path: str) -> bool:
-    """True when ``path`` exists on a mounted filesystem other than the root one.
-
-    It is a mount point or lies under one, judged after resolving symbolic
-    links (a link on the root disk pointing at the backup disk counts as the
-    backup disk). What ``require_mountpoint`` asks for.
-    """
-    if not os.path.exists(path):
-        return False
-    mount = mount_of(os.path.realpath(path))
-    return mount is not None and mount.mount_point != "/"
 
 
 def _destination_warnings(config: Config) -> list[str]:

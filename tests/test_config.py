@@ -539,15 +539,15 @@ def _toml(value: Any) -> str:
 def test_mutated_documents_are_refused_never_crash(
         mutations: list[tuple[tuple[Any, ...], Any]]) -> None:
     document = copy.deepcopy(_VALID)
-    for path, value in mutations:
+    for keys, value in mutations:
         parent: Any = document
         try:
-            for key in path[:-1]:
+            for key in keys[:-1]:
                 parent = parent[key]
             if value is None:
-                del parent[path[-1]]
+                del parent[keys[-1]]
             else:
-                parent[path[-1]] = copy.deepcopy(value)
+                parent[keys[-1]] = copy.deepcopy(value)
         except (KeyError, IndexError, TypeError):
             continue  # an earlier mutation removed or replaced the parent
     with tempfile.TemporaryDirectory() as folder:
