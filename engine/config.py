@@ -335,6 +335,7 @@ def _host_table_problems(hosts: Mapping[str, Any]) -> Iterator[str]:
             # ssh would read it as an option (-oProxyCommand=...), not a name.
             if value is not None and value.startswith("-"):
                 yield f"{where}.{key}: expected a name that does not start with '-', got {value!r}"
+            yield from _nul_problems(f"{where}.{key}", value)
 
 
 def _hook_problems(raw: Mapping[str, Any], hosts: set[str] | None) -> Iterator[str]:
@@ -353,6 +354,7 @@ def _hook_problems(raw: Mapping[str, Any], hosts: set[str] | None) -> Iterator[s
                 command = hook.get(phase)
                 if command in ("", [], [""]):
                     yield f"{where}.{phase}: expected a command, got an empty one"
+                yield from _nul_problems(f"{where}.{phase}", command)
             yield from _timeout(f"{where}.timeout", _text(hook, "timeout"))
             yield from _env_problems(f"{where}.env", _table(hook, "env"))
             yield from _host_problems(hosts, f"{where}.host", _text(hook, "host"))
@@ -365,6 +367,13 @@ def _env_problems(where: str, env: Mapping[str, Any]) -> Iterator[str]:
                    f"([A-Za-z_][A-Za-z0-9_]*), got {name!r}")
         elif isinstance(value, str) and "\0" in value:
             yield f"{_join(where, name)}: expected a value without a NUL byte"
+
+
+def _nul_problems(where: str, value: Any) -> Iterator[str]:
+    """No program can be given a NUL byte: it ends a C string."""
+    texts = value if isinstance(value, list) else [value]
+    if any(isinstance(text, str) and "\0" in text for text in texts):
+        yield f"{where}: expected text without a NUL byte"
 
 
 def _host_problems(hosts: set[str] | None, where: str, host: str | None) -> Iterator[str]:
@@ -390,6 +399,8 @@ def _source_problems(raw: Mapping[str, Any], hosts: set[str] | None) -> Iterator
             seen[name] = i
         path = _text(source, "path")
         yield from _absolute(f"{where}.path", path)
+        for key in ("rsync_args", "exclude"):
+            yield from _nul_problems(f"{where}.{key}", source.get(key))
         yield from _timeout(f"{where}.timeout", _text(source, "timeout"))
         btrfs = source.get("type") == "btrfs"
         if "host" in source:

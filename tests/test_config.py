@@ -132,6 +132,14 @@ REFUSED: list[tuple[str, str, list[str]]] = [
     ("env-value-with-nul",
      HEAD + '[[snapshot_hooks]]\nname = "db"\npost = "true"\nenv = {{ X = "a\\u0000b" }}\n'
      + SOURCE, ["snapshot_hooks[0].env.X"]),
+    # No program can be given a NUL byte.
+    ("command-with-nul",
+     HEAD + HOOK + 'post = ["echo", "a\\u0000b"]\n' + SOURCE, ["backup_hooks[0].post"]),
+    ("rsync-arg-with-nul",
+     HEAD + SOURCE + 'rsync_args = ["--bwlimit=1\\u0000"]\n', ["sources[0].rsync_args"]),
+    ("path-with-nul",
+     HEAD + '[[sources]]\nname = "data"\ntype = "rsync"\npath = "/srv\\u0000/x"\n',
+     ["sources[0].path"]),
     # ssh would read these as options.
     ("host-address-option",
      HEAD + SOURCE + '[hosts.nas]\naddress = "-oProxyCommand=touch /tmp/pwned"\n',
