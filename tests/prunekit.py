@@ -19,8 +19,6 @@ import stat
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from btrfskit import _check, _detach, _kill_leftovers, _loop_devices, _unmount, mount_points
-
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
     from pathlib import Path
@@ -292,40 +290,3 @@ def complete_backups(ws: Workspace) -> set[str]:
     """Folders of the destination named exactly as one of HISTORY (or any fabricated name)."""
     return {p.name for p in ws.dest.iterdir() if p.is_dir() and p.name in set(HISTORY)}
 
-
-# --- a real backup disk that can be unplugged ---------------------------------------------------
-
-
-class Ext4Disk:
-    """A small ext4 image that a test mounts on ``mount_point`` and unmounts again.
-
-    Reuses btrfskit's loop-device handling: teardown (``close``) kills what
-    the test left under ``root``, unmounts (retried, lazily at last) and
-    detaches the loop devices of this image only.
-    """
-
-    def __init__(self, root: Path, mount_point: Path, size_mb: int = 16) -> None:
-        self.root = root
-        self.mount_point = mount_point
-        self.image = root / "images" / f"{mount_point.name}.img"
-        self.image.parent.mkdir(exist_ok=True)
-        mount_point.mkdir(parents=True, exist_ok=True)
-        _check(["truncate", "-s", f"{size_mb}M", str(self.image)])
-        _check(["mkfs.ext4", "-q", "-F", str(self.image)])
-
-    def mounted(self) -> bool:
-        return str(self.mount_point) in mount_points()
-
-    def mount(self) -> None:
-        _check(["mount", "-o", "loop", str(self.image), str(self.mount_point)])
-
-    def unmount(self) -> None:
-        _check(["umount", str(self.mount_point)])
-
-    def close(self) -> None:
-        _kill_leftovers(self.root)
-        _unmount(self.mount_point)
-        _detach(self.image)
-        if _loop_devices(self.image):
-            raise AssertionError(f"{self.image} is still attached to {_loop_devices(self.image)}")
-        self.image.unlink(missing_ok=True)

@@ -11,35 +11,32 @@ not mounted, as on a Pi whose USB disk is unplugged.
 from __future__ import annotations
 
 import json
-import shutil
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import needs_root
-from prunekit import SOURCE, Ext4Disk, event_hooks, make_backup, retention_table, rsync_source
+from diskkit import ext4_filesystems
+from prunekit import SOURCE, event_hooks, make_backup, retention_table, rsync_source
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
     from pathlib import Path
 
     from conftest import Workspace
-
-pytestmark = [
-    needs_root,
-    pytest.mark.skipif(shutil.which("mkfs.ext4") is None, reason="mkfs.ext4 is not installed"),
-]
+    from diskkit import Ext4
 
 NAMES = ["2025-11-02t03-00-00+0100", "2025-11-01t03-00-00+0100", "2025-10-01t03-00-00+0200"]
 COMMANDS = [("list",), ("list", "--json"), ("prune", "--dry-run")]
 
 
 @pytest.fixture
-def disk(tmp_path: Path) -> Iterator[Ext4Disk]:
-    made = Ext4Disk(tmp_path, tmp_path / "mnt")
-    try:
-        yield made
-    finally:
-        made.close()
+def ext4_fs(tmp_path: Path) -> Iterator[Callable[..., Ext4]]:
+    yield from ext4_filesystems(tmp_path)
+
+
+@pytest.fixture
+def disk(tmp_path: Path, ext4_fs: Callable[..., Ext4]) -> Ext4:
+    """The backup disk, not mounted: its mount point is an empty folder."""
+    return ext4_fs(tmp_path / "mnt", mounted=False)
 
 
 def _config(ws: Workspace, dest: Path, *, require_mountpoint: bool) -> None:
@@ -78,8 +75,8 @@ def _assert_visible(ws: Workspace, dest: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("below", ["", "pibackup"], ids=["mount-point", "below-it"])
 def test_an_unmounted_disk_is_not_visible_with_require_mountpoint(
-        ws: Workspace, disk: Ext4Disk, below: str) -> None:
-    dest = disk.mount_point / below if below else disk.mount_point
+        ws: Workspace, disk: Ext4, below: str) -> None:
+    dest = disk.mount / below if below else disk.mount
     # Unmounted, the folder exists on the root filesystem (created there by
     # mistake, say), looking like an empty destination.
     dest.mkdir(exist_ok=True)
@@ -87,7 +84,7 @@ def test_an_unmounted_disk_is_not_visible_with_require_mountpoint(
 
     _assert_not_visible(ws, dest, "not on a mounted filesystem")
 
-    disk.mount()
+    disk.mount_now()
     dest.mkdir(exist_ok=True)
     for name in NAMES:
         make_backup(dest, name)
@@ -117,18 +114,18 @@ def test_a_destination_that_is_a_file_is_not_visible(ws: Workspace) -> None:
 
 @pytest.mark.slow
 def test_prune_and_run_refuse_an_unmounted_disk_with_require_mountpoint(
-        ws: Workspace, disk: Ext4Disk) -> None:
-    _config(ws, disk.mount_point, require_mountpoint=True)
+        ws: Workspace, disk: Ext4) -> None:
+    _config(ws, disk.mount, require_mountpoint=True)
 
     for command in ("prune", "run"):
         result = ws.run(command)
         assert result.returncode == 1, result.stderr
-        assert str(disk.mount_point) in result.stderr
+        assert str(disk.mount) in result.stderr
         assert "Traceback" not in result.stderr
-    assert list(disk.mount_point.iterdir()) == [], "something was written to the root disk"
+    assert list(disk.mount.iterdir()) == [], "something was written to the root disk"
 
-    disk.mount()
+    disk.mount_now()
     result = ws.run("run")
     assert result.returncode == 0, result.stderr
     assert ws.report()["status"] == "ok"
-    assert (disk.mount_point / ws.report()["name"] / SOURCE).is_dir()
+    assert (disk.mount / ws.report()["name"] / SOURCE).is_dir()
