@@ -5,10 +5,18 @@ receiver and generator, a hook's background jobs, ssh) can be signalled as a
 group. anyio's own clean-up kills only the direct child (NOTES pitfall 1), so
 on every exit path — normal, failure, cancel, timeout — we end the whole
 session ourselves, shielded: SIGTERM, a grace period, SIGKILL, a hard bound.
+The one exception is a hook that exits on its own: what it started in the
+background (a daemon brought back by a ``post``) is left running.
+
+Nothing here waits forever: a process that survives SIGKILL (stuck on a dying
+disk) is abandoned after a bound and remembered for the report
+(``take_abandoned``).
 """
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
 import shutil
 import signal
@@ -23,14 +31,20 @@ import structlog
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Mapping, Sequence
+    from types import TracebackType
 
     from anyio.abc import ByteReceiveStream, Process
 
 GRACE_S = 10.0
-_KILL_BOUND_S = 5.0
+KILL_BOUND_S = 30.0
+_REAP_BOUND_S = 5.0
 _POLL_S = 0.05
 TAIL_LINES = 20
 _LINE_CAP = 1000
+# Big reads from a big pipe: a child printing hundreds of megabytes costs a
+# few hundred wake-ups, not tens of thousands.
+_READ_SIZE = 256 << 10
+_PIPE_SIZE = 1 << 20
 
 log = structlog.get_logger("pibackup.processes")
 
@@ -38,6 +52,17 @@ log = structlog.get_logger("pibackup.processes")
 # itself is SIGKILLed, so a crashed run cannot leave rsync writing into a
 # folder that the next run is about to remove.
 _SETPRIV = shutil.which("setpriv")
+
+_abandoned: list[str] = []
+# Abandoned pids are not waited for again when the same session is ended twice.
+_stuck: set[int] = set()
+
+
+def take_abandoned() -> list[str]:
+    """One line per process that survived SIGKILL and was left behind; clears the list."""
+    taken = list(_abandoned)
+    _abandoned.clear()
+    return taken
 
 
 @dataclass
@@ -51,6 +76,10 @@ class Tail:
     def add(self, line: str) -> None:
         if len(line) > _LINE_CAP:
             line = line[:_LINE_CAP] + " [cut]"
+        self.keep(line)
+
+    def keep(self, line: str) -> None:
+        """Add a line already bounded (the splitter says itself how much it cut)."""
         self.lines.append(line)
         if len(self.lines) > self.limit:
             self.lines.popleft()
@@ -59,6 +88,82 @@ class Tail:
     def text(self) -> str:
         head = [f"[{self.dropped} earlier lines cut]"] if self.dropped else []
         return "\n".join(head + list(self.lines))
+
+
+def _debug_enabled() -> bool:
+    # structlog's filtering logger answers without formatting anything; a
+    # logger that cannot tell is treated as wanting every line.
+    is_enabled_for = getattr(log, "is_enabled_for", None)
+    return True if is_enabled_for is None else bool(is_enabled_for(logging.DEBUG))
+
+
+class LineSplitter:
+    """The one line splitter for every child's output, local or remote.
+
+    Memory stays bounded whatever the child prints: the line being built is
+    capped at ``_LINE_CAP`` bytes (the rest is counted, and the line says how
+    much was cut), and only the lines the tail can keep are ever decoded.
+    When debug logging is off, the lines of a chunk that the tail would drop
+    anyway are counted with ``bytes.count`` and never looked at one by one.
+    """
+
+    def __init__(self, tail: Tail, name: str) -> None:
+        self.tail = tail
+        self.name = name
+        self._line = bytearray()
+        self._cut = 0
+        self._debug = _debug_enabled()
+
+    def feed(self, data: bytes | bytearray, end: int | None = None) -> None:
+        """Take ``data[:end]`` (all of it by default)."""
+        end = len(data) if end is None else end
+        last = data.rfind(b"\n", 0, end)
+        if last < 0:
+            self._extend(data, 0, end)
+            return
+        pos = 0 if self._debug else self._skip(data, last)
+        while pos <= last:
+            newline = data.find(b"\n", pos, last + 1)
+            self._extend(data, pos, newline)
+            self._emit()
+            pos = newline + 1
+        self._extend(data, last + 1, end)
+
+    def close(self) -> None:
+        """The stream ended: a last line without a newline counts too."""
+        if self._line or self._cut:
+            self._emit()
+
+    def _skip(self, data: bytes | bytearray, last: int) -> int:
+        """Count away the complete lines the tail could not keep; where the kept ones start."""
+        pos = last
+        for _ in range(self.tail.limit):
+            pos = data.rfind(b"\n", 0, pos)
+            if pos < 0:
+                return 0
+        # ``pos`` ends the newest line to drop (the first one continues ours).
+        self.tail.dropped += data.count(b"\n", 0, pos + 1)
+        self._line.clear()
+        self._cut = 0
+        return pos + 1
+
+    def _extend(self, data: bytes | bytearray, start: int, stop: int) -> None:
+        room = _LINE_CAP - len(self._line)
+        if stop - start > room:
+            self._cut += stop - start - room
+            stop = start + room
+        if stop > start:
+            self._line += data[start:stop]
+
+    def _emit(self) -> None:
+        line = self._line.decode(errors="replace").rstrip("\r")
+        if self._cut:
+            line = f"{line} [{self._cut} bytes cut]"
+        self._line.clear()
+        self._cut = 0
+        self.tail.keep(line)
+        if self._debug:
+            log.debug("output", stream=self.name, line=line)
 
 
 @dataclass
@@ -104,52 +209,134 @@ def _signal_session(sid: int, members: list[int], signum: int) -> None:
             pass
 
 
+def _live_members(sid: int) -> list[int]:
+    return [pid for pid in _session_members(sid) if pid not in _stuck]
+
+
 async def _until_empty(sid: int) -> None:
     # Polling: the kernel offers no event for "this session has no process
     # left" (grandchildren are not ours to wait for).
-    while _session_members(sid):  # noqa: ASYNC110
+    while _live_members(sid):  # noqa: ASYNC110
         await anyio.sleep(_POLL_S)
 
 
-async def end_session(process: Process, grace: float = GRACE_S) -> None:
+def _command_line(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return "?"
+    return raw.rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")[:200] or "?"
+
+
+def _abandon(members: list[int]) -> None:
+    for pid in members:
+        _stuck.add(pid)
+        command = _command_line(pid)
+        _abandoned.append(f"pid {pid} ({command}) did not die after SIGKILL; abandoned")
+        log.error("process did not die after SIGKILL; abandoned", pid=pid, command=command)
+
+
+async def end_session(process: Process, grace: float = GRACE_S,
+                      kill_bound: float = KILL_BOUND_S) -> None:
     """End every process of the child's session: SIGTERM, ``grace`` seconds, SIGKILL.
 
-    Shielded from cancellation, bounded in time. The session id is the
-    child's pid; while the child is unreaped or its session has members the
-    id cannot be reused, so no stranger is signalled.
+    Shielded from cancellation and bounded: what is still alive
+    ``kill_bound`` seconds after SIGKILL (stuck in the kernel on a dying disk)
+    is logged, remembered for ``take_abandoned`` and left behind. The session
+    id is the child's pid; while the child is unreaped or its session has
+    members the id cannot be reused, so no stranger is signalled.
     """
     sid = process.pid
     with anyio.CancelScope(shield=True):
-        members = _session_members(sid)
+        members = _live_members(sid)
         if members:
             _signal_session(sid, members, signal.SIGTERM)
             with anyio.move_on_after(grace):
                 await _until_empty(sid)
-            members = _session_members(sid)
-            if members:
-                log.warning("process group ignored SIGTERM; sending SIGKILL", pid=sid)
-                _signal_session(sid, members, signal.SIGKILL)
-                with anyio.move_on_after(_KILL_BOUND_S):
-                    await _until_empty(sid)
-        with anyio.move_on_after(_KILL_BOUND_S):
+            members = _live_members(sid)
+        if members:
+            log.warning("process group ignored SIGTERM; sending SIGKILL", pid=sid)
+            _signal_session(sid, members, signal.SIGKILL)
+            with anyio.move_on_after(kill_bound):
+                await _until_empty(sid)
+            members = _live_members(sid)
+        if members:
+            _abandon(members)
+        if sid in _stuck:
+            return  # waiting for the stuck child would not end either
+        with anyio.move_on_after(_REAP_BOUND_S):
             await process.wait()
 
 
 async def drain(stream: ByteReceiveStream | None, tail: Tail, name: str) -> None:
+    """Read an anyio byte stream to its end into ``tail`` (through the line splitter)."""
     if stream is None:
         return
-    pending = b""
+    lines = LineSplitter(tail, name)
     async for chunk in stream:
-        pending += chunk
-        *lines, pending = pending.split(b"\n")
-        for raw in lines:
-            line = raw.decode(errors="replace").rstrip("\r")
-            tail.add(line)
-            log.debug("output", stream=name, line=line)
-    if pending:
-        line = pending.decode(errors="replace")
-        tail.add(line)
-        log.debug("output", stream=name, line=line)
+        lines.feed(chunk)
+    lines.close()
+
+
+class _OutputPipe:
+    """A pipe the child writes into; the engine reads it without blocking.
+
+    The engine owns both ends (not asyncio's subprocess transport), so it can
+    stop reading when it wants: after a hook's exit its background jobs may
+    hold the write end for days.
+    """
+
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(self.read_fd, False)
+        try:
+            fcntl.fcntl(self.read_fd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+        except OSError:
+            pass  # above fs.pipe-max-size: the default size only costs more wake-ups
+
+    def __enter__(self) -> _OutputPipe:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close_write()
+        if self.read_fd >= 0:
+            os.close(self.read_fd)
+            self.read_fd = -1
+
+    def close_write(self) -> None:
+        if self.write_fd >= 0:
+            os.close(self.write_fd)
+            self.write_fd = -1
+
+    async def pump(self, lines: LineSplitter) -> None:
+        """Read until every writer has closed its end (cancel to stop earlier)."""
+        buffer = bytearray(_READ_SIZE)
+        while True:
+            await anyio.wait_readable(self.read_fd)
+            try:
+                count = os.readv(self.read_fd, [buffer])
+            except BlockingIOError:
+                continue
+            if count == 0:
+                return
+            lines.feed(buffer, count)
+
+    def read_rest(self, lines: LineSplitter) -> None:
+        """What is in the pipe now, without waiting for writers still alive."""
+        buffer = bytearray(_READ_SIZE)
+        # A writer still alive may refill the pipe as fast as we empty it.
+        budget = 2 * _PIPE_SIZE
+        while budget > 0:
+            try:
+                count = os.readv(self.read_fd, [buffer])
+            except BlockingIOError:
+                return
+            if count == 0:
+                return
+            lines.feed(buffer, count)
+            budget -= count
 
 
 @asynccontextmanager
@@ -158,16 +345,19 @@ async def managed_process(
     *,
     stdin: int = subprocess.DEVNULL,
     stdout: int = subprocess.PIPE,
+    stderr: int = subprocess.PIPE,
     env: Mapping[str, str] | None = None,
     cwd: str | None = None,
     grace: float = GRACE_S,
+    leave_background: bool = False,
 ) -> AsyncIterator[Process]:
     """Start ``argv`` in a new session; on leaving the block, end the whole session.
 
-    The block owns the process's pipes (stderr is a pipe; stdin and stdout
-    are what the caller passes: a file descriptor, or a pipe). Leaving it by
-    any path — normal, error, cancel — ends every process of the session,
-    shielded and bounded (SIGTERM, ``grace``, SIGKILL). Raises OSError if
+    stdin, stdout and stderr are what the caller passes: a file descriptor,
+    or a pipe the block owns. Leaving it by any path — normal, error, cancel
+    — ends every process of the session, shielded and bounded (SIGTERM,
+    ``grace``, SIGKILL), except with ``leave_background`` once the child has
+    exited on its own: then what it left running stays. Raises OSError if
     the program cannot start.
     """
     command = list(argv)
@@ -177,16 +367,20 @@ async def managed_process(
     # child that is already running, and nothing would ever end it.
     with anyio.CancelScope(shield=True):
         process = await anyio.open_process(
-            command, stdin=stdin, stdout=stdout, env=env, cwd=cwd,
+            command, stdin=stdin, stdout=stdout, stderr=stderr, env=env, cwd=cwd,
             start_new_session=True
         )
     log.debug("started", argv=list(argv), pid=process.pid)
     try:
         yield process
     finally:
-        await end_session(process, grace)
-        with anyio.CancelScope(shield=True):
-            await process.aclose()
+        if not (leave_background and process.returncode is not None):
+            await end_session(process, grace)
+        if process.returncode is not None:
+            # anyio's aclose waits for the child, shielded and unbounded: only
+            # once it is known to be gone (an abandoned one never is).
+            with anyio.move_on_after(_REAP_BOUND_S, shield=True):
+                await process.aclose()
 
 
 async def run_process(
@@ -201,20 +395,35 @@ async def run_process(
     """Run ``argv`` to its end in a new session and return how it ended.
 
     Output is captured, never passed to our own stdout; the last lines are
-    kept and every line goes to the debug log. Whatever the child leaves
-    running in its session when it exits is ended too, and if the caller is
-    cancelled (a timeout, a failing sibling, a signal) the whole session is
-    ended before this returns. Raises OSError if the program cannot start.
+    kept and, with debug logging on, every line goes to the debug log. When
+    the child exits, whatever it left running in its session is ended too —
+    unless ``leave_background`` (hooks): then it is left running, what is
+    already in the pipes is read and the engine's ends are closed without
+    waiting for it. If the caller is cancelled (a timeout, a failing sibling,
+    a signal) the whole session is ended before this returns, in both cases.
+    Raises OSError if the program cannot start.
     """
     out, err = Tail(limit=stdout_lines), Tail()
-    async with managed_process(argv, env=env, cwd=cwd, grace=grace) as process:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(drain, process.stdout, out, "stdout")
-            tg.start_soon(drain, process.stderr, err, "stderr")
-            await process.wait()
-            # A background job left by a hook would hold the pipes open and
-            # outlive the run: end it now.
-            await end_session(process, grace)
+    out_lines, err_lines = LineSplitter(out, "stdout"), LineSplitter(err, "stderr")
+    with _OutputPipe() as out_pipe, _OutputPipe() as err_pipe:
+        async with managed_process(argv, stdout=out_pipe.write_fd, stderr=err_pipe.write_fd,
+                                   env=env, cwd=cwd, grace=grace,
+                                   leave_background=leave_background) as process:
+            out_pipe.close_write()
+            err_pipe.close_write()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(out_pipe.pump, out_lines)
+                tg.start_soon(err_pipe.pump, err_lines)
+                await process.wait()
+                if not leave_background:
+                    await end_session(process, grace)
+                # Whoever still holds the write ends (a hook's daemon, a child
+                # abandoned in the kernel) is not waited for.
+                tg.cancel_scope.cancel()
+            out_pipe.read_rest(out_lines)
+            err_pipe.read_rest(err_lines)
+    out_lines.close()
+    err_lines.close()
     code = process.returncode
     assert code is not None
     return Finished(exit_code=code, stdout=out, stderr=err)
