@@ -55,7 +55,7 @@ class QuietStream:
 def quiet_stderr() -> None:
     """Replace ``sys.stderr`` by a QuietStream, once."""
     if not isinstance(sys.stderr, QuietStream):
-        sys.stderr = QuietStream(sys.stderr)  # type: ignore[assignment]
+        sys.stderr = QuietStream(sys.stderr)
 
 
 def configure_logging(fmt: LogFormat, verbosity: int) -> None:

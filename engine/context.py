@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 import structlog
 
+from .failure_text import with_hint
 from .names import IN_PROGRESS
 from .remote import Remotes
 from .report import stamp
@@ -131,9 +132,12 @@ class RunContext:
         return self.report.concurrency
 
     def fail(self, message: str) -> None:
-        """Record a failure; the first one is the run's ``failure``. The caller logs it."""
+        """Record a failure; the first one is the run's ``failure``. The caller logs it.
+
+        A failure the user can act on (a full disk) carries its hint.
+        """
         if self.report.failure is None:
-            self.report.failure = message
+            self.report.failure = with_hint(message)
 
     def close(self) -> None:
         """Stamp the report's end and settle its status from what happened."""

@@ -11,6 +11,7 @@ import structlog
 from structlog.contextvars import bound_contextvars
 
 from .context import CriticalStop, HookCutShort, RunContext, StepFailed
+from .failure_text import telling_line
 from .processes import describe_exit, run_process
 from .remote import RemoteError
 from .report import HookStep
@@ -92,7 +93,7 @@ async def run_hook(ctx: RunContext, kind: Kind, hook: Hook, phase: Phase) -> Non
             if finished.exit_code != 0:
                 # Killed by a signal from outside: it did not end on its own.
                 cut_short = finished.exit_code < 0
-                said = _telling(list(finished.stderr.lines) or list(finished.stdout.lines))
+                said = telling_line(list(finished.stderr.lines) or list(finished.stdout.lines))
                 problem = describe_exit(finished.exit_code) + (f": {said}" if said else "")
         if step.start is None:
             step.begin(argv)
@@ -111,12 +112,6 @@ async def run_hook(ctx: RunContext, kind: Kind, hook: Hook, phase: Phase) -> Non
             ctx.halted = True
             raise CriticalStop(hook.name)
         raise StepFailed(hook.name)
-
-
-def _telling(lines: list[str]) -> str | None:
-    # TODO(issue 9): failure_text.telling_line once it lands.
-    meaningful = [line for line in lines if line.strip()]
-    return meaningful[-1] if meaningful else None
 
 
 @asynccontextmanager

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from .errors import LockHeld, PibackupError
+from .preflight import state_problems
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -92,6 +93,9 @@ def private_state(config: Config) -> Iterator[None]:
     Raises StateUnusable (one line naming the path) before anything else
     happens, LockHeld if another run holds the lock.
     """
+    problems = state_problems(config)
+    if problems:
+        raise StateUnusable(problems[0])
     try:
         make_private_dir(config.state_dir)
     except OSError as e:

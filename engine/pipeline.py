@@ -19,10 +19,11 @@ from .destination import (
     choose_name,
     clean_stale,
     complete,
+    destination_problem_async,
     name_is_free,
     newest_holding,
     remove_tree,
-    scan,
+    scan_async,
     space,
 )
 from .errors import Interrupted
@@ -160,12 +161,12 @@ async def _open_destination(ctx: RunContext) -> None:
     """Check the destination, clean up after crashed runs, create ``<name>.in-progress``."""
     dest = ctx.destination
     t0 = time.monotonic()
-    problem = await anyio.to_thread.run_sync(destination_problem, ctx.config)
+    problem = await destination_problem_async(ctx.config)
     if problem is not None:
         ctx.fail_step(problem)
     st = await anyio.to_thread.run_sync(os.stat, dest)
     ctx.destination_identity = (st.st_dev, st.st_ino)
-    entries = await anyio.to_thread.run_sync(scan, dest)
+    entries = await scan_async(dest)
     done = complete(entries)
     # The name's own time, not a later reading: NTP may step the clock
     # forward during a pre, and the name is what orders the backups.
@@ -187,16 +188,6 @@ async def _open_destination(ctx: RunContext) -> None:
     ctx.in_progress_created = True
     log.info("in-progress folder created", folder=ctx.in_progress_dir,
              duration_s=round(time.monotonic() - t0, 6))
-
-
-def destination_problem(config: Config) -> str | None:
-    # TODO(issue 9): destination.destination_problem once it lands.
-    dest = config.destination
-    if not os.path.isdir(dest):
-        return f"destination {dest} does not exist (is the backup disk mounted?)"
-    if config.require_mountpoint and not os.path.ismount(dest):
-        return f"destination {dest} is not a mount point (require_mountpoint = true)"
-    return None
 
 
 # --- steps 3 and 5 ------------------------------------------------------------------

@@ -259,7 +259,8 @@ def test_remote_hooks_run_on_the_host_in_order_with_local_ones(
     assert seen["r1.pre"].backup_dir == in_prog
     assert seen["r2.pre"].backup_dir == in_prog
     assert seen["r1.pre"].status == "-", "PIBACKUP_STATUS is unset in pre"
-    assert seen["r2.post"].backup_dir == final
+    # A snapshot hook's post runs inside the unfinished backup (SPEC §4).
+    assert seen["r2.post"].backup_dir == in_prog
     assert seen["r1.post"].backup_dir == final
     assert statuses(ws)["r2.post"] == "ok"
     assert statuses(ws)["r1.post"] == "ok"
@@ -297,15 +298,17 @@ def test_sigint_during_a_remote_hook_kills_it_there_and_runs_the_posts(
     assert rc == 130, running.stderr
     wait_no_processes(ws, timeout=15)
     assert not release_marker(ws, "r2", "pre").exists()
-    assert order(ws) == ["b1.pre", "r1.pre", "r2.pre", "r1.post", "b1.post"]
+    # r2's pre was cut short: its post runs too (SPEC §2).
+    assert order(ws) == ["b1.pre", "r1.pre", "r2.pre", "r2.post", "r1.post", "b1.post"]
+    assert statuses(ws)["r2.post"] == "interrupted"
     assert statuses(ws)["r1.post"] == "interrupted"
     assert statuses(ws)["b1.post"] == "interrupted"
     assert ws.backups() == []
     report = ws.report()
     assert report["status"] == "interrupted"
-    assert report_hooks(report)[:5] == [
+    assert report_hooks(report)[:6] == [
         ("b1", "pre", "ok"), ("r1", "pre", "ok"), ("r2", "pre", "cancelled"),
-        ("r1", "post", "ok"), ("b1", "post", "ok"),
+        ("r2", "post", "ok"), ("r1", "post", "ok"), ("b1", "post", "ok"),
     ]
     wait_disconnected(sshd)
 
