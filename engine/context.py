@@ -12,6 +12,7 @@ import structlog
 
 from .failure_text import with_hint
 from .names import IN_PROGRESS
+from .processes import take_abandoned
 from .remote import Remotes
 from .report import stamp
 
@@ -142,6 +143,7 @@ class RunContext:
     def close(self) -> None:
         """Stamp the report's end and settle its status from what happened."""
         self.report.end = stamp()
+        self.report.abandoned = take_abandoned()
         if self.interruption.happened:
             self.report.status = "interrupted"
         elif self.report.failure is not None:

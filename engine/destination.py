@@ -10,11 +10,9 @@ that runs in a worker thread, so a signal is always heard (SPEC §2).
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import stat
 import threading
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Literal, TypeVar
@@ -25,13 +23,12 @@ import anyio.lowlevel
 import anyio.to_thread
 import structlog
 
-from .errors import LockHeld
 from .filesystems import SUBVOLUME_INODE, is_btrfs, on_mounted_filesystem
 from .names import DELETING, IN_PROGRESS, format_name, parse_name
 from .processes import describe_exit, run_process
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable
 
     from .config import Config
 
@@ -370,27 +367,5 @@ async def clean_stale(destination: str, entries: list[Entry]) -> None:
         log.warning(f"removing {what}", folder=path)
         await remove_tree(path)
 
-
-@contextmanager
-def run_lock(lock_path: str) -> Iterator[None]:
-    """Hold an exclusive flock on ``lock_path`` for the block; raise LockHeld if taken.
-
-    The file descriptor is not inherited by children (Python opens it
-    close-on-exec), so a stray child can never keep the lock alive.
-    """
-    os.makedirs(os.path.dirname(lock_path) or ".", exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise LockHeld(lock_path) from None
-            raise
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        yield
-    finally:
-        os.close(fd)
 
 

@@ -84,6 +84,7 @@ def render_body(report: Report, *, host: str) -> str:
         _hook_table(report),
         _source_table(report),
         _failures(report),
+        _abandoned(report),
         _timing(report),
         _retention(report),
         _space(report),
@@ -130,6 +131,13 @@ def _source_table(report: Report) -> list[str]:
         lines.append(f"  {s.status:<9} {took:>6} {human_bytes(s.bytes):>10}  {name}")
     lines.append(f"  {'written':<16} {human_bytes(_written(report)):>10}")
     return lines
+
+
+def _abandoned(report: Report) -> list[str]:
+    if not report.abandoned:
+        return []
+    return ["Left behind (did not die after SIGKILL; a dying disk?)",
+            *(f"  {line}" for line in report.abandoned)]
 
 
 def _failures(report: Report) -> list[str]:

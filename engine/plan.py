@@ -63,12 +63,15 @@ async def plan_run(config: Config, jobs: int | None = None) -> list[str]:
         lines.append(f"   then check that {dest} exists (it does not now: a backup hook may "
                      "mount it; stale folders, link-dest and retention are decided then)")
     else:
-        stale = [e.folder for e in entries if e.state != "complete"]
-        for folder in stale:
-            verb = "remove" if folder.endswith(IN_PROGRESS) else "finish deleting"
-            lines.append(f"   then {verb} {os.path.join(dest, folder)} (left by a crashed run)")
+        for entry in (e for e in entries if e.state != "complete"):
+            path = os.path.join(dest, entry.folder)
+            if entry.link:
+                lines.append(f"   then remove the symbolic link {path} (never followed)")
+                continue
+            verb = "remove" if entry.state == "in-progress" else "finish deleting"
+            lines.append(f"   then {verb} {path} (left by a crashed run)")
         if config.require_mountpoint:
-            lines.append(f"   then check that {dest} is a mount point")
+            lines.append(f"   then check that {dest} is on a mounted filesystem other than /")
     lines.append(f"   then create {in_progress}/")
     lines.append("2. snapshot hooks, pre, in order:")
     _hooks(lines, config.snapshot_hooks, "pre")

@@ -14,10 +14,11 @@ from .destination import (
     complete,
     delete_backup,
     destination_problem_async,
-    run_lock,
     scan_async,
 )
+from .errors import Interrupted
 from .hooks import hook_stage
+from .lock import private_state
 from .report import Report, stamp
 from .retention import plan_retention
 
@@ -63,11 +64,13 @@ async def prune_backups(config: Config, interruption: Interruption) -> Report:
     Interrupted deletions of earlier runs are finished first. Hooks see an
     empty ``PIBACKUP_NAME`` and ``PIBACKUP_BACKUP_DIR``: no backup is made.
     Returns a report (not written to disk) whose status says how it went;
-    raises LockHeld if another run holds the lock.
+    raises LockHeld, StateUnusable or Interrupted as ``run_backup`` does.
     """
     report = Report(name="", start=stamp(), concurrency=1)
-    ctx = RunContext(config, RunOptions(), "", interruption, report)
-    with run_lock(config.lock_path):
+    ctx = RunContext(config, RunOptions(command="prune"), "", interruption, report)
+    with private_state(config):
+        if interruption.happened:
+            raise Interrupted(interruption.signum)
         with anyio.CancelScope() as scope:
             interruption.attach(scope)
             try:
@@ -83,5 +86,7 @@ async def prune_backups(config: Config, interruption: Interruption) -> Report:
                         ctx.fail(f"retention: {report.retention.errors[0]}")
             except (StepFailed, CriticalStop):
                 pass
+            except Exception as e:
+                ctx.fail_unexpected(e)
     ctx.close()
     return report
