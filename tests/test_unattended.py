@@ -43,6 +43,7 @@ from hookkit import (
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
+    from pathlib import Path
 
     from conftest import Workspace
     from sshkit import ClientKey, Sshd
@@ -453,3 +454,74 @@ while [ "$(date +%s)" -le "$((s + 1))" ]; do sleep 0.05; done
     assert "clock" in ws.report()["failure"]
     assert len(ws.backups()) == 1, "only the backup the pre made; none dated before it"
     wait_no_processes(ws)
+
+
+# --- item 6: the report is never lost silently -----------------------------------------
+
+
+@pytest.fixture
+def small_disk(ws: Workspace) -> Iterator[Path]:
+    """A 4 MiB tmpfs: a real filesystem that fills up to its last byte (ext4 keeps
+    blocks in reserve for its own metadata)."""
+    mount = ws.root / "statedisk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs",
+                           str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def _fill_to_the_last_block(path: Path) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\xa5" * 4096)
+    except OSError as e:
+        assert e.errno == 28, e
+    finally:
+        os.close(fd)
+
+
+@needs_root
+def test_a_full_state_disk_still_mails_the_report(
+    ws: Workspace, small_disk: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    import json
+
+    from smtpkit import PASSWORD, USER, MailServer, Pki
+
+    pki = Pki(tmp_path_factory.mktemp("pki"))
+    password = ws.root / "smtp-password"
+    password.write_text(PASSWORD + "\n")
+    state = small_disk / "state"
+    with MailServer(pki) as server:
+        ws.write_config(
+            source_toml("alpha", ws.make_source("alpha"))
+            + "[report]\nfrom = \"pibackup@test\"\nto = [\"admin@test\"]\n"
+            + server.smtp_table(username=_toml(USER), password_file=_toml(str(password)),
+                                ca_file=_toml(str(pki.ca_file)), timeout='"5s"'),
+        )
+        # Workspace writes its own state_dir: point it at the small disk.
+        text = ws.config_path.read_text().replace(f'state_dir = "{ws.state}"',
+                                                  f'state_dir = "{state}"')
+        ws.config_path.write_text(text)
+        first = ws.run("run")  # makes state/, its lock and reports/ while there is room
+        assert first.returncode == 0, first.stderr
+        _fill_to_the_last_block(small_disk / "ballast.bin")
+        result = ws.run("run")
+        assert len(server.messages) == 2
+        mailed = server.messages[1].message()
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "report not written" in result.stderr
+    assert "No space left on device" in result.stderr
+    assert len(list((state / "reports").glob("*.json"))) == 1, "only the first run's report"
+    attachment = next(part for part in mailed.iter_attachments())
+    report = json.loads(attachment.get_content())
+    assert report["status"] == "ok"
+    assert report["saved"] is True
+    assert len(complete_backups(ws)) == 2
