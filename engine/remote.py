@@ -14,17 +14,17 @@ import shlex
 import shutil
 import tempfile
 from collections.abc import Awaitable, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import structlog
 
-from .processes import GRACE_S, Finished, Tail, drain, managed_process
+from .processes import GRACE_S, KILL_BOUND_S, Finished, LineSplitter, Tail, drain, managed_process
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Mapping
+    from collections.abc import AsyncIterator, Iterator, Mapping
 
     from .config import Config, Host
 
@@ -35,6 +35,8 @@ KEEPALIVE_S = 15.0
 _PGID_MARK = "pibackup-pgid "
 _WINDOW = 16 << 20
 _PACKET = 256 << 10
+_READ = 256 << 10
+_CLOSE_BOUND_S = 5.0
 # Fast ciphers first; the server's choice falls back along the list.
 _CIPHERS = ["aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com",
             "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr"]
@@ -43,7 +45,29 @@ Sink = Callable[[bytes], Awaitable[None]]
 
 
 class RemoteError(Exception):
-    """A host cannot be reached or trusted; the message names the host and why."""
+    """A host cannot be reached or trusted, or its connection broke; the message names
+    the host and what happened."""
+
+
+def _connection_trouble() -> tuple[type[BaseException], ...]:
+    """What asyncssh and the sockets under it raise when a connection breaks.
+
+    asyncssh errors are not OSErrors (NOTES pitfall 14); a stream read after
+    the peer vanished raises BrokenPipeError or EOF-type errors.
+    """
+    import asyncssh
+
+    return (asyncssh.Error, OSError, EOFError)
+
+
+def _reason(error: BaseException) -> str:
+    reason = getattr(error, "reason", None) or str(error)
+    return f"{type(error).__name__}: {reason}" if reason else type(error).__name__
+
+
+def _shown(command: str) -> str:
+    first = command.strip().splitlines()[0] if command.strip() else command
+    return repr(first if len(first) <= 80 else first[:77] + "...")
 
 
 def _known_hosts(host: Host) -> str:
@@ -156,7 +180,7 @@ class RemoteHost:
                            f"({e.reason})")
         except asyncssh.PermissionDenied as e:
             self._error = f"{where}: authentication refused ({e.reason})"
-        except (OSError, asyncssh.Error, TimeoutError) as e:
+        except (OSError, EOFError, asyncssh.Error, asyncssh.KeyImportError, TimeoutError) as e:
             self._error = f"{where}: cannot connect: {str(e) or type(e).__name__}"
         else:
             log.info("connected", host=self.name)
@@ -170,29 +194,73 @@ class RemoteHost:
 
         With ``stdout_sink`` the output is streamed into it instead of kept
         (``btrfs send``); if the sink fails, the remote command is ended.
+        Raises RemoteError, and only that, for any trouble with the host:
+        unreachable, untrusted, or the connection breaking while the command
+        runs (the next call connects again).
         """
         connection = await self.connection()
+        with self._mapped(connection, command):
+            return await self._run(connection, command, env, stdout_lines, stdout_sink)
+
+    @contextmanager
+    def _mapped(self, connection: Any, command: str) -> Iterator[None]:
+        """Connection trouble, raised alone or out of a task group, becomes RemoteError."""
+        trouble = _connection_trouble()
+        try:
+            yield
+        except RemoteError:
+            raise
+        except BaseExceptionGroup as group:
+            matched, rest = group.split(trouble)
+            if matched is None or rest is not None:
+                raise
+            first: BaseException = matched
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            raise self._broken(connection, command, first) from group
+        except trouble as error:
+            raise self._broken(connection, command, error) from error
+
+    def _broken(self, connection: Any, command: str, error: BaseException) -> RemoteError:
+        where = f"host {self.name} ({self.host.address}:{self.host.port})"
+        if connection.is_closed() or not _is_channel_refusal(error):
+            problem = f"connection to {where} lost while running {_shown(command)}"
+            # Forget it: the next command (a later post) connects again.
+            if self._connection is connection:
+                self._connection = None
+            connection.close()
+        else:
+            problem = f"{where} refused a session for {_shown(command)}"
+        problem += f" ({_reason(error)})"
+        log.error("host connection trouble", host=self.name, problem=problem)
+        return RemoteError(problem)
+
+    async def _run(self, connection: Any, command: str, env: Mapping[str, str],
+                   stdout_lines: int, stdout_sink: Sink | None) -> Finished:
         script = wrap_command(command, env, sudo=self.host.sudo)
         out, err = Tail(limit=stdout_lines), Tail()
         pgid: list[int] = []
         # A large window keeps a stream's throughput near the cipher's (NOTES 5).
         process = await connection.create_process(script, encoding=None, window=_WINDOW,
                                                   max_pktsize=_PACKET)
-        process.stdin.write_eof()
         try:
+            process.stdin.write_eof()
             async with anyio.create_task_group() as tg:
                 if stdout_sink is None:
-                    tg.start_soon(self._drain, process.stdout, out, None)
+                    tg.start_soon(self._drain, process.stdout, LineSplitter(out, "stdout"), None)
                 else:
                     tg.start_soon(self._stream, process, stdout_sink)
-                tg.start_soon(self._drain, process.stderr, err, pgid)
+                tg.start_soon(self._drain, process.stderr, LineSplitter(err, "stderr"), pgid)
                 await process.wait_closed()
         finally:
             if process.exit_status is None and process.exit_signal is None:
-                with anyio.CancelScope(shield=True):
+                with anyio.move_on_after(GRACE_S + 2 * _CLOSE_BOUND_S + 5, shield=True):
                     await self._end_group(connection, process, pgid)
         code = process.exit_status
         if code is None:
+            if process.exit_signal is None and connection.is_closed():
+                # The channel closed without a word: the connection went away.
+                raise EOFError("the connection closed before the command's exit status")
             code = -15 if process.exit_signal is not None else -1
         return Finished(exit_code=code, stdout=out, stderr=err)
 
@@ -208,34 +276,48 @@ class RemoteHost:
                 return
 
     @staticmethod
-    async def _drain(stream: Any, tail: Tail, pgid: list[int] | None) -> None:
-        pending = b""
-        while chunk := await stream.read(65536):
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            for raw in lines:
-                line = raw.decode(errors="replace")
-                if pgid is not None and not pgid and line.startswith(_PGID_MARK):
-                    pgid.append(int(line[len(_PGID_MARK):]))
-                    continue
-                tail.add(line)
-                log.debug("output", line=line)
-        if pending:
-            tail.add(pending.decode(errors="replace"))
+    async def _drain(stream: Any, lines: LineSplitter, pgid: list[int] | None) -> None:
+        """Read a channel's stream into ``lines``; on stderr, first take the group id."""
+        head = bytearray() if pgid is not None else None
+        while chunk := await stream.read(_READ):
+            if head is None:
+                lines.feed(chunk)
+                continue
+            head += chunk
+            newline = head.find(b"\n")
+            if newline < 0 and len(head) < 200:
+                continue
+            first = bytes(head[:newline]) if newline >= 0 else b""
+            if pgid is not None and first.startswith(_PGID_MARK.encode()):
+                try:
+                    pgid.append(int(first[len(_PGID_MARK):]))
+                except ValueError:
+                    pass
+                del head[:newline + 1]
+            lines.feed(head)
+            head = None
+        if head:
+            lines.feed(head)
+        lines.close()
 
     async def _end_group(self, connection: Any, process: Any, pgid: list[int]) -> None:
         # Closing a channel without a terminal does not stop the remote
         # command: signal its process group over the same connection.
         sudo = "sudo -n " if self.host.sudo else ""
-        if pgid:
-            with anyio.move_on_after(GRACE_S + 5):
-                await connection.run(f"{sudo}kill -TERM -{pgid[0]}", check=False)
-                with anyio.move_on_after(GRACE_S):
-                    await process.wait_closed()
-                    return
-                await connection.run(f"{sudo}kill -KILL -{pgid[0]}", check=False)
+        try:
+            if pgid and not connection.is_closed():
+                with anyio.move_on_after(GRACE_S + _CLOSE_BOUND_S):
+                    await connection.run(f"{sudo}kill -TERM -{pgid[0]}", check=False)
+                    with anyio.move_on_after(GRACE_S):
+                        await process.wait_closed()
+                        return
+                    await connection.run(f"{sudo}kill -KILL -{pgid[0]}", check=False)
+        except _connection_trouble() as error:
+            # Gone with the connection: sshd hangs up the command's session.
+            log.warning("cannot signal the remote command", host=self.name,
+                        error=_reason(error))
         process.close()
-        with anyio.move_on_after(5):
+        with anyio.move_on_after(_CLOSE_BOUND_S):
             await process.wait_closed()
 
     async def ensure_master(self) -> None:
@@ -275,12 +357,19 @@ class RemoteHost:
 
     async def aclose(self) -> None:
         """Close the asyncssh connection and end the master; shielded, bounded."""
-        with anyio.CancelScope(shield=True):
-            if self._connection is not None:
-                self._connection.close()
-                with anyio.move_on_after(5):
-                    await self._connection.wait_closed()
+        if self._connection is not None:
+            self._connection.close()
+            with anyio.move_on_after(_CLOSE_BOUND_S, shield=True):
+                await self._connection.wait_closed()
+        # The master's session is ended as any child's (end_session's bounds).
+        with anyio.move_on_after(GRACE_S + KILL_BOUND_S + 2 * _CLOSE_BOUND_S, shield=True):
             await self._stack.aclose()
+
+
+def _is_channel_refusal(error: BaseException) -> bool:
+    import asyncssh
+
+    return isinstance(error, asyncssh.ChannelOpenError)
 
 
 class Remotes:

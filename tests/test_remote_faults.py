@@ -1,0 +1,141 @@
+"""RemoteHost against a real OpenSSH sshd whose connection is cut (issue 9 item 4, remote half).
+
+Whatever asyncssh raises when the connection breaks under a running command
+must come out of ``RemoteHost.run`` as RemoteError naming the host; the next
+command connects again.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from typing import TYPE_CHECKING
+
+import anyio
+import pytest
+from conftest import needs_root, processes_mentioning
+from pibackup_async.engine.config import Host
+from pibackup_async.engine.remote import RemoteError, RemoteHost
+from sshkit import SSHD, ClientKey, Sshd, sshd_servers
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from pathlib import Path
+
+pytestmark = [
+    needs_root,  # the test sshd logs in as root
+    pytest.mark.skipif(not os.path.exists(SSHD), reason="OpenSSH sshd is not installed"),
+]
+
+
+@pytest.fixture(scope="session")
+def client_key(tmp_path_factory: pytest.TempPathFactory) -> ClientKey:
+    return ClientKey(tmp_path_factory.mktemp("ssh-client"))
+
+
+@pytest.fixture
+def new_sshd(tmp_path_factory: pytest.TempPathFactory,
+             client_key: ClientKey) -> Iterator[Callable[[], Sshd]]:
+    yield from sshd_servers(tmp_path_factory, client_key)
+
+
+@pytest.fixture
+def program(tmp_path: Path) -> Iterator[str]:
+    """A copy of ``sleep`` under the test's folder, run "remotely"; killed after the test."""
+    path = tmp_path / "bin" / "remote-sleeper"
+    path.parent.mkdir()
+    shutil.copy2("/bin/sleep", path)
+    try:
+        yield str(path)
+    finally:
+        for pid, _ in processes_mentioning(str(path)):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _descendants(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid:
+            found += [int(entry), *_descendants(int(entry))]
+    return found
+
+
+def _cut_connections(server: Sshd) -> int:
+    """SIGKILL the server's per-connection sshd processes (not the listener, not the
+    commands they run): the TCP connection goes away as when a network drops."""
+    assert server.proc is not None
+    killed = 0
+    for pid in _descendants(server.proc.pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                is_sshd = f.read().startswith(b"sshd")
+            if is_sshd:
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+        except (OSError, ProcessLookupError):
+            continue
+    return killed
+
+
+def _host(server: Sshd) -> Host:
+    return Host(address="127.0.0.1", port=server.port, user="root",
+                identity_file=str(server.client.path), known_hosts=str(server.known_hosts))
+
+
+async def test_a_connection_cut_under_a_running_command_is_a_remote_error(
+    new_sshd: Callable[[], Sshd], program: str, tmp_path: Path
+) -> None:
+    server = new_sshd()
+    remote = RemoteHost("h1", _host(server), str(tmp_path))
+    errors: list[BaseException] = []
+
+    async def run_it() -> None:
+        try:
+            await remote.run(f"{program} 1000", {})
+        except Exception as error:  # the test wants to see any type that escapes
+            errors.append(error)
+
+    try:
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run_it)
+                while not processes_mentioning(program):  # noqa: ASYNC110
+                    await anyio.sleep(0.02)
+                assert _cut_connections(server) > 0
+        assert len(errors) == 1, errors
+        [error] = errors
+        assert isinstance(error, RemoteError), repr(error)
+        assert "connection to host h1 (127.0.0.1:" in str(error)
+        assert "lost while running '/tmp/" in str(error), str(error)
+        # The next command gets a new connection.
+        with anyio.fail_after(30):
+            again = await remote.run("echo again", {})
+        assert (again.exit_code, list(again.stdout.lines)) == (0, ["again"])
+    finally:
+        await remote.aclose()
+
+
+async def test_a_stopped_server_is_a_remote_error_for_the_next_command(
+    new_sshd: Callable[[], Sshd], tmp_path: Path
+) -> None:
+    server = new_sshd()
+    remote = RemoteHost("h1", _host(server), str(tmp_path))
+    try:
+        with anyio.fail_after(30):
+            assert (await remote.run("true", {})).exit_code == 0
+            server.stop()
+            with pytest.raises(RemoteError, match="host h1"):
+                await remote.run("true", {})
+    finally:
+        await remote.aclose()
