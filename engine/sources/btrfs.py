@@ -20,6 +20,7 @@ from ..destination import Entry, newest_holding, remove_tree
 from ..filesystems import is_subvolume, same_filesystem
 from ..names import parse_name
 from ..processes import Finished, Tail, describe_exit, drain, managed_process, run_process
+from ..remote import RemoteError
 from .errors import SourceError
 
 if TYPE_CHECKING:
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
     from ..report import Step
 
 log = structlog.get_logger("pibackup.btrfs")
+
+_REMOTE_DELETE_BOUND_S = 120.0
 
 
 def snapshot_root(source: BtrfsSource) -> str:
@@ -104,13 +107,18 @@ class Site:
             except OSError:
                 pass  # other sources' snapshots share it, or it is gone
             return
-        with anyio.CancelScope(shield=True):
+        # Shielded so that a cancel does not leave half the clean-up, bounded
+        # so that a host that stopped answering cannot hold the run.
+        with anyio.move_on_after(_REMOTE_DELETE_BOUND_S, shield=True) as scope:
             finished = await self.run(["btrfs", "subvolume", "delete", path])
             if finished.exit_code != 0:
                 log.error("remote snapshot not deleted", snapshot=path,
                           error=finished.stderr.text())
             await self.run(["sh", "-c", 'rmdir "$1" 2>/dev/null; exit 0', "rmdir",
                             os.path.dirname(path)])
+        if scope.cancelled_caught:
+            log.error("remote snapshot deletion did not finish in time", snapshot=path,
+                      bound_s=_REMOTE_DELETE_BOUND_S)
 
 
 def source_problems(source: BtrfsSource) -> list[str]:
@@ -251,6 +259,18 @@ async def _local_stream(send: list[str], receive: list[str]) -> _Streamed:
     from_pump, to_receive = os.pipe()
     size = 0
     spliced, splicing = anyio.Event(), False
+
+    def close_relay_ends() -> None:
+        # Once the relay has stopped, the engine must hold no end of either
+        # pipe: a receive that failed then ends its send (EPIPE instead of a
+        # write blocked forever on a full pipe), a send that failed ends its
+        # receive (end of stream).
+        nonlocal from_send, to_receive
+        for fd in (from_send, to_receive):
+            if fd >= 0:
+                os.close(fd)
+        from_send = to_receive = -1
+
     try:
         async with managed_process(send, stdout=to_pump) as sender, managed_process(
                 receive, stdin=from_pump) as receiver:
@@ -266,15 +286,18 @@ async def _local_stream(send: list[str], receive: list[str]) -> _Streamed:
                 splicing = True
                 size = await anyio.to_thread.run_sync(
                     _splice_all, from_send, to_receive, spliced, abandon_on_cancel=True)
-                os.close(to_receive)  # end of stream for receive
-                to_receive = -1
+                close_relay_ends()
                 await sender.wait()
                 await receiver.wait()
     finally:
         if splicing:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+            with anyio.move_on_after(10, shield=True):
                 await spliced.wait()
-        for fd in (from_send, to_pump, from_pump, to_receive):
+        if not splicing or spliced.is_set():
+            close_relay_ends()
+        # else: a splice still runs on them (it cannot, once both children are
+        # ended); leaking two descriptors beats closing them under it.
+        for fd in (to_pump, from_pump):
             if fd >= 0:
                 os.close(fd)
     assert sender.returncode is not None and receiver.returncode is not None
@@ -293,13 +316,30 @@ async def _remote_stream(remote: RemoteHost, send: list[str], receive: list[str]
             await stdin.send(chunk)
             size += len(chunk)
 
+        async def end_of_stream() -> None:
+            # Ends a receive still reading; a receive that failed has closed
+            # its end, and its exit code says why.
+            with anyio.move_on_after(10, shield=True):
+                try:
+                    await stdin.aclose()
+                except Exception as e:
+                    log.debug("receive's input already closed", error=str(e))
+
+        lost: RemoteError | None = None
         async with anyio.create_task_group() as tg:
             tg.start_soon(drain, receiver.stdout, receive_out, "stdout")
             tg.start_soon(drain, receiver.stderr, receive_err, "stderr")
-            sent = await remote.run(shlex.join(send), {}, stdout_sink=into_receive)
-            with anyio.CancelScope(shield=True):
-                await stdin.aclose()  # end of stream for receive
+            try:
+                # A failing sink (receive gone) closes the channel, which ends
+                # the remote send; a failing send ends its stream here.
+                sent = await remote.run(shlex.join(send), {}, stdout_sink=into_receive)
+            except RemoteError as e:
+                lost = e  # raised alone below, not wrapped in the task group's group
+            finally:
+                await end_of_stream()
             await receiver.wait()
+    if lost is not None:
+        raise lost
     assert receiver.returncode is not None
     return size, sent.exit_code, sent.stderr.text(), receiver.returncode, receive_err.text()
 
