@@ -69,7 +69,8 @@ async def run_hook(ctx: RunContext, kind: Kind, hook: Hook, phase: Phase) -> Non
                     remote = ctx.remotes[hook.host]
                     async with remote.limiter:
                         finished = await remote.run(
-                            command if isinstance(command, str) else shlex.join(command), env)
+                            command if isinstance(command, str) else shlex.join(command), env,
+                            leave_background=True)
         except TimeoutError:
             problem, cut_short = f"timed out after {hook.timeout}", True
         except anyio.get_cancelled_exc_class():

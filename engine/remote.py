@@ -37,6 +37,10 @@ _WINDOW = 16 << 20
 _PACKET = 256 << 10
 _READ = 256 << 10
 _CLOSE_BOUND_S = 5.0
+# asyncssh offers no event for "exit status received": it is polled while
+# the channel stays open (a hook's background job holds it).
+_EXIT_POLL_S = 0.05
+_LAST_OUTPUT_S = 0.2
 # Fast ciphers first; the server's choice falls back along the list.
 _CIPHERS = ["aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com",
             "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr"]
@@ -124,6 +128,21 @@ def transport(host: Host, control_path: str) -> Transport:
     return Transport(ssh_target(host), shell, host.sudo)
 
 
+async def _until_exited(process: Any) -> None:
+    """Until the remote command has exited (its exit status came) or its channel closed.
+
+    sshd sends the exit status when the command exits, but closes the
+    channel only once every process holding its output has let go of it.
+    """
+    while process.exit_status is None and process.exit_signal is None:
+        with anyio.move_on_after(_EXIT_POLL_S):
+            await process.wait_closed()
+            return
+    # Output written just before the exit may still be on its way.
+    with anyio.move_on_after(_LAST_OUTPUT_S):
+        await process.wait_closed()
+
+
 class RemoteHost:
     """One configured host during one run."""
 
@@ -189,18 +208,22 @@ class RemoteHost:
         raise RemoteError(self._error)
 
     async def run(self, command: str, env: Mapping[str, str], *, stdout_lines: int = 20,
-                  stdout_sink: Sink | None = None) -> Finished:
+                  stdout_sink: Sink | None = None, leave_background: bool = False) -> Finished:
         """Run ``command`` under ``/bin/sh -c`` on the host; on cancel, kill its group there.
 
         With ``stdout_sink`` the output is streamed into it instead of kept
         (``btrfs send``); if the sink fails, the remote command is ended.
+        With ``leave_background`` (hooks) the command is finished as soon as
+        it exits: what it started in the background is left running there,
+        and output it still holds open is not waited for.
         Raises RemoteError, and only that, for any trouble with the host:
         unreachable, untrusted, or the connection breaking while the command
         runs (the next call connects again).
         """
         connection = await self.connection()
         with self._mapped(connection, command):
-            return await self._run(connection, command, env, stdout_lines, stdout_sink)
+            return await self._run(connection, command, env, stdout_lines, stdout_sink,
+                                   leave_background)
 
     @contextmanager
     def _mapped(self, connection: Any, command: str) -> Iterator[None]:
@@ -236,7 +259,8 @@ class RemoteHost:
         return RemoteError(problem)
 
     async def _run(self, connection: Any, command: str, env: Mapping[str, str],
-                   stdout_lines: int, stdout_sink: Sink | None) -> Finished:
+                   stdout_lines: int, stdout_sink: Sink | None,
+                   leave_background: bool) -> Finished:
         script = wrap_command(command, env, sudo=self.host.sudo)
         out, err = Tail(limit=stdout_lines), Tail()
         pgid: list[int] = []
@@ -251,11 +275,19 @@ class RemoteHost:
                 else:
                     tg.start_soon(self._stream, process, stdout_sink)
                 tg.start_soon(self._drain, process.stderr, LineSplitter(err, "stderr"), pgid)
-                await process.wait_closed()
+                if leave_background:
+                    await _until_exited(process)
+                    tg.cancel_scope.cancel()
+                else:
+                    await process.wait_closed()
         finally:
             if process.exit_status is None and process.exit_signal is None:
                 with anyio.move_on_after(GRACE_S + 2 * _CLOSE_BOUND_S + 5, shield=True):
                     await self._end_group(connection, process, pgid)
+            elif leave_background and not connection.is_closed():
+                # Its background jobs hold the channel open: let go of it
+                # (sshd closes their output) without signalling them.
+                process.close()
         code = process.exit_status
         if code is None:
             if process.exit_signal is None and connection.is_closed():

@@ -56,7 +56,8 @@ class HookSpec:
     argv: bool = False                                       # list form instead of a string
     stdout: bool = False                                     # print a line on stdout
     stderr_lines: int = 0                                    # print this many lines on stderr
-    children: bool = False                                   # start `sleeper 1000 &` twice
+    children: bool | tuple[str, ...] = False                 # start `sleeper 1000 &` twice
+                                                             # (in every phase, or these)
 
 
 def started_marker(ws: Workspace, hook: str, phase: str) -> Path:
@@ -103,7 +104,7 @@ def hook_script(ws: Workspace, spec: HookSpec, phase: str) -> str:
             f'i=1; while [ $i -le {spec.stderr_lines} ]; do '
             f'printf "{label} err-%04d\\n" $i >&2; i=$((i+1)); done'
         )
-    if spec.children:
+    if spec.children is True or (spec.children and phase in spec.children):
         s = q(str(sleeper(ws)))
         lines.append(f"{s} 1000 & {s} 1000 &")
     if phase in spec.block:

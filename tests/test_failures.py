@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,7 @@ from hookkit import (
     started_marker,
     statuses,
     wait_marker,
+    wait_no_processes,
     write_config,
 )
 
@@ -192,11 +194,18 @@ def test_hook_past_its_timeout_is_killed_with_its_children(ws: Workspace) -> Non
     with start(ws) as running:
         wait_marker(started_marker(ws, "b2", "pre"), running)
         program = str(sleeper(ws))
-        children = [c for _, c in processes_mentioning(program) if c.startswith(program)]
+        children = [(p, c) for p, c in processes_mentioning(program) if c.startswith(program)]
         assert len(children) == 2, f"the hook's children run: {children}"
         rc = running.wait(30)
     assert rc == 1, running.stderr
-    assert_no_processes(ws)
+    # The pre's own children were ended with it; the post (cut short pre's post,
+    # SPEC §2) started two more in the background and exited: those are left running.
+    left = {p for p, _ in processes_mentioning(program)}
+    assert not left & {p for p, _ in children}, "the timed-out pre's children survived"
+    assert len(left) == 2, f"the post's background jobs are left running: {left}"
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    wait_no_processes(ws)
     # Cut short by its timeout: its post undoes what the pre half did.
     assert order(ws) == ["b1.pre", "b2.pre", "b2.post", "b1.post"]
     assert statuses(ws)["b2.post"] == "failed"

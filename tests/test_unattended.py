@@ -31,6 +31,7 @@ from hookkit import (
     order,
     release_marker,
     report_hooks,
+    sleeper,
     source_toml,
     standard_hooks,
     start,
@@ -195,6 +196,31 @@ def test_sshd_killed_while_a_remote_post_runs_the_next_post_still_runs(
     assert ("b1", "post", "ok") in report_hooks(report)
     # The hook's shell on the "remote" side lost its sshd; it is that host's, not ours.
     release_marker(ws, "r1", "post").touch()
+
+
+@needs_root
+def test_a_remote_post_leaves_its_daemon_running_and_is_not_waited_for(
+    ws: Workspace, sshd: Sshd
+) -> None:
+    # `post = "myapp start"` on the host, whose script runs the daemon in the
+    # background without redirecting its output: the daemon holds the SSH
+    # channel's output open.
+    daemon = HookSpec("r1", phases=("pre",))
+    daemon_cmd = f"{sleeper(ws)} 1000 &"
+    ws.write_config(
+        sshd.host_toml("h1")
+        + hook_toml(ws, daemon) + 'host = "h1"\n' + f"post = {_toml(daemon_cmd)}\n"
+        + source_toml("alpha", ws.make_source("alpha"))
+    )
+    with start(ws) as running:
+        rc = running.wait(40)
+    assert rc == 0, running.stderr
+    program = str(sleeper(ws))
+    alive = [pid for pid, cmd in processes_mentioning(program) if cmd.startswith(program)]
+    assert len(alive) == 1, "the daemon the post started is still running"
+    assert ws.report()["status"] == "ok"
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
 
 
 # --- item 7: the terminal going away, a closed stderr ---------------------------------
