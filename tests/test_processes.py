@@ -105,6 +105,13 @@ def test_the_splitter_keeps_the_last_lines_however_the_output_is_chunked(
     assert (list(tail.lines), tail.dropped) == _expected(data, limit)
 
 
+def test_every_line_is_looked_at_only_when_debug_logging_is_on() -> None:
+    assert LineSplitter(Tail(), "stdout")._debug is False
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
+                        logger_factory=structlog.ReturnLoggerFactory())
+    assert LineSplitter(Tail(), "stdout")._debug is True
+
+
 def test_a_line_without_end_costs_no_more_than_its_cap() -> None:
     tail = Tail()
     splitter = LineSplitter(tail, "stdout")
