@@ -263,7 +263,7 @@ async def _run_step(ctx: RunContext, source: Source, step: Step, work: Work,
         log.info(f"{kind} finished", duration_s=step.duration_s, bytes=record.bytes)
         return None
     # A copy that failed because the disk went away says so, not "rsync code 23".
-    gone = await anyio.to_thread.run_sync(ctx.destination_gone)
+    gone = await anyio.to_thread.run_sync(ctx.destination_gone, abandon_on_cancel=True)
     if gone is not None:
         problem = gone
     if step.start is None:
