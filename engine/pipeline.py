@@ -116,7 +116,8 @@ def _write_report(ctx: RunContext) -> bool:
     try:
         path = write_report(ctx.report, ctx.config.reports_dir)
     except OSError as e:
-        log.error("report not written; the mail carries it", folder=ctx.config.reports_dir,
+        carried = "; the mail carries it" if ctx.config.report is not None else ""
+        log.error(f"report not written{carried}", folder=ctx.config.reports_dir,
                   error=e.strerror or str(e))
         return False
     log.info("report written", report=path)

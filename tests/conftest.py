@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
     from pathlib import Path
+
+    from sshkit import ClientKey, Sshd
 
 CLI = [sys.executable, "-m", "pibackup_async.cli"]
 
@@ -131,3 +133,29 @@ def ws(tmp_path: Path) -> Iterator[Workspace]:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+# --- SSH: one client key for the session, test sshd instances on demand ---------------
+
+
+@pytest.fixture(scope="session")
+def client_key(tmp_path_factory: pytest.TempPathFactory) -> ClientKey:
+    from sshkit import ClientKey
+
+    return ClientKey(tmp_path_factory.mktemp("ssh-client"))
+
+
+@pytest.fixture
+def new_sshd(tmp_path_factory: pytest.TempPathFactory,
+             client_key: ClientKey) -> Iterator[Callable[[], Sshd]]:
+    """Start test sshd instances on demand; all are stopped (by PID) at teardown."""
+    from sshkit import SSHD, sshd_servers
+
+    if os.geteuid() != 0 or not os.path.exists(SSHD):
+        pytest.skip("the test sshd needs root and OpenSSH sshd")
+    yield from sshd_servers(tmp_path_factory, client_key)
+
+
+@pytest.fixture
+def sshd(new_sshd: Callable[[], Sshd]) -> Sshd:
+    return new_sshd()

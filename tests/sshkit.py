@@ -83,7 +83,7 @@ def _can_unshare() -> bool:
     return probe.returncode == 0
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
     """PIDs whose parent is ``pid`` (sshd's per-connection processes)."""
     found = []
     for entry in os.listdir("/proc"):
@@ -118,6 +118,14 @@ def established_to(port: int) -> int:
             if state == "01" and int(remote.rpartition(":")[2], 16) == port:
                 count += 1
     return count
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, children first."""
+    found = []
+    for child in children(pid):
+        found += [child, *descendants(child)]
+    return found
 
 
 class ClientKey:
@@ -225,7 +233,7 @@ class Sshd:
         if proc is None:
             return
         if proc.poll() is None:
-            for pid in [proc.pid, *_children(proc.pid)]:
+            for pid in [proc.pid, *children(proc.pid)]:
                 try:
                     os.kill(pid, signal.SIGTERM)
                 except ProcessLookupError:

@@ -47,10 +47,10 @@ from hookkit import (
     wait_marker,
     wait_no_processes,
 )
-from sshkit import SSHD, ClientKey, Sshd, established_to, free_port, sshd_servers
+from sshkit import SSHD, Sshd, established_to, free_port
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable
     from pathlib import Path
 
     from conftest import Workspace
@@ -66,23 +66,6 @@ SLOW_REMOTE = {"rsync_args": ["--bwlimit=300"]}
 
 
 # --- fixtures -------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def client_key(tmp_path_factory: pytest.TempPathFactory) -> ClientKey:
-    return ClientKey(tmp_path_factory.mktemp("ssh-client"))
-
-
-@pytest.fixture
-def new_sshd(tmp_path_factory: pytest.TempPathFactory,
-             client_key: ClientKey) -> Iterator[Callable[[], Sshd]]:
-    """Start test sshd instances on demand; all are stopped (by PID) at teardown."""
-    yield from sshd_servers(tmp_path_factory, client_key)
-
-
-@pytest.fixture
-def sshd(new_sshd: Callable[[], Sshd]) -> Sshd:
-    return new_sshd()
 
 
 # --- helpers --------------------------------------------------------------------------

@@ -85,11 +85,6 @@ def btrfs_fs(tmp_path: Path) -> Iterator[Callable[..., Btrfs]]:
     yield from btrfs_filesystems(tmp_path)
 
 
-@pytest.fixture(scope="session")
-def client_key(tmp_path_factory: pytest.TempPathFactory) -> ClientKey:
-    return ClientKey(tmp_path_factory.mktemp("ssh-client"))
-
-
 @pytest.fixture
 def new_sshd(btrfs_fs: Callable[..., Btrfs], tmp_path_factory: pytest.TempPathFactory,
              client_key: ClientKey) -> Iterator[Callable[[], Sshd]]:

@@ -17,7 +17,7 @@ import pytest
 from conftest import needs_root, processes_mentioning
 from pibackup_async.engine.config import Host
 from pibackup_async.engine.remote import RemoteError, RemoteHost
-from sshkit import SSHD, ClientKey, Sshd, sshd_servers
+from sshkit import SSHD, Sshd, descendants
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -27,17 +27,6 @@ pytestmark = [
     needs_root,  # the test sshd logs in as root
     pytest.mark.skipif(not os.path.exists(SSHD), reason="OpenSSH sshd is not installed"),
 ]
-
-
-@pytest.fixture(scope="session")
-def client_key(tmp_path_factory: pytest.TempPathFactory) -> ClientKey:
-    return ClientKey(tmp_path_factory.mktemp("ssh-client"))
-
-
-@pytest.fixture
-def new_sshd(tmp_path_factory: pytest.TempPathFactory,
-             client_key: ClientKey) -> Iterator[Callable[[], Sshd]]:
-    yield from sshd_servers(tmp_path_factory, client_key)
 
 
 @pytest.fixture
@@ -56,27 +45,12 @@ def program(tmp_path: Path) -> Iterator[str]:
                 pass
 
 
-def _descendants(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rpartition(")")[2].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == pid:
-            found += [int(entry), *_descendants(int(entry))]
-    return found
-
-
 def _cut_connections(server: Sshd) -> int:
     """SIGKILL the server's per-connection sshd processes (not the listener, not the
     commands they run): the TCP connection goes away as when a network drops."""
     assert server.proc is not None
     killed = 0
-    for pid in _descendants(server.proc.pid):
+    for pid in descendants(server.proc.pid):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 is_sshd = f.read().startswith(b"sshd")

@@ -43,11 +43,11 @@ from hookkit import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Iterator
     from pathlib import Path
 
     from conftest import Workspace
-    from sshkit import ClientKey, Sshd
+    from sshkit import Sshd
 
 pytestmark = needs_rsync
 
@@ -148,26 +148,6 @@ def test_an_unexpected_error_in_step_7_still_runs_the_earlier_backup_posts(
 
 
 # --- item 4, remote: a connection lost under a post ------------------------------------
-
-
-@pytest.fixture(scope="module")
-def client_key(tmp_path_factory: pytest.TempPathFactory) -> ClientKey:
-    from sshkit import ClientKey
-
-    return ClientKey(tmp_path_factory.mktemp("ssh-client"))
-
-
-@pytest.fixture
-def sshd(tmp_path_factory: pytest.TempPathFactory, client_key: ClientKey) -> Iterator[Sshd]:
-    from sshkit import SSHD, sshd_servers
-
-    if os.geteuid() != 0 or not os.path.exists(SSHD):
-        pytest.skip("needs root and OpenSSH sshd")
-    servers = sshd_servers(tmp_path_factory, client_key)
-    make: Callable[[], Sshd] = next(servers)
-    yield make()
-    for _ in servers:
-        pass
 
 
 @needs_root
