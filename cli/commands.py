@@ -48,6 +48,10 @@ log = structlog.get_logger("pibackup")
 
 def dispatch(args: argparse.Namespace, config_path: str) -> int:
     configure_logging(args.log_format, -1 if args.quiet else (1 if args.verbose else 0))
+    if args.command == "init":
+        from .init import init_command  # writes a configuration: there is none to load
+
+        return init_command(args, args.output or config_path)
     try:
         config = load_config(config_path)
     except ConfigError as e:
@@ -57,8 +61,33 @@ def dispatch(args: argparse.Namespace, config_path: str) -> int:
     withhold_secrets(config)
     command: Callable[[argparse.Namespace, Config], int] = {
         "run": _run, "check": check_command, "list": _list, "prune": _prune,
+        "restore": _restore, "diff": _diff, "du": _du, "verify": _verify,
     }[args.command]
     return command(args, config)
+
+
+def _restore(args: argparse.Namespace, config: Config) -> int:
+    from .restore import restore_command
+
+    return restore_command(args, config)
+
+
+def _diff(args: argparse.Namespace, config: Config) -> int:
+    from .inspect import diff_command
+
+    return diff_command(args, config)
+
+
+def _du(args: argparse.Namespace, config: Config) -> int:
+    from .inspect import du_command
+
+    return du_command(args, config)
+
+
+def _verify(args: argparse.Namespace, config: Config) -> int:
+    from .verify import verify_command
+
+    return verify_command(args, config)
 
 
 def _run(args: argparse.Namespace, config: Config) -> int:
@@ -66,10 +95,10 @@ def _run(args: argparse.Namespace, config: Config) -> int:
         print("\n".join(anyio.run(plan_run, config, args.jobs, backend="asyncio")))
         return EXIT_OK
     options = RunOptions(jobs=args.jobs, no_report=args.no_report)
-    return _under_signals(lambda interruption: run_backup(config, options, interruption))
+    return under_signals(lambda interruption: run_backup(config, options, interruption))
 
 
-def _under_signals(work: Callable[[Interruption], Awaitable[Report]]) -> int:
+def under_signals(work: Callable[[Interruption], Awaitable[Report]]) -> int:
     """Run ``work`` with SIGINT/SIGTERM/SIGHUP turned into a cancel; map its outcome to an
     exit code."""
     interruption = Interruption()
@@ -128,7 +157,7 @@ def _list(args: argparse.Namespace, config: Config) -> int:
 
 def _prune(args: argparse.Namespace, config: Config) -> int:
     if not args.dry_run:
-        return _under_signals(lambda interruption: prune_backups(config, interruption))
+        return under_signals(lambda interruption: prune_backups(config, interruption))
     rows = _read_backups(config)
     if rows is None:
         return EXIT_FAILED

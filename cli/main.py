@@ -56,6 +56,46 @@ def _parser() -> argparse.ArgumentParser:
 
     prune = commands.add_parser("prune", parents=[common], help="apply retention alone")
     prune.add_argument("--dry-run", action="store_true", help="say what would go, delete nothing")
+
+    restore = commands.add_parser("restore", parents=[common],
+                                  help="copy a backup (or a file or folder of it) back")
+    restore.add_argument("backup", metavar="BACKUP", help="a backup name, or latest")
+    restore.add_argument("item", metavar="SOURCE[/PATH]",
+                         help="a source of the backup, or a file or folder inside it")
+    restore.add_argument("--to", required=True, metavar="TARGET",
+                         help="a local folder (created if missing), or HOST:PATH")
+    restore.add_argument("--dry-run", action="store_true",
+                         help="list what would change, write nothing")
+    restore.add_argument("--delete", action="store_true",
+                         help="remove files the backup does not have, inside the restored item")
+    restore.add_argument("--no-progress", action="store_true", help="no live progress")
+
+    diff = commands.add_parser("diff", parents=[common],
+                               help="what changed between two backups")
+    diff.add_argument("old", metavar="OLD", nargs="?", help="default: the second newest")
+    diff.add_argument("new", metavar="NEW", nargs="?", help="default: the newest")
+    diff.add_argument("--source", metavar="NAME", help="only this source")
+    diff.add_argument("--json", action="store_true", help="a JSON array instead of lines")
+
+    du = commands.add_parser("du", parents=[common], help="the size of every backup")
+    du.add_argument("--json", action="store_true", help="JSON instead of a table")
+
+    verify = commands.add_parser("verify", parents=[common],
+                                 help="read a backup back; find what cannot be read")
+    verify.add_argument("backup", metavar="BACKUP", nargs="?", default="latest",
+                        help="a backup name, or latest (default)")
+    verify.add_argument("--source", metavar="NAME", help="only this source")
+    verify.add_argument("--against-source", action="store_true",
+                        help="also compare unchanged files with the live source")
+    verify.add_argument("--no-progress", action="store_true", help="no live progress")
+
+    init = commands.add_parser("init", parents=[common],
+                               help="write a first configuration, every option commented")
+    init.add_argument("--destination", metavar="PATH", help="where the backups go")
+    init.add_argument("--source", metavar="PATH", action="append", default=[],
+                      dest="sources", help="a folder or btrfs subvolume to back up (repeat)")
+    init.add_argument("--output", metavar="FILE",
+                      help="default: -c, else $PIBACKUP_CONFIG, else " + DEFAULT_CONFIG)
     return parser
 
 

@@ -125,6 +125,9 @@ class RunContext:
         # The destination as step 1 found it (st_dev, st_ino): a later stat
         # that differs means it was unmounted or unplugged under the run.
         self.destination_identity: tuple[int, int] | None = None
+        # What hooks see as PIBACKUP_NAME and PIBACKUP_BACKUP_DIR when this is
+        # not a run making a backup (restore, verify: the backup used, once known).
+        self.hook_view: tuple[str, str] | None = None
         # When the run started: the time its backup name stands for.
         self.started = datetime.now().astimezone()
 
@@ -200,11 +203,13 @@ class RunContext:
         env = dict(os.environ) if inherit else {}
         env.update(extra)
         final = kind == "backup" and phase == "post"
+        name, backup_dir = self.hook_view or (
+            self.name, self.final_dir if final else self.in_progress_dir)
         env.update(
-            PIBACKUP_NAME=self.name,
+            PIBACKUP_NAME=name,
             PIBACKUP_DESTINATION=self.destination,
             PIBACKUP_COMMAND=self.options.command,
-            PIBACKUP_BACKUP_DIR=self.final_dir if final else self.in_progress_dir,
+            PIBACKUP_BACKUP_DIR=backup_dir,
             PIBACKUP_PHASE=phase,
         )
         if phase == "post":
