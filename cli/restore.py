@@ -5,6 +5,13 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING
 
+import anyio
+from pibackup_async.engine import DestinationUnavailable
+from pibackup_async.engine.lookup import NotHeld, UsageProblem
+from pibackup_async.engine.restore import PlanFailed, parse_request, plan_restore, restore
+
+from .commands import EXIT_FAILED, EXIT_OK, EXIT_USAGE, under_signals
+
 if TYPE_CHECKING:
     import argparse
 
@@ -12,5 +19,22 @@ if TYPE_CHECKING:
 
 
 def restore_command(args: argparse.Namespace, config: Config) -> int:
-    print("error: restore is not built yet", file=sys.stderr)
-    return 2
+    try:
+        request = parse_request(config, args.backup, args.item, args.to, delete=args.delete)
+    except UsageProblem as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if not args.dry_run:
+        return under_signals(lambda interruption: restore(config, request, interruption))
+    try:
+        anyio.run(plan_restore, config, request, print, backend="asyncio")
+    except (DestinationUnavailable, NotHeld, PlanFailed) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as e:
+        if isinstance(e, BrokenPipeError):
+            raise
+        print(f"error: cannot read the destination {config.destination}: {e.strerror} "
+              "(is the backup disk mounted?)", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
