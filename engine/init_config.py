@@ -277,24 +277,34 @@ def _require_mountpoint(destination: str) -> bool:
                                                      for p in _MOUNT_PLACES)
 
 
+def _top_level(destination: str, *, defaulted: bool) -> dict[str, str]:
+    """The sample's top-level lines that ``init`` writes its own way."""
+    note = ("  # init's default (no --destination given): change it to your backup disk"
+            if defaulted else "")
+    mountpoint = "true" if _require_mountpoint(destination) else "false"
+    values = {"destination": f"destination = {_toml(destination)}{note}",
+              "require_mountpoint": f"require_mountpoint = {mountpoint}"}
+    if os.geteuid() != 0:
+        # The sample's system paths need root; `check` would fail on them.
+        state = os.path.join(os.path.expanduser("~"), ".local", "state", "pibackup-async")
+        values["state_dir"] = f"state_dir = {_toml(state)}  # init: not run as root"
+        values["lock_file"] = "# lock_file: the default, <state_dir>/lock"
+    return values
+
+
 def config_text(destination: str, sources: list[PlannedSource], output: str, *,
                 defaulted: bool = False) -> str:
     """The configuration ``init`` writes: the sample's blocks, with these values in."""
     out: list[list[str]] = [_header(output)]
+    values = _top_level(destination, defaulted=defaulted)
     seen_sources = False
     found = set()
     for block in _blocks(sample_text())[1:]:  # the first is the sample's own header
         code = _first_code(block)
         key = code.split("=", 1)[0].strip()
-        if key == "destination":
+        if key in values:
             found.add(key)
-            note = ("  # init's default (no --destination given): change it to your "
-                    "backup disk" if defaulted else "")
-            out.append(_replaced(block, code, f"destination = {_toml(destination)}{note}"))
-        elif key == "require_mountpoint":
-            found.add(key)
-            value = "true" if _require_mountpoint(destination) else "false"
-            out.append(_replaced(block, code, f"require_mountpoint = {value}"))
+            out.append(_replaced(block, code, values[key]))
         elif code == "[[sources]]" and not seen_sources:
             found.add("sources")
             seen_sources = True
@@ -307,7 +317,7 @@ def config_text(destination: str, sources: list[PlannedSource], output: str, *,
             out.append(_commented(block))  # the sample server's hooks and sources
         else:
             out.append(block)
-    missing = {"destination", "require_mountpoint", "sources"} - found
+    missing = {*values, "sources"} - found
     if missing:
         raise PibackupError(f"{SAMPLE} has changed: no {', '.join(sorted(missing))} block "
                             "found for init to fill in")
