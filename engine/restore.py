@@ -239,6 +239,9 @@ async def restore(config: Config, request: Request, interruption: Interruption) 
     it went. Raises LockHeld, StateUnusable or Interrupted as ``under_hooks`` does."""
 
     async def work(ctx: RunContext) -> None:
+        # The pre saw BACKUP as given; the post names the backup used, or
+        # nothing when none was found (SPEC §7).
+        ctx.hook_view = ("", "")
         try:
             backup = await anyio.to_thread.run_sync(
                 find_backup, config.destination, request.backup, request.source,
