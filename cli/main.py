@@ -24,19 +24,46 @@ def _jobs(text: str) -> int:
     return value
 
 
+def _common(*, top: bool) -> argparse.ArgumentParser:
+    """The options every command takes, before or after its name.
+
+    Given after the name they win; the subcommands' copies default to
+    SUPPRESS so that they never overwrite what was given before the name.
+    """
+    def default(value: object) -> object:
+        return value if top else argparse.SUPPRESS
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", default=default(None),
+                        help="configuration file (default: $PIBACKUP_CONFIG, "
+                        f"then {DEFAULT_CONFIG})")
+    common.add_argument("--log-format", choices=("console", "json"), default=default("console"),
+                        help="log lines on stderr: human-readable (default) or JSON")
+    noise = common.add_mutually_exclusive_group()
+    noise.add_argument("-v", "--verbose", action="store_true", default=default(False),
+                       help="debug logs")
+    noise.add_argument("-q", "--quiet", action="store_true", default=default(False),
+                       help="warnings and errors only")
+    return common
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pibackup-async")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pibackup-async",
         description="Concurrent backups of a small server: hooks, rsync sources, reports.",
+        parents=[_common(top=True)],
     )
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-c", "--config", help="configuration file (default: $PIBACKUP_CONFIG, "
-                        f"then {DEFAULT_CONFIG})")
-    common.add_argument("--log-format", choices=("console", "json"), default="console",
-                        help="log lines on stderr: human-readable (default) or JSON")
-    noise = common.add_mutually_exclusive_group()
-    noise.add_argument("-v", "--verbose", action="store_true", help="debug logs")
-    noise.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    parser.add_argument("--version", action="version", version=f"pibackup-async {_version()}")
+    common = _common(top=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", parents=[common], help="make one backup")

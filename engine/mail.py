@@ -67,7 +67,7 @@ def build_message(settings: ReportSettings, report: Report, *, host: str) -> Ema
     not final.
     """
     body = render_body(report, host=host)
-    message = _envelope(settings, render_subject(report), body, host)
+    message = _envelope(settings, render_subject(report, host=host), body, host)
     message.add_attachment(encode_report(report), maintype="application", subtype="json",
                            filename=f"{report.name}.json")
     return message

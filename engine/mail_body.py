@@ -41,21 +41,31 @@ def should_send(settings: ReportSettings | None, status: str, no_report: bool) -
 # --- rendering ----------------------------------------------------------------------------
 
 
-def render_subject(report: Report) -> str:
-    """``[pibackup] OK <name> — 4 sources, 3m12s``, ``FAILED <name> — <failure>``, …"""
+def render_subject(report: Report, *, host: str) -> str:
+    """``[pibackup] OK <name> on <host> — 4 sources, 3m12s``, ``FAILED … — <failure>``, …
+
+    ``host`` is the machine's short name, so that several machines can share
+    one mailbox.
+    """
+    where = f"{report.name} on {short_host(host)}"
     if report.status == "ok":
         count = len(report.sources)
         what = f"{count} source{'' if count == 1 else 's'}, {_duration(report.duration_s)}"
-        return f"[pibackup] OK {report.name} — {what}"
+        return f"[pibackup] OK {where} — {what}"
     if report.status == "interrupted":
         saved = "backup saved" if report.saved else "no backup saved"
-        return (f"[pibackup] INTERRUPTED {report.name} — after "
+        return (f"[pibackup] INTERRUPTED {where} — after "
                 f"{_duration(report.duration_s)}, {saved}")
     failure = gist(report.failure or "failed")
     if len(failure) > SUBJECT_FAILURE_CAP:
         cut = failure[:SUBJECT_FAILURE_CAP].rsplit(" ", 1)[0]
         failure = cut.rstrip(" ,;:") + "…"
-    return f"[pibackup] FAILED {report.name} — {failure}"
+    return f"[pibackup] FAILED {where} — {failure}"
+
+
+def short_host(host: str) -> str:
+    """``pi`` of ``pi.home.arpa``."""
+    return host.split(".", 1)[0] or host
 
 
 def gist(failure: str) -> str:

@@ -100,7 +100,7 @@ def test_full_destination_is_told_as_enospc_with_the_hint(
     assert in_progress(ws) == [] and _backups(ws.dest) == []
     # What the mail's subject says, from the report as written.
     decoded = msgspec.json.decode(ws.reports()[-1].read_bytes(), type=Report)
-    assert render_subject(decoded).endswith(
+    assert render_subject(decoded, host="piserver").endswith(
         '— source "data" snapshot failed: No space left on device')
 
     ballast.unlink()  # the user frees space

@@ -33,6 +33,7 @@ from pibackup_async.engine.mail_body import (
     human_bytes,
     render_body,
     render_subject,
+    short_host,
     should_send,
 )
 from pibackup_async.engine.report import (
@@ -249,18 +250,21 @@ def test_nothing_is_sent_without_a_report_table() -> None:
 
 
 def test_subjects_say_status_name_and_the_gist() -> None:
-    assert render_subject(ok_report()) == (
-        "[pibackup] OK 2021-04-02t07-00-12+0200 — 4 sources, 3m12s")
-    failed = render_subject(failed_report())
+    assert render_subject(ok_report(), host=HOST) == (
+        "[pibackup] OK 2021-04-02t07-00-12+0200 on piserver — 4 sources, 3m12s")
+    failed = render_subject(failed_report(), host=HOST)
     assert failed.startswith(
-        '[pibackup] FAILED 2021-04-03t07-00-05+0200 — source "data" snapshot failed: rsync '
-        "exited 23")
-    assert failed.endswith("…") and len(failed) < 120, failed
-    assert render_subject(interrupted_report()) == (
-        "[pibackup] INTERRUPTED 2021-04-03t07-00-05+0200 — after 12s, no backup saved")
+        '[pibackup] FAILED 2021-04-03t07-00-05+0200 on piserver — source "data" snapshot '
+        "failed: rsync exited 23")
+    assert failed.endswith("…") and len(failed) < 130, failed
+    assert render_subject(interrupted_report(), host=HOST) == (
+        "[pibackup] INTERRUPTED 2021-04-03t07-00-05+0200 on piserver — after 12s, "
+        "no backup saved")
     one = ok_report()
     one.sources = {"data": one.sources["data"]}
-    assert render_subject(one).endswith("— 1 source, 3m12s")
+    assert render_subject(one, host=HOST).endswith("— 1 source, 3m12s")
+    # The short host name: several machines share one mailbox.
+    assert " on pi — " in render_subject(ok_report(), host="pi.home.arpa")
 
 
 @pytest.mark.parametrize(("builder", "golden"), [
@@ -353,7 +357,8 @@ async def test_report_is_delivered_with_subject_body_and_attachment(
     assert received.rcpt_tos == RECIPIENTS
     assert received.login == USER and received.tls
     got = parts(received)
-    assert got.subject == render_subject(report)
+    # A long subject is folded and its em dash encoded; unfolding may double a space.
+    assert " ".join(got.subject.split()) == render_subject(report, host=HOST)
     assert got.sender == SENDER and got.to == ", ".join(RECIPIENTS)
     assert got.text == render_body(report, host=HOST)
     assert got.html is not None and "monospace" in got.html and report.name in got.html
@@ -585,7 +590,8 @@ def test_cli_ok_run_mails_one_report(ws: Workspace, server: MailServer, pki: Pki
     assert report["delivery"] == {"status": "sent", "error": None}
     got = parts(server.messages[0])
     assert server.messages[0].rcpt_tos == RECIPIENTS
-    assert got.subject.startswith(f"[pibackup] OK {report['name']} — 1 source, ")
+    assert got.subject.startswith(
+        f"[pibackup] OK {report['name']} on {short_host(socket.gethostname())} — 1 source, ")
     lines = got.text.splitlines()
     assert lines[0] == "OK — the backup was saved"
     assert f"Host      {socket.gethostname()}" in lines
@@ -611,7 +617,8 @@ pre = "echo 'disk not found' >&2; exit 3"
     failure = report["failure"]
     assert failure.startswith('hook "b1" pre failed: exit code 3')
     got = parts(server.messages[0])
-    assert got.subject == f'[pibackup] FAILED {report["name"]} — {failure}'
+    assert got.subject == (f'[pibackup] FAILED {report["name"]} on '
+                           f'{short_host(socket.gethostname())} — {failure}')
     lines = got.text.splitlines()
     assert lines[:2] == ["FAILED — no backup was saved", failure]
     failures = lines[lines.index("Failures"):]
@@ -635,7 +642,8 @@ critical = true
     report = _report_file_matches_attachment(ws, _only_message(server))
     assert report["failure"].startswith('hook "mount" pre failed: exit code 4')
     assert parts(server.messages[0]).subject == (
-        f'[pibackup] FAILED {report["name"]} — {report["failure"]}')
+        f'[pibackup] FAILED {report["name"]} on {short_host(socket.gethostname())} — '
+        f'{report["failure"]}')
 
 
 @needs_rsync
@@ -662,7 +670,8 @@ pre = 'touch "{started}"; while [ ! -e "{release}" ]; do sleep 0.05; done'
     report = _report_file_matches_attachment(ws, _only_message(server))
     assert report["status"] == "interrupted" and report["delivery"]["status"] == "sent"
     got = parts(server.messages[0])
-    assert got.subject.startswith(f"[pibackup] INTERRUPTED {report['name']} — after ")
+    assert got.subject.startswith(f"[pibackup] INTERRUPTED {report['name']} on "
+                                  f"{short_host(socket.gethostname())} — after ")
     assert got.subject.endswith(", no backup saved")
     assert got.text.startswith("INTERRUPTED — no backup was saved\n")
 
