@@ -215,9 +215,13 @@ async def _for_each_source(ctx: RunContext, work: Work) -> None:
             return
         # The host's own limit first: waiting for it must not hold a global slot.
         host_limit = ctx.remotes[source.host].limiter if source.host else _NO_LIMIT
-        async with host_limit, limiter:
-            with bound_contextvars(source=source.name):
-                problem = await _run_step(ctx, source, step, work, record)
+        async with host_limit:
+            waiting = time.monotonic()
+            async with limiter:
+                # Only the run's own limit counts: what a higher concurrency would buy.
+                record.waited_s = round(record.waited_s + time.monotonic() - waiting, 6)
+                with bound_contextvars(source=source.name):
+                    problem = await _run_step(ctx, source, step, work, record)
         if problem is None:
             return
         ctx.fail(f'source "{source.name}" {"snapshot" if work is _snapshot else "save"} '

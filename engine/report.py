@@ -62,6 +62,8 @@ class SourceReport(Struct, kw_only=True):
     type: str
     status: Status = "skipped"
     bytes: int = 0
+    # Time spent waiting for a slot of the run's concurrency limit, snapshot and save summed.
+    waited_s: float = 0.0
     snapshot: Step = msgspec.field(default_factory=Step)
     save: Step | None = None
 

@@ -97,3 +97,8 @@ def test_config_concurrency_applies_without_jobs(ws: Workspace) -> None:
 
     assert report["concurrency"] == 2
     assert max_overlap(snapshot_intervals(report).values()) == 2
+    # Two of the four sources waited for a slot about as long as a copy takes;
+    # the first two did not wait at all (SPEC §6 waited_s).
+    waited = sorted(report["sources"][s]["waited_s"] for s in SOURCES)
+    assert waited[0] < 0.2 and waited[1] < 0.2, waited
+    assert waited[2] > 1.0 and waited[3] > 1.0, waited
