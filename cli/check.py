@@ -53,6 +53,16 @@ async def _connect(config: Config, send_test: bool) -> int:
         else:
             print(f"error: {problem}", file=sys.stderr)
             failed += 1
+    if config.monitor is not None and config.monitor.ping_url is not None:
+        # The server only, never the check itself: a HEAD of scheme://host/.
+        from pibackup_async.engine.monitor import check_ping_server
+
+        problem = await check_ping_server(config.monitor.ping_url)
+        if problem is None:
+            print("monitor ping server: answers", file=sys.stderr)
+        else:
+            print(f"error: monitor ping server {problem}", file=sys.stderr)
+            failed += 1
     if config.report is None:
         if send_test:
             print("error: --send-test needs a [report] table", file=sys.stderr)

@@ -126,7 +126,7 @@ def under_signals(work: Callable[[Interruption], Awaitable[Report]]) -> int:
         return EXIT_FAILED
     if outcome.status == "interrupted":
         return 128 + (interruption.signum or signal.SIGINT)
-    if outcome.status != "ok" or outcome.delivery.status == "failed":
+    if outcome.status != "ok" or "failed" in (outcome.delivery.status, outcome.monitor.status):
         return EXIT_FAILED
     return EXIT_OK
 

@@ -17,6 +17,7 @@ import tomllib
 import types
 from collections.abc import Iterator, Mapping
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from urllib.parse import urlsplit
 
 import msgspec
 from msgspec import Meta, Struct, field
@@ -121,6 +122,11 @@ class ReportSettings(_Model, frozen=True, kw_only=True):
     when: Literal["always", "failure", "never"] = "always"
 
 
+class Monitor(_Model, frozen=True, kw_only=True):
+    ping_url: str | None = None
+    metrics_file: str | None = None
+
+
 class Config(_Model, frozen=True, kw_only=True):
     destination: str
     require_mountpoint: bool = False
@@ -133,6 +139,7 @@ class Config(_Model, frozen=True, kw_only=True):
     snapshot_hooks: list[Hook] = []
     sources: list[Source] = []
     report: ReportSettings | None = None
+    monitor: Monitor | None = None
 
     @property
     def lock_path(self) -> str:
@@ -307,6 +314,7 @@ def _rule_problems(raw: Mapping[str, Any]) -> Iterator[str]:
     yield from _source_problems(raw, defined)
     yield from _retention_problems(raw.get("retention"))
     yield from _report_problems(raw.get("report"))
+    yield from _monitor_problems(raw.get("monitor"))
 
 
 def _absolute(path: str, value: str | None) -> Iterator[str]:
@@ -491,3 +499,14 @@ def _report_problems(report: Any) -> Iterator[str]:
     yield from _absolute("report.smtp.password_file", _text(smtp, "password_file"))
     yield from _absolute("report.smtp.ca_file", _text(smtp, "ca_file"))
     yield from _timeout("report.smtp.timeout", _text(smtp, "timeout"))
+
+
+def _monitor_problems(monitor: Any) -> Iterator[str]:
+    if not isinstance(monitor, Mapping):
+        return
+    url = _text(monitor, "ping_url")
+    if url is not None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            yield (f"monitor.ping_url: expected an http:// or https:// URL, got {url!r}")
+    yield from _absolute("monitor.metrics_file", _text(monitor, "metrics_file"))

@@ -128,6 +128,8 @@ class RunContext:
         # What hooks see as PIBACKUP_NAME and PIBACKUP_BACKUP_DIR when this is
         # not a run making a backup (restore, verify: the backup used, once known).
         self.hook_view: tuple[str, str] | None = None
+        # Complete backups in the destination after retention, when last measured.
+        self.backups_after: int | None = None
         # When the run started: the time its backup name stands for.
         self.started = datetime.now().astimezone()
 

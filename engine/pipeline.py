@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -30,7 +31,8 @@ from .errors import Interrupted
 from .filesystems import is_btrfs
 from .hooks import Kind, hook_stage
 from .lock import private_state
-from .mail_body import should_send
+from .mail_body import render_body, should_send
+from .monitor import BODY_CAP, ping, previous_success, render_metrics, replace_file
 from .pruning import prune
 from .remote import RemoteError, open_remotes
 from .report import (
@@ -78,6 +80,7 @@ async def run_backup(config: Config, options: RunOptions, interruption: Interrup
         with anyio.CancelScope() as scope:
             interruption.attach(scope)
             try:
+                await _ping_start(ctx)
                 async with open_remotes(config) as ctx.remotes:
                     await _steps(ctx)
             except (StepFailed, CriticalStop):
@@ -103,13 +106,22 @@ async def deliver(ctx: RunContext) -> None:
     """
     report = ctx.report
     written = _write_report(ctx)
+    done: list[str] = []
     with anyio.CancelScope() as delivery:
         ctx.interruption.delivering(delivery)
         await _send_report(ctx)
+        done.append("mail")
+        await _ping_end(ctx)
+        done.append("ping")
     if delivery.cancelled_caught:
-        report.delivery = Delivery(status="failed", error="cut short by a second signal")
-    if written and report.delivery.status != "skipped":
+        cut = Delivery(status="failed", error="cut short by a second signal")
+        if "mail" not in done and _mail_due(ctx):
+            report.delivery = cut
+        if "ping" not in done and _ping_url(ctx) is not None:
+            report.monitor = cut
+    if written and (report.delivery.status, report.monitor.status) != ("skipped", "skipped"):
         _write_report(ctx)
+    await anyio.to_thread.run_sync(_write_metrics, ctx)
 
 
 def _write_report(ctx: RunContext) -> bool:
@@ -130,11 +142,50 @@ async def _send_report(ctx: RunContext) -> None:
     The mailer bounds its own time. Imported here: aiosmtplib costs start-up time.
     """
     settings = ctx.config.report
-    if settings is None or not should_send(settings, ctx.report.status, ctx.options.no_report):
+    if settings is None or not _mail_due(ctx):
         return
     from .mail import deliver_report
 
     ctx.report.delivery = await deliver_report(settings, ctx.report)
+
+
+def _mail_due(ctx: RunContext) -> bool:
+    return should_send(ctx.config.report, ctx.report.status, ctx.options.no_report)
+
+
+def _ping_url(ctx: RunContext) -> str | None:
+    return None if ctx.config.monitor is None else ctx.config.monitor.ping_url
+
+
+async def _ping_start(ctx: RunContext) -> None:
+    """``<ping_url>/start`` once the lock is taken; a failure is only logged."""
+    url = _ping_url(ctx)
+    if url is not None:
+        await ping(url, "/start")
+
+
+async def _ping_end(ctx: RunContext) -> None:
+    """``<ping_url>`` when the run is ok, ``<ping_url>/fail`` otherwise, with the mail's body."""
+    url = _ping_url(ctx)
+    if url is None:
+        return
+    body = render_body(ctx.report, host=socket.gethostname()).encode()[:BODY_CAP]
+    suffix = "" if ctx.report.status == "ok" else "/fail"
+    ctx.report.monitor = await ping(url, suffix, body)
+
+
+def _write_metrics(ctx: RunContext) -> None:
+    monitor = ctx.config.monitor
+    if monitor is None or monitor.metrics_file is None:
+        return
+    path = monitor.metrics_file
+    text = render_metrics(ctx.report, ctx.destination, end_s=time.time(),
+                          previous_success_s=previous_success(path),
+                          backups=ctx.backups_after)
+    try:
+        replace_file(path, text)
+    except OSError as e:
+        log.error("metrics file not written", file=path, error=e.strerror or str(e))
 
 
 async def _steps(ctx: RunContext) -> None:
@@ -420,6 +471,9 @@ async def _measure_space(ctx: RunContext) -> None:
                                                   abandon_on_cancel=True)
         if measured is not None:
             ctx.report.destination = DestinationSpace(*measured)
+        with contextlib.suppress(OSError):
+            entries = await scan_async(ctx.destination)
+            ctx.backups_after = len(complete(entries))
 
 
 # --- the report -----------------------------------------------------------------------

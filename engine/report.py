@@ -100,6 +100,8 @@ class Report(Struct, kw_only=True):
     destination: DestinationSpace | None = None
     retention: RetentionResult = msgspec.field(default_factory=RetentionResult)
     delivery: Delivery = msgspec.field(default_factory=Delivery)
+    # The dead man's switch's final ping (SPEC §8); skipped without a ping_url.
+    monitor: Delivery = msgspec.field(default_factory=Delivery)
     # Processes that survived SIGKILL and were left behind (SPEC §2).
     abandoned: list[str] = []
 

@@ -1,0 +1,224 @@
+"""Watching the runs from outside (SPEC §8): the dead man's switch ping and the metrics file.
+
+The ping server is a real HTTP server on 127.0.0.1 (the standard library's),
+recording what it was sent and answering as the test says.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING
+
+import pytest
+from conftest import needs_rsync
+from hookkit import HookSpec, source_toml, write_config
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from conftest import Workspace
+
+pytestmark = needs_rsync
+
+
+@dataclass
+class Hit:
+    method: str
+    path: str
+    body: bytes
+
+
+@dataclass
+class PingServer:
+    """What it answers: ``codes`` in order (then 200); a ``redirect`` path answers 302."""
+
+    port: int = 0
+    hits: list[Hit] = field(default_factory=list)
+    codes: list[int] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def url(self, path: str = "/ping/abc") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def paths(self) -> list[str]:
+        with self.lock:
+            return [h.path for h in self.hits]
+
+
+@pytest.fixture
+def ping_server() -> Iterator[PingServer]:
+    state = PingServer()
+
+    class Handler(BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else b""
+            with state.lock:
+                state.hits.append(Hit(self.command, self.path, body))
+                code = state.codes.pop(0) if state.codes else 200
+            if code == 302:
+                self.send_response(302)
+                self.send_header("Location", "/moved" + self.path)
+            else:
+                self.send_response(code)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(b"OK")
+
+        do_GET = do_POST = do_HEAD = _answer
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    state.port = server.server_address[1]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def _config(ws: Workspace, url: str, *, fail: bool = False, metrics: str | None = None) -> None:
+    monitor = f'[monitor]\nping_url = "{url}"\n'
+    if metrics:
+        monitor += f'metrics_file = "{metrics}"\n'
+    hooks = [HookSpec("b1", fail={"pre": 3} if fail else {})]
+    write_config(ws, hooks, source_toml("alpha", ws.make_source("alpha")) + monitor)
+
+
+def test_an_ok_run_pings_start_then_success_with_the_mail_body(
+    ws: Workspace, ping_server: PingServer
+) -> None:
+    _config(ws, ping_server.url("/ping/abc?rid=7"))
+    result = ws.run("run")
+    assert result.returncode == 0, result.stderr
+    # /start and /fail go into the path, before the query string.
+    assert ping_server.paths() == ["/ping/abc/start?rid=7", "/ping/abc?rid=7"]
+    final = ping_server.hits[-1]
+    assert final.method == "POST"
+    assert b"OK \xe2\x80\x94 the backup was saved" in final.body
+    assert len(final.body) <= 10_000
+    report = ws.report()
+    assert report["monitor"] == {"status": "sent", "error": None}
+
+
+def test_a_failed_run_pings_fail(ws: Workspace, ping_server: PingServer) -> None:
+    _config(ws, ping_server.url(), fail=True)
+    result = ws.run("run")
+    assert result.returncode == 1, result.stderr
+    assert ping_server.paths() == ["/ping/abc/start", "/ping/abc/fail"]
+    assert b"FAILED" in ping_server.hits[-1].body
+    assert ws.report()["monitor"]["status"] == "sent"
+
+
+def test_a_5xx_is_tried_three_times_then_fails_the_exit_code_not_the_status(
+    ws: Workspace, ping_server: PingServer
+) -> None:
+    _config(ws, ping_server.url())
+    ping_server.codes = [200, 503, 503, 503]  # /start, then the final ping three times
+    result = ws.run("run")
+    assert result.returncode == 1, result.stderr
+    assert ping_server.paths() == ["/ping/abc/start"] + ["/ping/abc"] * 3
+    report = ws.report()
+    assert report["status"] == "ok"
+    assert report["monitor"]["status"] == "failed"
+    assert "HTTP 503" in report["monitor"]["error"]
+
+
+def test_a_4xx_fails_at_once_and_a_failed_start_is_only_logged(
+    ws: Workspace, ping_server: PingServer
+) -> None:
+    _config(ws, ping_server.url())
+    ping_server.codes = [500, 500, 500, 404]
+    result = ws.run("run")
+    assert result.returncode == 1, result.stderr
+    assert ping_server.paths() == ["/ping/abc/start"] * 3 + ["/ping/abc"]
+    report = ws.report()
+    assert report["status"] == "ok"
+    assert report["monitor"]["status"] == "failed" and "HTTP 404" in report["monitor"]["error"]
+
+
+def test_redirects_are_followed(ws: Workspace, ping_server: PingServer) -> None:
+    _config(ws, ping_server.url())
+    ping_server.codes = [200, 302]
+    result = ws.run("run")
+    assert result.returncode == 0, result.stderr
+    assert ping_server.paths()[-1] == "/moved/ping/abc"
+    assert ws.report()["monitor"]["status"] == "sent"
+
+
+def test_without_a_ping_url_the_monitor_is_skipped(ws: Workspace) -> None:
+    write_config(ws, [HookSpec("b1")])
+    assert ws.run("run").returncode == 0
+    assert ws.report()["monitor"] == {"status": "skipped", "error": None}
+
+
+def _samples(text: str) -> dict[str, str]:
+    found = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            found[re.sub(r"\{.*\}", "", name) if "source=" not in name else name] = value
+    return found
+
+
+def test_the_metrics_file_is_replaced_after_every_run_and_keeps_the_last_success(
+    ws: Workspace, ping_server: PingServer
+) -> None:
+    metrics = ws.root / "textfile" / "pibackup.prom"
+    metrics.parent.mkdir()
+    _config(ws, ping_server.url(), metrics=str(metrics))
+    assert ws.run("run").returncode == 0
+    first = _samples(metrics.read_text())
+    assert stat.S_IMODE(metrics.stat().st_mode) == 0o644
+    assert first["pibackup_last_run_ok"] == "1"
+    assert first["pibackup_last_run_saved"] == "1"
+    assert first["pibackup_last_success_timestamp_seconds"] == (
+        first["pibackup_last_run_timestamp_seconds"])
+    assert first["pibackup_backups"] == "1"
+    assert int(first["pibackup_destination_total_bytes"]) > 0
+    assert f'destination="{ws.dest}"' in metrics.read_text()
+    assert any(k.startswith("pibackup_source_bytes") and 'source="alpha"' in k for k in first)
+    # A failed run: ok 0, the last success kept from the previous file.
+    _config(ws, ping_server.url(), fail=True, metrics=str(metrics))
+    assert ws.run("run").returncode == 1
+    second = _samples(metrics.read_text())
+    assert second["pibackup_last_run_ok"] == "0"
+    assert second["pibackup_last_run_saved"] == "0"
+    assert second["pibackup_last_success_timestamp_seconds"] == (
+        first["pibackup_last_success_timestamp_seconds"])
+    assert float(second["pibackup_last_run_timestamp_seconds"]) > float(
+        first["pibackup_last_run_timestamp_seconds"])
+    assert [p.name for p in metrics.parent.iterdir()] == ["pibackup.prom"]
+
+
+def test_a_ping_url_that_is_not_http_is_refused(ws: Workspace) -> None:
+    _config(ws, "ftp://example.com/x")
+    result = ws.run("check")
+    assert result.returncode == 2
+    assert "monitor.ping_url" in result.stderr
+
+
+def test_check_connect_asks_the_ping_server_without_pinging(
+    ws: Workspace, ping_server: PingServer
+) -> None:
+    _config(ws, ping_server.url())
+    result = ws.run("check", "--connect")
+    assert result.returncode == 0, result.stderr
+    assert [(h.method, h.path) for h in ping_server.hits] == [("HEAD", "/")]
+    ping_server.hits.clear()
+    _config(ws, "http://127.0.0.1:9/ping")  # discard port: nothing listens
+    result = ws.run("check", "--connect")
+    assert result.returncode == 1
+    assert "monitor ping server" in result.stderr
+    assert os.path.exists(ws.config_path)
