@@ -27,12 +27,13 @@ from pibackup_async.engine import (
     prune_backups,
     run_backup,
 )
+from pibackup_async.engine.heartbeat import ticker
 from pibackup_async.engine.lock import StateUnusable
 from pibackup_async.engine.secret_env import withhold_secrets
 
 from .check import check_command
 from .logs import configure_logging
-from .render import listing_table
+from .render import listing_table, summary_table
 from .signals import SignalBridge
 
 if TYPE_CHECKING:
@@ -95,10 +96,18 @@ def _run(args: argparse.Namespace, config: Config) -> int:
         print("\n".join(anyio.run(plan_run, config, args.jobs, backend="asyncio")))
         return EXIT_OK
     options = RunOptions(jobs=args.jobs, no_report=args.no_report)
-    return under_signals(lambda interruption: run_backup(config, options, interruption))
+    show = (args.log_format == "console" and not args.quiet and sys.stderr.isatty())
+    return under_signals(lambda interruption: run_backup(config, options, interruption),
+                         after=_print_summary if show else None)
 
 
-def under_signals(work: Callable[[Interruption], Awaitable[Report]]) -> int:
+def _print_summary(report: Report) -> None:
+    """The end-of-run summary on a terminal (SPEC §8), on stderr."""
+    print(summary_table(report), file=sys.stderr)
+
+
+def under_signals(work: Callable[[Interruption], Awaitable[Report]],
+                  after: Callable[[Report], None] | None = None) -> int:
     """Run ``work`` with SIGINT/SIGTERM/SIGHUP turned into a cancel; map its outcome to an
     exit code."""
     interruption = Interruption()
@@ -107,12 +116,19 @@ def under_signals(work: Callable[[Interruption], Awaitable[Report]]) -> int:
 
     async def main() -> Report | PibackupError:
         bridge.connect(interruption.trigger)
+        outcome: Report | PibackupError
         try:
-            return await work(interruption)
-        except (LockHeld, StateUnusable, Interrupted) as e:
-            return e
+            async with anyio.create_task_group() as tg:
+                # No live progress is drawn (yet): a long step shows it is alive.
+                tg.start_soon(ticker)
+                try:
+                    outcome = await work(interruption)
+                except (LockHeld, StateUnusable, Interrupted) as e:
+                    outcome = e
+                tg.cancel_scope.cancel()
         finally:
             bridge.disconnect()
+        return outcome
 
     outcome = anyio.run(main, backend="asyncio")
     if isinstance(outcome, LockHeld):
@@ -124,6 +140,8 @@ def under_signals(work: Callable[[Interruption], Awaitable[Report]]) -> int:
     if isinstance(outcome, PibackupError):
         print(f"error: {outcome}", file=sys.stderr)
         return EXIT_FAILED
+    if after is not None:
+        after(outcome)
     if outcome.status == "interrupted":
         return 128 + (interruption.signum or signal.SIGINT)
     if outcome.status != "ok" or "failed" in (outcome.delivery.status, outcome.monitor.status):

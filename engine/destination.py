@@ -24,6 +24,7 @@ import anyio.to_thread
 import structlog
 
 from .filesystems import SUBVOLUME_INODE, is_btrfs, on_mounted_filesystem
+from .heartbeat import beating
 from .names import DELETING, IN_PROGRESS, format_name, parse_name
 from .processes import describe_exit, run_process
 
@@ -296,14 +297,15 @@ async def remove_tree(path: str) -> None:
     shield=True)``. btrfs subvolume deletes are managed processes, ended on
     cancel. Raises OSError if something cannot be removed.
     """
-    # btrfs subvolumes (received backups, snapshots) are read-only and
-    # cannot be unlinked file by file: delete them as subvolumes first.
-    for subvolume in await _in_worker(_subvolumes_at, path):
-        finished = await run_process(["btrfs", "subvolume", "delete", subvolume])
-        if finished.exit_code != 0:
-            raise OSError(f"btrfs subvolume delete {subvolume}: "
-                          f"{finished.stderr.text() or describe_exit(finished.exit_code)}")
-    await _in_worker(_remove_tree_sync, path)
+    with beating("deletion", folder=path):
+        # btrfs subvolumes (received backups, snapshots) are read-only and
+        # cannot be unlinked file by file: delete them as subvolumes first.
+        for subvolume in await _in_worker(_subvolumes_at, path):
+            finished = await run_process(["btrfs", "subvolume", "delete", subvolume])
+            if finished.exit_code != 0:
+                raise OSError(f"btrfs subvolume delete {subvolume}: "
+                              f"{finished.stderr.text() or describe_exit(finished.exit_code)}")
+        await _in_worker(_remove_tree_sync, path)
 
 
 def _subvolumes_at(path: str) -> list[str]:

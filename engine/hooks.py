@@ -12,6 +12,7 @@ from structlog.contextvars import bound_contextvars
 
 from .context import CriticalStop, HookCutShort, RunContext, StepFailed
 from .failure_text import telling_line
+from .heartbeat import beating
 from .processes import describe_exit, run_process
 from .remote import RemoteError
 from .report import HookStep
@@ -62,7 +63,7 @@ async def run_hook(ctx: RunContext, kind: Kind, hook: Hook, phase: Phase) -> Non
             else:
                 log.info("hook started", kind=kind)
             step.begin(argv)
-            with anyio.fail_after(hook.timeout_s):
+            with anyio.fail_after(hook.timeout_s), beating("hook", hook=hook.name, phase=phase):
                 if hook.host is None:
                     finished = await run_process(argv, env=env, leave_background=True)
                 else:

@@ -29,6 +29,7 @@ from .destination import (
 )
 from .errors import Interrupted
 from .filesystems import is_btrfs
+from .heartbeat import beating
 from .hooks import Kind, hook_stage
 from .lock import private_state
 from .mail_body import render_body, should_send
@@ -300,7 +301,7 @@ async def _run_step(ctx: RunContext, source: Source, step: Step, work: Work,
     kind = "snapshot" if work is _snapshot else "save"
     log.info(f"{kind} started")
     try:
-        with anyio.fail_after(source.timeout_s):
+        with anyio.fail_after(source.timeout_s), beating(kind, source=source.name):
             record.bytes += await work(ctx, source, step)
     except anyio.get_cancelled_exc_class():
         step.finish("cancelled")

@@ -20,6 +20,8 @@ are visible to the /proc scan too).
 from __future__ import annotations
 
 import os
+import pty
+import select
 import shlex
 import shutil
 import signal
@@ -28,7 +30,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from conftest import processes_mentioning, wait_for
+from conftest import CLI, processes_mentioning, wait_for
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -379,3 +381,57 @@ def wait_marker(path: Path, running: Running | None = None, timeout: float = 20)
 
 
 EXIT_FOR: dict[int, int] = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class Terminal:
+    """The CLI as the session leader of a real pseudo-terminal, its output drained."""
+
+    def __init__(self, ws: Workspace, *args: str) -> None:
+        self.master, slave = pty.openpty()
+        # setsid --ctty: a new session whose controlling terminal is the pty,
+        # as a login shell's would be.
+        self.proc = subprocess.Popen(
+            ["setsid", "--ctty", *CLI, *args, "-c", str(ws.config_path)],
+            stdin=slave, stdout=slave, stderr=slave, env=ws.env(), close_fds=True)
+        os.close(slave)
+        self.output = bytearray()
+        self._stop = threading.Event()
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
+
+    def _drain(self) -> None:
+        # select() with a timeout, not a blocking read: a read blocked in
+        # another thread would keep the master open after close().
+        while not self._stop.is_set():
+            ready, _, _ = select.select([self.master], [], [], 0.05)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(self.master, 65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            self.output += chunk
+
+    def hang_up(self) -> None:
+        """Close the terminal's master side: the kernel sends SIGHUP to the session."""
+        self._stop.set()
+        self._reader.join(5)
+        os.close(self.master)
+
+    def finish(self, timeout: float = 60) -> int:
+        """Wait for the CLI to exit and for its last output; close the terminal."""
+        try:
+            rc = self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(5)
+        self._stop.set()
+        os.close(self.master)
+        return rc
+
+    def text(self) -> str:
+        return self.output.decode(errors="replace")

@@ -8,12 +8,10 @@ real sshd killed while a remote post runs, real files in the state folder.
 from __future__ import annotations
 
 import os
-import select
 import shutil
 import signal
 import stat
 import subprocess
-import threading
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -22,6 +20,7 @@ from conftest import CLI, needs_root, needs_rsync, processes_mentioning, wait_fo
 from hookkit import (
     ORDER_OK,
     HookSpec,
+    Terminal,
     assert_no_processes,
     complete_backups,
     events,
@@ -206,50 +205,10 @@ def test_a_remote_post_leaves_its_daemon_running_and_is_not_waited_for(
 # --- item 7: the terminal going away, a closed stderr ---------------------------------
 
 
-class _Terminal:
-    """The CLI as the session leader of a real pseudo-terminal, its output drained."""
-
-    def __init__(self, ws: Workspace, *args: str) -> None:
-        import pty
-
-        self.master, slave = pty.openpty()
-        # setsid --ctty: a new session whose controlling terminal is the pty,
-        # as a login shell's would be.
-        self.proc = subprocess.Popen(
-            ["setsid", "--ctty", *CLI, *args, "-c", str(ws.config_path)],
-            stdin=slave, stdout=slave, stderr=slave, env=ws.env(), close_fds=True)
-        os.close(slave)
-        self.output = bytearray()
-        self._stop = threading.Event()
-        self._reader = threading.Thread(target=self._drain, daemon=True)
-        self._reader.start()
-
-    def _drain(self) -> None:
-        # select() with a timeout, not a blocking read: a read blocked in
-        # another thread would keep the master open after close().
-        while not self._stop.is_set():
-            ready, _, _ = select.select([self.master], [], [], 0.05)
-            if not ready:
-                continue
-            try:
-                chunk = os.read(self.master, 65536)
-            except OSError:
-                return
-            if not chunk:
-                return
-            self.output += chunk
-
-    def hang_up(self) -> None:
-        """Close the terminal's master side: the kernel sends SIGHUP to the session."""
-        self._stop.set()
-        self._reader.join(5)
-        os.close(self.master)
-
-
 @pytest.mark.skipif(shutil.which("setsid") is None, reason="util-linux setsid is missing")
 def test_the_terminal_going_away_interrupts_the_run_cleanly(ws: Workspace) -> None:
     write_config(ws, standard_hooks(s1={"block": ("pre",)}))
-    terminal = _Terminal(ws, "run")
+    terminal = Terminal(ws, "run")
     try:
         wait_marker(started_marker(ws, "s1", "pre"))
         terminal.hang_up()
