@@ -64,17 +64,16 @@ def build(work: Path, files: int) -> Path:
         if i % PER_FOLDER == 0:
             folder.mkdir(parents=True)
         _write(folder / f"f{i:06d}.dat", f"0:{i}")
-    step = max(1, files // 100)
     for b in range(1, BACKUPS):
         previous, current = dest / _name(b - 1), dest / _name(b)
         sh(["cp", "-al", str(previous), str(current)])
         data = current / "data"
-        for i in range(b % step, files, step):              # 1% rewritten: new inodes
+        for i in range(b, files, 100):                       # 1% rewritten: new inodes
             path = data / f"d{i // PER_FOLDER:04d}" / f"f{i:06d}.dat"
             if path.exists():
                 path.unlink()
                 _write(path, f"{b}:{i}")
-        for i in range(b, files, step * 10):                 # 0.1% removed, 0.1% added
+        for i in range(b + 50, files, 1000):                 # 0.1% removed, 0.1% added
             (data / f"d{i // PER_FOLDER:04d}" / f"f{i:06d}.dat").unlink(missing_ok=True)
             _write(data / f"d{i // PER_FOLDER:04d}" / f"new{b}-{i:06d}.dat", f"{b}:{i}")
     done.write_text("ok\n")

@@ -153,6 +153,8 @@ def diff_command(args: argparse.Namespace, config: Config) -> int:
             sources = await _in_worker(source_names, dest, old, new, args.source)
             await _in_worker(_write_diff, sys.stdout, dest, old, new, sources, args.json,
                              anyio.from_thread.check_cancelled)
+        except BrokenPipeError:
+            raise  # stdout closed early (`diff | head`): main stops quietly
         except (PibackupError, OSError) as e:
             return _failed(e, config)
         return EXIT_OK
