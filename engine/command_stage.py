@@ -50,6 +50,8 @@ async def under_hooks(config: Config, interruption: Interruption, command: str,
             interruption.attach(scope)
             try:
                 async with hook_stage(ctx, "backup", config.backup_hooks):
+                    # The pres have run: the posts name the backup used, none so far.
+                    ctx.hook_view = ("", "")
                     problem = await destination_problem_async(config)
                     if problem is not None:
                         ctx.fail_step(problem)
