@@ -21,6 +21,7 @@ from pibackup_async.engine.diffing import (
     Summary,
     check_args,
     diff_backups,
+    holds_source,
     pick_backups,
     source_names,
 )
@@ -101,7 +102,6 @@ def _write_diff(out: TextIO, destination: str, old: str, new: str, sources: list
                 as_json: bool, check: Callable[[], None]) -> None:
     """Runs in a worker thread: every change of every source, written as found."""
     encode = msgspec.json.Encoder().encode
-    base = os.fsencode(destination)
     if as_json:
         out.write("[")
     else:
@@ -124,8 +124,8 @@ def _write_diff(out: TextIO, destination: str, old: str, new: str, sources: list
             else:
                 out.write(f"{item.change} {_size_text(item):>12}  {path}\n")
         if not as_json:
-            in_old = os.path.isdir(os.path.join(base, old.encode(), source))
-            in_new = os.path.isdir(os.path.join(base, new.encode(), source))
+            in_old = holds_source(destination, old, source)
+            in_new = holds_source(destination, new, source)
             where = "" if in_old == in_new else (f" (only in {new})" if in_new
                                                   else f" (only in {old})")
             out.write(_summary_text(shown, summary, where) + "\n")

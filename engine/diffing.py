@@ -118,13 +118,18 @@ def _folders(path: bytes) -> set[bytes]:
         return set()
 
 
+def holds_source(destination: str, backup: str, source: bytes) -> bool:
+    """The backup has a folder (not a link) named ``source``."""
+    return _is_folder(os.path.join(os.fsencode(destination), backup.encode(), source))
+
+
 def source_names(destination: str, old: str, new: str, only: str | None = None) -> list[bytes]:
     """The sources (folders) of either backup, sorted; just ``only`` when given. Raises
     NotHeld when neither backup holds ``only``."""
     base = os.fsencode(destination)
     if only is not None:
         name = os.fsencode(only)
-        if not any(_is_folder(os.path.join(base, b.encode(), name)) for b in (old, new)):
+        if not (holds_source(destination, old, name) or holds_source(destination, new, name)):
             raise NotHeld(f"neither {old} nor {new} holds a source {only}")
         return [name]
     return sorted(_folders(os.path.join(base, old.encode()))

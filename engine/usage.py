@@ -73,13 +73,16 @@ class Tally:
         self.total = [0] * len(self.names)
         self.exclusive = [0] * len(self.names)
 
-    def add(self, index: int, st: os.stat_result) -> None:
+    def add_alone(self, index: int, size: int) -> None:
+        """Folders and files with one link: this backup's alone."""
+        self.total[index] += size
+        self.exclusive[index] += size
+        self.destination += size
+
+    def add_linked(self, index: int, st: os.stat_result) -> None:
+        """A file with several links. Backups come one after the other: an inode last
+        seen in another backup is shared."""
         size = st.st_blocks * 512
-        if st.st_nlink <= 1 or stat.S_ISDIR(st.st_mode):
-            self.total[index] += size
-            self.exclusive[index] += size
-            self.destination += size
-            return
         key = st.st_dev << 64 | st.st_ino
         value = self.links.get(key)
         if value is None:
@@ -121,14 +124,14 @@ def walk_backup(tally: Tally, index: int, top: bytes,
     st = _lstat(top)
     if st is None or not stat.S_ISDIR(st.st_mode):
         return
-    tally.add(index, st)
     device = st.st_dev
+    alone = st.st_blocks  # blocks of folders and single-link files, summed once at the end
     folders = [top]
     seen = 0
+    is_dir = stat.S_ISDIR
     while folders:
-        folder = folders.pop()
         try:
-            entries = os.scandir(folder)
+            entries = os.scandir(folders.pop())
         except _GONE:
             continue
         with entries:
@@ -140,17 +143,22 @@ def walk_backup(tally: Tally, index: int, top: bytes,
                     st = entry.stat(follow_symlinks=False)
                 except _GONE:
                     continue
-                if stat.S_ISDIR(st.st_mode):
+                if is_dir(st.st_mode):
                     if st.st_ino == SUBVOLUME_INODE and st.st_dev != device:
                         tally.subvolumes.append((index, entry.path))
                         continue
                     folders.append(entry.path)
-                tally.add(index, st)
+                    alone += st.st_blocks
+                elif st.st_nlink <= 1:
+                    alone += st.st_blocks
+                else:
+                    tally.add_linked(index, st)
+    tally.add_alone(index, alone * 512)
 
 
 def walk_backups(destination: str, names: list[str],
                  check: Callable[[], None] = lambda: None) -> Tally:
-    """The inode walk of every backup in ``names``."""
+    """The inode walk of every backup in ``names``, one after the other."""
     tally = Tally(names)
     base = os.fsencode(destination)
     for index, name in enumerate(names):
