@@ -254,3 +254,70 @@ def assert_same_tree(source: Path, copy: Path) -> None:
     problems = diff_trees(describe_tree(source), describe_tree(copy))
     assert problems == [], "\n".join(problems)
     assert hardlink_groups(copy) == hardlink_groups(source)
+
+
+# --- the fidelity tree ------------------------------------------------------------------
+
+ODD_NAMES = [b"with space", b"new\nline", b"bad \xff\xfe byte", b"tab\there", b"-starts-with-dash"]
+
+
+def set_mtime(path: bytes | Path, ns: int) -> None:
+    os.utime(path, ns=(ns, ns), follow_symlinks=False)
+
+
+def build_tree(root: Path) -> bytes:
+    """A source tree with everything rsync -aHAX --numeric-ids --sparse must keep
+    (the fidelity tree: modes, times, odd names, links, a hard-linked pair, a sparse file)."""
+    base = os.fsencode(root)
+    base_ns = 1_600_000_000_123_456_789
+    files = {
+        b"plain.txt": (0o644, b"plain\n"),
+        b"private": (0o600, b"secret\n"),
+        b"script.sh": (0o755, b"#!/bin/sh\necho hi\n"),
+        b"odd-751": (0o751, b"odd\n"),
+        b"readonly": (0o444, b"ro\n"),
+        b"setgid-less-2711": (0o711, b"x\n"),
+        b"empty": (0o640, b""),
+    }
+    for i, (name, (mode, content)) in enumerate(files.items()):
+        path = os.path.join(base, name)
+        with open(path, "wb") as f:
+            f.write(content)
+        os.chmod(path, mode)
+        set_mtime(path, base_ns + i * 1_000_000_007)
+    for i, name in enumerate(ODD_NAMES):
+        path = os.path.join(base, name)
+        with open(path, "wb") as f:
+            f.write(b"odd name " + name + b"\n")
+        set_mtime(path, base_ns - i * 3_000_000_011)
+    # Directories with their own modes and times (set after their contents).
+    sub = os.path.join(base, b"sub dir")
+    os.mkdir(sub)
+    with open(os.path.join(sub, b"inner"), "wb") as f:
+        f.write(b"inner\n")
+    os.mkdir(os.path.join(base, b"empty-dir"))
+    os.mkdir(os.path.join(base, b"dir-0710"))
+    os.mkdir(os.path.join(base, b"sticky"))
+    # Links: a symlink, a dangling one, a relative one out of a folder, a hard-linked pair.
+    os.symlink(b"plain.txt", os.path.join(base, b"link-to-plain"))
+    os.symlink(b"/nonexistent/target", os.path.join(base, b"dangling"))
+    os.symlink(b"../plain.txt", os.path.join(sub, b"up-link"))
+    with open(os.path.join(base, b"hard-a"), "wb") as f:
+        f.write(b"shared inode\n")
+    os.link(os.path.join(base, b"hard-a"), os.path.join(sub, b"hard-b"))
+    set_mtime(os.path.join(base, b"hard-a"), base_ns + 5)
+    # A sparse file: 64 MiB apparent, two small islands of data.
+    sparse = os.path.join(base, b"sparse.img")
+    with open(sparse, "wb") as f:
+        f.write(b"head" * 1024)
+        f.seek(64 * 1024 * 1024 - 4096)
+        f.write(b"tail" * 1024)
+    for name in (b"link-to-plain", b"dangling"):
+        set_mtime(os.path.join(base, name), base_ns + 77)
+    set_mtime(os.path.join(sub, b"up-link"), base_ns + 78)
+    os.chmod(os.path.join(base, b"dir-0710"), 0o710)
+    os.chmod(os.path.join(base, b"sticky"), 0o1777)
+    os.chmod(sub, 0o2750)
+    for name in (b"sub dir", b"empty-dir", b"dir-0710", b"sticky"):
+        set_mtime(os.path.join(base, name), base_ns + 99)
+    return base

@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING
 import pytest
 from conftest import needs_root, needs_rsync
 from datakit import (
+    ODD_NAMES,
     acl_listing,
+    build_tree,
     cli_ok,
     describe_tree,
     diff_trees,
@@ -23,6 +25,7 @@ from datakit import (
     have_tool,
     only_backup,
     rsync_source,
+    set_mtime,
     settle_times,
 )
 
@@ -32,70 +35,6 @@ if TYPE_CHECKING:
     from conftest import Workspace
 
 pytestmark = needs_rsync
-
-ODD_NAMES = [b"with space", b"new\nline", b"bad \xff\xfe byte", b"tab\there", b"-starts-with-dash"]
-
-
-def _set_mtime(path: bytes | Path, ns: int) -> None:
-    os.utime(path, ns=(ns, ns), follow_symlinks=False)
-
-
-def build_tree(root: Path) -> bytes:
-    """A source tree with everything rsync -aHAX --numeric-ids --sparse must keep."""
-    base = os.fsencode(root)
-    base_ns = 1_600_000_000_123_456_789
-    files = {
-        b"plain.txt": (0o644, b"plain\n"),
-        b"private": (0o600, b"secret\n"),
-        b"script.sh": (0o755, b"#!/bin/sh\necho hi\n"),
-        b"odd-751": (0o751, b"odd\n"),
-        b"readonly": (0o444, b"ro\n"),
-        b"setgid-less-2711": (0o711, b"x\n"),
-        b"empty": (0o640, b""),
-    }
-    for i, (name, (mode, content)) in enumerate(files.items()):
-        path = os.path.join(base, name)
-        with open(path, "wb") as f:
-            f.write(content)
-        os.chmod(path, mode)
-        _set_mtime(path, base_ns + i * 1_000_000_007)
-    for i, name in enumerate(ODD_NAMES):
-        path = os.path.join(base, name)
-        with open(path, "wb") as f:
-            f.write(b"odd name " + name + b"\n")
-        _set_mtime(path, base_ns - i * 3_000_000_011)
-    # Directories with their own modes and times (set after their contents).
-    sub = os.path.join(base, b"sub dir")
-    os.mkdir(sub)
-    with open(os.path.join(sub, b"inner"), "wb") as f:
-        f.write(b"inner\n")
-    os.mkdir(os.path.join(base, b"empty-dir"))
-    os.mkdir(os.path.join(base, b"dir-0710"))
-    os.mkdir(os.path.join(base, b"sticky"))
-    # Links: a symlink, a dangling one, a relative one out of a folder, a hard-linked pair.
-    os.symlink(b"plain.txt", os.path.join(base, b"link-to-plain"))
-    os.symlink(b"/nonexistent/target", os.path.join(base, b"dangling"))
-    os.symlink(b"../plain.txt", os.path.join(sub, b"up-link"))
-    with open(os.path.join(base, b"hard-a"), "wb") as f:
-        f.write(b"shared inode\n")
-    os.link(os.path.join(base, b"hard-a"), os.path.join(sub, b"hard-b"))
-    _set_mtime(os.path.join(base, b"hard-a"), base_ns + 5)
-    # A sparse file: 64 MiB apparent, two small islands of data.
-    sparse = os.path.join(base, b"sparse.img")
-    with open(sparse, "wb") as f:
-        f.write(b"head" * 1024)
-        f.seek(64 * 1024 * 1024 - 4096)
-        f.write(b"tail" * 1024)
-    for name in (b"link-to-plain", b"dangling"):
-        _set_mtime(os.path.join(base, name), base_ns + 77)
-    _set_mtime(os.path.join(sub, b"up-link"), base_ns + 78)
-    os.chmod(os.path.join(base, b"dir-0710"), 0o710)
-    os.chmod(os.path.join(base, b"sticky"), 0o1777)
-    os.chmod(sub, 0o2750)
-    for name in (b"sub dir", b"empty-dir", b"dir-0710", b"sticky"):
-        _set_mtime(os.path.join(base, name), base_ns + 99)
-    return base
-
 
 def run_backup(ws: Workspace, src: Path) -> Path:
     ws.write_config(rsync_source("data", src))
@@ -108,7 +47,7 @@ def test_modes_times_links_names_and_contents_are_kept(ws: Workspace) -> None:
     src.mkdir()
     build_tree(src)
     os.chmod(src, 0o750)
-    _set_mtime(src, 1_500_000_000_000_000_001)
+    set_mtime(src, 1_500_000_000_000_000_001)
 
     copy = run_backup(ws, src)
 

@@ -18,6 +18,7 @@ from conftest import needs_root, needs_rsync
 from datakit import (
     acl_listing,
     assert_same_tree,
+    build_tree,
     cli_ok,
     complete_backups,
     have_tool,
@@ -27,7 +28,6 @@ from datakit import (
 )
 from hookkit import HookSpec, hook_toml, release_marker, start, started_marker, wait_marker
 from sshkit import SSHD
-from test_fidelity import build_tree
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
