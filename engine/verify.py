@@ -4,11 +4,13 @@ One walker thread lists every folder of the backup, depth first and
 streaming (never a whole-tree list), and hands the regular files in small
 batches through a bounded queue to reader threads. Each reader reads its
 files to the end in fixed-size chunks into one buffer of its own, so memory
-stays bounded whatever the backup's size; two readers keep the disk busy
-while Python does its per-file work (cold cache, small files: the disk waits
-on the inode reads). With ``--against-source``, a file whose live copy has
-the same size and mtime is compared chunk by chunk as it is read: a
-difference there is corruption; a live file changed since is only counted.
+stays bounded whatever the backup's size. With a cold cache and small files
+the time goes in waiting for each inode and its few blocks: several readers
+keep several requests before the disk (one reader is no faster than ``cat``).
+
+With ``--against-source``, a file whose live copy has the same size and
+mtime is compared chunk by chunk as it is read: a difference there is
+corruption; a live file changed since is only counted.
 
 The threads run under anyio (``check_cancelled`` between files and every few
 MiB), so a signal stops the walk promptly; a thread stuck on a dying disk is
@@ -48,7 +50,7 @@ log = structlog.get_logger("pibackup.verify")
 
 CHUNK = 1 << 20  # bytes per read
 CHECK_EVERY = 4  # chunks between cancellation checks inside one file
-READERS = 2  # reader threads beside the walker (measured: benchmarks/bench_verify.py)
+READERS = 3  # reader threads beside the walker (measured: benchmarks/bench_verify.py)
 BATCH = 64  # files handed over at once (fewer queue round trips)
 QUEUE_BATCHES = 32  # bound of the hand-over queue
 POLL_S = 0.1  # how often a thread waiting on the queue looks for a cancel
