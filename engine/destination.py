@@ -187,7 +187,7 @@ def space(destination: str) -> tuple[int, int] | None:
 # --- removal ----------------------------------------------------------------------------
 
 
-async def _in_worker(func: Callable[..., T], *args: object) -> T:
+async def in_worker(func: Callable[..., T], *args: object) -> T:
     """Run destination work that checks for cancellation in a worker thread.
 
     On cancel the worker stops at its next ``check_cancelled``; it is waited
@@ -243,7 +243,7 @@ def _remove_tree_sync(path: str) -> None:
 
     Works on file descriptors (``*at`` calls), as shutil.rmtree does, so a
     link swapped in while it runs is unlinked, never entered. Checks for
-    cancellation before each entry: run it in a worker thread (_in_worker).
+    cancellation before each entry: run it in a worker thread (in_worker).
     """
     check = anyio.from_thread.check_cancelled
     # The parent may be reached through a link (a destination configured as
@@ -300,12 +300,12 @@ async def remove_tree(path: str) -> None:
     with beating("deletion", folder=path):
         # btrfs subvolumes (received backups, snapshots) are read-only and
         # cannot be unlinked file by file: delete them as subvolumes first.
-        for subvolume in await _in_worker(_subvolumes_at, path):
+        for subvolume in await in_worker(_subvolumes_at, path):
             finished = await run_process(["btrfs", "subvolume", "delete", subvolume])
             if finished.exit_code != 0:
                 raise OSError(f"btrfs subvolume delete {subvolume}: "
                               f"{finished.stderr.text() or describe_exit(finished.exit_code)}")
-        await _in_worker(_remove_tree_sync, path)
+        await in_worker(_remove_tree_sync, path)
 
 
 def _subvolumes_at(path: str) -> list[str]:
@@ -345,7 +345,7 @@ async def delete_backup(destination: str, name: str) -> None:
     """
     await anyio.lowlevel.checkpoint_if_cancelled()
     deleting = os.path.join(destination, name + DELETING)
-    await _in_worker(_rename_folder, os.path.join(destination, name), deleting)
+    await in_worker(_rename_folder, os.path.join(destination, name), deleting)
     await remove_tree(deleting)
 
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import anyio.from_thread
 import msgspec
 
-from .destination import _in_worker, complete, scan
+from .destination import in_worker, complete, scan
 from .filesystems import SUBVOLUME_INODE
 from .processes import describe_exit, run_process
 
@@ -277,11 +277,11 @@ async def measure(destination: str) -> Usage:
     destination's total. The walks run in worker threads that stop on cancel. Raises
     OSError if the destination cannot be read (SubvolumeError if ``btrfs filesystem
     du`` fails)."""
-    names = [e.name for e in complete(await _in_worker(scan, destination))]
-    tally = await _in_worker(walk_backups, destination, names, anyio.from_thread.check_cancelled)
+    names = [e.name for e in complete(await in_worker(scan, destination))]
+    tally = await in_worker(walk_backups, destination, names, anyio.from_thread.check_cancelled)
     found = []
     for index, path in tally.subvolumes:
-        if not await _in_worker(os.path.lexists, path):
+        if not await in_worker(os.path.lexists, path):
             continue  # deleted while we read: gone
         total, exclusive = await subvolume_du(path)
         tally.total[index] += total
@@ -289,6 +289,6 @@ async def measure(destination: str) -> Usage:
         tally.destination += exclusive
         found.append(path)
     if found:
-        tally.destination += await _in_worker(shared_bytes, found,
+        tally.destination += await in_worker(shared_bytes, found,
                                               anyio.from_thread.check_cancelled)
     return tally.result()

@@ -34,7 +34,7 @@ import structlog
 
 from .command_stage import under_hooks, use_backup
 from .config import SOURCE_NAME
-from .destination import _in_worker
+from .destination import in_worker
 from .lookup import NotHeld, UsageProblem, find_backup
 from .mail_body import human_bytes
 from .pathtext import show_path
@@ -162,7 +162,7 @@ async def _verify(ctx: RunContext, name: str, request: VerifyRequest,
     tallies: list[Tally] = []
 
     async def run(func: Callable[[], Tally]) -> None:
-        tallies.append(await _in_worker(func))
+        tallies.append(await in_worker(func))
 
     gone: _Vanished | None = None
     try:
