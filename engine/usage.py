@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import anyio.from_thread
 import msgspec
 
-from .destination import in_worker, complete, scan
+from .destination import complete, in_worker, scan
 from .filesystems import SUBVOLUME_INODE
 from .processes import describe_exit, run_process
 
