@@ -15,7 +15,7 @@ import anyio
 import anyio.from_thread
 import msgspec
 from pibackup_async.engine import Interruption, PibackupError
-from pibackup_async.engine.destination import _in_worker, destination_problem
+from pibackup_async.engine.destination import destination_problem, in_worker
 from pibackup_async.engine.diffing import (
     Change,
     Summary,
@@ -64,7 +64,7 @@ def _under_signals(work: Callable[[], Awaitable[int]]) -> int:
 
 
 async def _readable(config: Config) -> bool:
-    problem = await _in_worker(destination_problem, config)
+    problem = await in_worker(destination_problem, config)
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
     return problem is None
@@ -149,9 +149,9 @@ def diff_command(args: argparse.Namespace, config: Config) -> int:
             return EXIT_FAILED
         dest = config.destination
         try:
-            old, new = await _in_worker(pick_backups, dest, args.old, args.new)
-            sources = await _in_worker(source_names, dest, old, new, args.source)
-            await _in_worker(_write_diff, sys.stdout, dest, old, new, sources, args.json,
+            old, new = await in_worker(pick_backups, dest, args.old, args.new)
+            sources = await in_worker(source_names, dest, old, new, args.source)
+            await in_worker(_write_diff, sys.stdout, dest, old, new, sources, args.json,
                              anyio.from_thread.check_cancelled)
         except BrokenPipeError:
             raise  # stdout closed early (`diff | head`): main stops quietly
