@@ -195,9 +195,10 @@ async def in_worker(func: Callable[..., T], *args: object) -> T:
     it), but at most STOP_WAIT_S: a thread stuck on a dying disk is abandoned
     rather than keep the run from ending.
     """
-    finished = threading.Event()
+    started, finished = threading.Event(), threading.Event()
 
     def work() -> T:
+        started.set()
         try:
             return func(*args)
         finally:
@@ -206,8 +207,12 @@ async def in_worker(func: Callable[..., T], *args: object) -> T:
     try:
         return await anyio.to_thread.run_sync(work, abandon_on_cancel=True)
     except anyio.get_cancelled_exc_class():
-        with anyio.move_on_after(STOP_WAIT_S, shield=True):
-            await anyio.to_thread.run_sync(finished.wait, STOP_WAIT_S, abandon_on_cancel=True)
+        # A work item cancelled before a worker took it is never run at all:
+        # only one that started has anything to stop.
+        if started.is_set():
+            with anyio.move_on_after(STOP_WAIT_S, shield=True):
+                await anyio.to_thread.run_sync(finished.wait, STOP_WAIT_S,
+                                               abandon_on_cancel=True)
         raise
 
 
