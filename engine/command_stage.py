@@ -1,4 +1,5 @@
-"""Commands that read a backup under the lock, inside the backup hooks: restore, verify.
+"""Commands that work on the destination under the lock, inside the backup hooks: restore,
+verify, prune.
 
 They take the lock and run the backup hooks around their work as ``prune``
 does (so the disk gets mounted and no run deletes a backup under them), with

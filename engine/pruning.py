@@ -5,27 +5,16 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-import anyio
 import structlog
 
-from .context import CriticalStop, RunContext, RunOptions, StepFailed
-from .destination import (
-    clean_stale,
-    complete,
-    delete_backup,
-    destination_problem_async,
-    scan_async,
-)
-from .errors import Interrupted
-from .hooks import hook_stage
-from .lock import private_state
-from .report import Report, stamp
+from .command_stage import under_hooks
+from .destination import clean_stale, complete, delete_backup, scan_async
 from .retention import plan_retention
 
 if TYPE_CHECKING:
     from .config import Config
-    from .context import Interruption
-    from .report import RetentionResult
+    from .context import Interruption, RunContext
+    from .report import Report, RetentionResult
 
 log = structlog.get_logger("pibackup.retention")
 
@@ -66,27 +55,12 @@ async def prune_backups(config: Config, interruption: Interruption) -> Report:
     Returns a report (not written to disk) whose status says how it went;
     raises LockHeld, StateUnusable or Interrupted as ``run_backup`` does.
     """
-    report = Report(name="", start=stamp(), concurrency=1)
-    ctx = RunContext(config, RunOptions(command="prune"), "", interruption, report)
-    with private_state(config):
-        if interruption.happened:
-            raise Interrupted(interruption.signum)
-        with anyio.CancelScope() as scope:
-            interruption.attach(scope)
-            try:
-                async with hook_stage(ctx, "backup", config.backup_hooks):
-                    problem = await destination_problem_async(config)
-                    if problem is not None:
-                        ctx.fail_step(problem)
-                    entries = await scan_async(config.destination)
-                    await clean_stale(config.destination,
-                                      [e for e in entries if e.state == "deleting"])
-                    await prune(config, report.retention)
-                    if report.retention.errors:
-                        ctx.fail(f"retention: {report.retention.errors[0]}")
-            except (StepFailed, CriticalStop):
-                pass
-            except Exception as e:
-                ctx.fail_unexpected(e)
-    ctx.close()
-    return report
+
+    async def work(ctx: RunContext) -> None:
+        entries = await scan_async(config.destination)
+        await clean_stale(config.destination, [e for e in entries if e.state == "deleting"])
+        await prune(config, ctx.report.retention)
+        if ctx.report.retention.errors:
+            ctx.fail(f"retention: {ctx.report.retention.errors[0]}")
+
+    return await under_hooks(config, interruption, "prune", "", work)
