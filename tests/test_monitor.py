@@ -179,7 +179,8 @@ def test_the_metrics_file_is_replaced_after_every_run_and_keeps_the_last_success
     metrics.parent.mkdir()
     _config(ws, ping_server.url(), metrics=str(metrics))
     assert ws.run("run").returncode == 0
-    first = _samples(metrics.read_text())
+    first_text = metrics.read_text()
+    first = _samples(first_text)
     assert stat.S_IMODE(metrics.stat().st_mode) == 0o644
     assert first["pibackup_last_run_ok"] == "1"
     assert first["pibackup_last_run_saved"] == "1"
@@ -189,6 +190,21 @@ def test_the_metrics_file_is_replaced_after_every_run_and_keeps_the_last_success
     assert int(first["pibackup_destination_total_bytes"]) > 0
     assert f'destination="{ws.dest}"' in metrics.read_text()
     assert any(k.startswith("pibackup_source_bytes") and 'source="alpha"' in k for k in first)
+    # The collector's own parser reads it, every sample labelled with the destination.
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(first_text)}
+    assert {"pibackup_last_run_timestamp_seconds", "pibackup_last_success_timestamp_seconds",
+            "pibackup_last_run_ok", "pibackup_last_run_saved",
+            "pibackup_last_run_duration_seconds", "pibackup_snapshot_window_seconds",
+            "pibackup_source_bytes", "pibackup_destination_free_bytes",
+            "pibackup_destination_total_bytes", "pibackup_backups"} <= set(families)
+    report = ws.report()
+    samples = {s.name: s for f in families.values() for s in f.samples}
+    assert samples["pibackup_last_run_ok"].value == 1
+    assert samples["pibackup_last_run_duration_seconds"].value == report["duration_s"]
+    assert all(s.labels["destination"] == str(ws.dest)
+               for f in families.values() for s in f.samples)
     # A failed run: ok 0, the last success kept from the previous file.
     _config(ws, ping_server.url(), fail=True, metrics=str(metrics))
     assert ws.run("run").returncode == 1
