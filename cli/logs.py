@@ -58,6 +58,16 @@ def quiet_stderr() -> None:
         sys.stderr = QuietStream(sys.stderr)
 
 
+_NAMED_EVENTS = ("run started", "run finished")
+
+
+def _name_once(logger: object, method: str, event: structlog.typing.EventDict
+               ) -> structlog.typing.EventDict:
+    if event.get("event") not in _NAMED_EVENTS:
+        event.pop("backup", None)
+    return event
+
+
 def configure_logging(fmt: LogFormat, verbosity: int) -> None:
     """Send structlog events to stderr; ``verbosity`` -1 quiet, 0 normal, 1 debug.
 
@@ -69,13 +79,18 @@ def configure_logging(fmt: LogFormat, verbosity: int) -> None:
     processors: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     renderer: structlog.typing.Processor
     if fmt == "json":
-        processors.append(structlog.processors.format_exc_info)
+        processors += [structlog.processors.TimeStamper(fmt="iso", utc=True),
+                       structlog.processors.format_exc_info]
         renderer = structlog.processors.JSONRenderer()
     else:
+        # For a person: local time to the second, as the backup names read,
+        # and the backup's name said where the run starts and ends, not on
+        # every line (JSON lines keep it everywhere, for filtering).
+        processors += [structlog.processors.TimeStamper(fmt="%Y-%m-%d %H:%M:%S", utc=False),
+                       _name_once]
         renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     structlog.configure(
         processors=[*processors, renderer],

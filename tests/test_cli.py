@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 from typing import TYPE_CHECKING
 
@@ -31,3 +33,23 @@ def test_common_options_work_before_or_after_the_command(ws: Workspace) -> None:
     # After the name wins over before it.
     both = _cli("-c", "/nonexistent.toml", "list", "-c", str(ws.config_path))
     assert both.returncode == 0, both.stderr
+
+
+def test_console_logs_read_as_local_times_and_name_the_backup_once(ws: Workspace) -> None:
+    ws.make_source("a")
+    ws.write_config(f'[[sources]]\nname = "a"\ntype = "rsync"\npath = "{ws.src / "a"}"\n')
+    result = subprocess.run([*CLI, "run", "-c", str(ws.config_path)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    # 2021-04-02 07:00:12, as a backup name reads; no UTC ISO stamp.
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[", line) for line in lines), lines
+    named = [line for line in lines if "backup=" in line]
+    assert [line.split("]")[1].split()[:2] for line in named] == [
+        ["run", "started"], ["run", "finished"]]
+    # JSON lines keep it on every event about the run, for filtering.
+    result = subprocess.run([*CLI, "run", "-c", str(ws.config_path), "--log-format", "json"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stderr.splitlines()]
+    assert all("backup" in e for e in events if e["event"] != "report written"), events
