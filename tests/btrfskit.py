@@ -23,13 +23,13 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pytest
 from conftest import processes_mentioning
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable, Iterator, Sequence
     from pathlib import Path
 
 TOOLS = ("mkfs.btrfs", "losetup", "btrfs", "mount", "umount", "truncate")
@@ -215,17 +215,28 @@ class BtrfsFactory:
         return fs
 
     def close(self) -> None:
-        _kill_leftovers(self.root)
-        problems = []
-        for fs in reversed(self.made):
-            _unmount(fs.mount)
-            _detach(fs.image)
-            if _loop_devices(fs.image):
-                problems.append(f"{fs.image} is still attached to {_loop_devices(fs.image)}")
-            else:
-                fs.image.unlink(missing_ok=True)
-        if problems:
-            raise AssertionError("; ".join(problems))
+        release_loop_filesystems(self.root, self.made)
+
+
+class _LoopFs(Protocol):
+    image: Path
+    mount: Path
+
+
+def release_loop_filesystems(root: Path, made: Sequence[_LoopFs]) -> None:
+    """Teardown of loop filesystems a test made: end its processes, unmount, detach, delete;
+    fail the test if a loop device is still attached."""
+    _kill_leftovers(root)
+    problems = []
+    for fs in reversed(made):
+        _unmount(fs.mount)
+        _detach(fs.image)
+        if _loop_devices(fs.image):
+            problems.append(f"{fs.image} is still attached to {_loop_devices(fs.image)}")
+        else:
+            fs.image.unlink(missing_ok=True)
+    if problems:
+        raise AssertionError("; ".join(problems))
 
 
 def btrfs_filesystems(root: Path) -> Iterator[Callable[..., Btrfs]]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import pytest
-from btrfskit import _check, _detach, _kill_leftovers, _loop_devices, _run, _unmount, mount_points
+from btrfskit import _check, _run, mount_points, release_loop_filesystems
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -108,17 +108,7 @@ class Ext4Factory:
         return fs
 
     def close(self) -> None:
-        _kill_leftovers(self.root)
-        problems = []
-        for fs in reversed(self.made):
-            _unmount(fs.mount)
-            _detach(fs.image)
-            if _loop_devices(fs.image):
-                problems.append(f"{fs.image} is still attached to {_loop_devices(fs.image)}")
-            else:
-                fs.image.unlink(missing_ok=True)
-        if problems:
-            raise AssertionError("; ".join(problems))
+        release_loop_filesystems(self.root, self.made)
 
 
 def ext4_filesystems(root: Path) -> Iterator[Callable[..., Ext4]]:
