@@ -25,31 +25,15 @@ import sys
 from pathlib import Path
 
 from bench_run import CLI, timed
-from benchkit import count_tree, drop_caches
+from benchkit import build_tree, count_tree, drop_caches
 
 FILE_SIZE = 1024
-FILES_PER_DIR = 200
-
-
-def build_tree(root: Path, files: int) -> None:
-    if (root / ".complete").exists():
-        return
-    if root.exists():
-        shutil.rmtree(root)
-    root.mkdir(parents=True)
-    block = os.urandom(FILE_SIZE - 16)
-    for i in range(files):
-        folder = root / f"d{i // FILES_PER_DIR:04d}"
-        if i % FILES_PER_DIR == 0:
-            folder.mkdir()
-        (folder / f"f{i:06d}").write_bytes(i.to_bytes(16, "big") + block)
-    (root / ".complete").write_text("")
 
 
 def prepare(work: Path, files: int) -> tuple[Path, Path, Path]:
     """The source, the config and the backup's copy of the source (made once)."""
     source, dest, state = work / "source", work / "dest", work / "state"
-    build_tree(source, files)
+    build_tree(source, files, size=FILE_SIZE)
     config = work / "config.toml"
     config.write_text(f'destination = "{dest}"\nstate_dir = "{state}"\n'
                       f'[[sources]]\nname = "data"\ntype = "rsync"\npath = "{source}"\n')

@@ -39,30 +39,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchkit import build_tree
+
 REPO = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "pibackup_async.cli"]
 FILE_SIZE = 4096
-FILES_PER_DIR = 200
 
 
 # --- the data ---------------------------------------------------------------------------
-
-
-def build_tree(root: Path, files: int, seed: int) -> None:
-    """``files`` files of 4 KiB in folders of 200; distinct contents (no dedup tricks)."""
-    if (root / ".complete").exists():
-        return
-    if root.exists():
-        shutil.rmtree(root)
-    root.mkdir(parents=True)
-    block = os.urandom(FILE_SIZE - 16)
-    for i in range(files):
-        folder = root / f"d{i // FILES_PER_DIR:04d}"
-        if i % FILES_PER_DIR == 0:
-            folder.mkdir()
-        with open(folder / f"f{i:06d}.dat", "wb") as f:
-            f.write(seed.to_bytes(8, "little") + i.to_bytes(8, "little") + block)
-    (root / ".complete").write_text(f"{files}\n")
 
 
 def drop_caches() -> bool:
@@ -236,12 +220,12 @@ def main() -> int:
     sources = []
     for i, name in enumerate(names):
         tree = work / "trees" / f"{name}-{files}"
-        build_tree(tree, files, seed=i)
+        build_tree(tree, files, size=FILE_SIZE, seed=i)
         sources.append((name, tree))
     rss_sources = []
     for i in range(16):
         tree = work / "trees" / f"small{i:02d}-{rss_files}"
-        build_tree(tree, rss_files, seed=100 + i)
+        build_tree(tree, rss_files, size=FILE_SIZE, seed=100 + i)
         rss_sources.append((f"s{i:02d}", tree))
 
     cold = drop_caches()

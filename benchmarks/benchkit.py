@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -85,3 +86,22 @@ class Filesystem:
                 subprocess.run(["losetup", "-d", device], capture_output=True)
             time.sleep(0.1)
         self.image.unlink(missing_ok=True)
+
+
+def build_tree(root: Path, files: int, *, size: int, seed: int = 0,
+               per_folder: int = 200) -> None:
+    """``files`` files of ``size`` bytes in folders of ``per_folder``, distinct contents (no
+    dedup tricks); built once: a finished tree is marked and reused by later invocations."""
+    if (root / ".complete").exists():
+        return
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    block = os.urandom(size - 16)
+    for i in range(files):
+        folder = root / f"d{i // per_folder:04d}"
+        if i % per_folder == 0:
+            folder.mkdir()
+        with open(folder / f"f{i:06d}.dat", "wb") as f:
+            f.write(seed.to_bytes(8, "little") + i.to_bytes(8, "little") + block)
+    (root / ".complete").write_text("")
