@@ -22,6 +22,7 @@ from .destination import destination_problem_async
 from .errors import Interrupted
 from .hooks import hook_stage
 from .lock import private_state
+from .lookup import NotHeld, find_backup
 from .report import Report, stamp
 
 if TYPE_CHECKING:
@@ -63,6 +64,21 @@ async def under_hooks(config: Config, interruption: Interruption, command: str,
                 ctx.fail_unexpected(e)
     ctx.close()
     return report
+
+
+async def find_and_use(ctx: RunContext, arg: str, source: str | None = None,
+                       inner: bytes | None = None) -> str:
+    """The backup ``arg`` names (``latest`` resolved, off the event loop), now the one the
+    posts see; fails the step with one line when the destination does not hold it."""
+    try:
+        name = await anyio.to_thread.run_sync(
+            find_backup, ctx.destination, arg, source, inner, abandon_on_cancel=True)
+    except NotHeld as e:
+        ctx.fail_step(str(e))
+    except OSError as e:
+        ctx.fail_step(f"cannot read the destination {ctx.destination}: {e.strerror}")
+    use_backup(ctx, name)
+    return name
 
 
 def use_backup(ctx: RunContext, name: str) -> None:

@@ -25,13 +25,13 @@ from typing import TYPE_CHECKING
 import anyio
 import structlog
 
-from .command_stage import under_hooks, use_backup
+from .command_stage import find_and_use, under_hooks
 from .config import SOURCE_NAME, BtrfsSource, RsyncSource
 from .destination import destination_problem_async
 from .errors import DestinationUnavailable
 from .failure_text import telling_line
 from .filesystems import is_within
-from .lookup import LATEST, NotHeld, UsageProblem, check_backup_arg, find_backup
+from .lookup import LATEST, UsageProblem, check_backup_arg, find_backup
 from .pathtext import parse_path, show_path
 from .processes import Tail, describe_exit, drain, managed_process, run_process
 from .remote import RemoteError, open_remotes
@@ -239,18 +239,7 @@ async def restore(config: Config, request: Request, interruption: Interruption) 
     it went. Raises LockHeld, StateUnusable or Interrupted as ``under_hooks`` does."""
 
     async def work(ctx: RunContext) -> None:
-        # The pre saw BACKUP as given; the post names the backup used, or
-        # nothing when none was found (SPEC §7).
-        ctx.hook_view = ("", "")
-        try:
-            backup = await anyio.to_thread.run_sync(
-                find_backup, config.destination, request.backup, request.source,
-                request.inner or None, abandon_on_cancel=True)
-        except NotHeld as e:
-            ctx.fail_step(str(e))
-        except OSError as e:
-            ctx.fail_step(f"cannot read the destination {config.destination}: {e.strerror}")
-        use_backup(ctx, backup)
+        backup = await find_and_use(ctx, request.backup, request.source, request.inner or None)
         log.info(f"restoring from {_which(request, backup)}", item=request.item)
         if request.host is None:
             problem = _local_target_problem(request)

@@ -32,10 +32,10 @@ import anyio.from_thread
 import anyio.to_thread
 import structlog
 
-from .command_stage import under_hooks, use_backup
+from .command_stage import find_and_use, under_hooks
 from .config import SOURCE_NAME
 from .destination import in_worker
-from .lookup import NotHeld, UsageProblem, find_backup
+from .lookup import UsageProblem
 from .mail_body import human_bytes
 from .pathtext import show_path
 
@@ -111,16 +111,7 @@ async def verify_backup(config: Config, interruption: Interruption, request: Ver
     """
 
     async def work(ctx: RunContext) -> None:
-        try:
-            name = await anyio.to_thread.run_sync(
-                find_backup, config.destination, request.backup, request.source,
-                abandon_on_cancel=True)
-        except (NotHeld, OSError) as e:
-            ctx.hook_view = ("", "")  # the post sees no backup used (SPEC §7)
-            if isinstance(e, NotHeld):
-                ctx.fail_step(str(e))
-            ctx.fail_step(f"cannot read the destination {config.destination}: {e.strerror}")
-        use_backup(ctx, name)
+        name = await find_and_use(ctx, request.backup, request.source)
         ctx.destination_identity = await anyio.to_thread.run_sync(
             _identity, config.destination, abandon_on_cancel=True)
         log.info("verifying backup", backup=name, source=request.source,
