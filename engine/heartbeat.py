@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import time
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +42,19 @@ class Beat:
 
 _running: dict[int, Beat] = {}
 _ids = itertools.count()
+# The step a task is running, for the code deep inside it (rsync's progress
+# feed, the btrfs stream) that knows how far it has got.
+_current: ContextVar[Beat | None] = ContextVar("pibackup_beat", default=None)
+
+
+def current() -> Beat | None:
+    """The innermost step registered by this task (None outside any)."""
+    return _current.get()
+
+
+def running() -> list[Beat]:
+    """Every step running now, oldest first (what live progress draws)."""
+    return list(_running.values())
 
 
 @contextmanager
@@ -49,9 +63,11 @@ def beating(what: str, **fields: Any) -> Iterator[Beat]:
     key = next(_ids)
     beat = Beat(what, fields)
     _running[key] = beat
+    token = _current.set(beat)
     try:
         yield beat
     finally:
+        _current.reset(token)
         del _running[key]
 
 

@@ -30,7 +30,7 @@ import anyio
 import structlog
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Mapping, Sequence
+    from collections.abc import AsyncIterator, Callable, Mapping, Sequence
     from types import TracebackType
 
     from anyio.abc import ByteReceiveStream, Process
@@ -106,6 +106,10 @@ class LineSplitter:
     When debug logging is off, the lines of a chunk that the tail would drop
     anyway are counted with ``bytes.count`` and never looked at one by one.
     """
+
+    # Seconds to let output gather between reads: a child that writes a line
+    # per file (rsync's progress) would otherwise wake the engine per file.
+    pace_s = 0.0
 
     def __init__(self, tail: Tail, name: str) -> None:
         self.tail = tail
@@ -322,6 +326,8 @@ class _OutputPipe:
             if count == 0:
                 return
             lines.feed(buffer, count)
+            if lines.pace_s:
+                await anyio.sleep(lines.pace_s)
 
     def read_rest(self, lines: LineSplitter) -> None:
         """What is in the pipe now, without waiting for writers still alive."""
@@ -389,6 +395,7 @@ async def run_process(
     env: Mapping[str, str] | None = None,
     cwd: str | None = None,
     stdout_lines: int = TAIL_LINES,
+    stdout_splitter: Callable[[Tail], LineSplitter] | None = None,
     grace: float = GRACE_S,
     leave_background: bool = False,
 ) -> Finished:
@@ -401,10 +408,12 @@ async def run_process(
     already in the pipes is read and the engine's ends are closed without
     waiting for it. If the caller is cancelled (a timeout, a failing sibling,
     a signal) the whole session is ended before this returns, in both cases.
+    ``stdout_splitter`` reads stdout its own way (rsync's progress feed).
     Raises OSError if the program cannot start.
     """
     out, err = Tail(limit=stdout_lines), Tail()
-    out_lines, err_lines = LineSplitter(out, "stdout"), LineSplitter(err, "stderr")
+    out_lines = (stdout_splitter or (lambda tail: LineSplitter(tail, "stdout")))(out)
+    err_lines = LineSplitter(err, "stderr")
     with _OutputPipe() as out_pipe, _OutputPipe() as err_pipe:
         async with managed_process(argv, stdout=out_pipe.write_fd, stderr=err_pipe.write_fd,
                                    env=env, cwd=cwd, grace=grace,
