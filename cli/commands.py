@@ -33,6 +33,7 @@ from pibackup_async.engine.secret_env import withhold_secrets
 
 from .check import check_command
 from .logs import configure_logging
+from .progress import draw, heartbeat_period, wanted
 from .render import listing_table, summary_table
 from .signals import SignalBridge
 
@@ -98,7 +99,8 @@ def _run(args: argparse.Namespace, config: Config) -> int:
     options = RunOptions(jobs=args.jobs, no_report=args.no_report)
     show = (args.log_format == "console" and not args.quiet and sys.stderr.isatty())
     return under_signals(lambda interruption: run_backup(config, options, interruption),
-                         after=_print_summary if show else None)
+                         after=_print_summary if show else None,
+                         progress="run" if wanted(args) else None)
 
 
 def _print_summary(report: Report) -> None:
@@ -107,9 +109,14 @@ def _print_summary(report: Report) -> None:
 
 
 def under_signals(work: Callable[[Interruption], Awaitable[Report]],
-                  after: Callable[[Report], None] | None = None) -> int:
+                  after: Callable[[Report], None] | None = None,
+                  progress: str | None = None) -> int:
     """Run ``work`` with SIGINT/SIGTERM/SIGHUP turned into a cancel; map its outcome to an
-    exit code."""
+    exit code.
+
+    Meanwhile live progress is drawn, named ``progress``, or else long steps
+    log a heartbeat.
+    """
     interruption = Interruption()
     bridge = SignalBridge()
     bridge.install()
@@ -119,8 +126,10 @@ def under_signals(work: Callable[[Interruption], Awaitable[Report]],
         outcome: Report | PibackupError
         try:
             async with anyio.create_task_group() as tg:
-                # No live progress is drawn (yet): a long step shows it is alive.
-                tg.start_soon(ticker)
+                if progress is not None:
+                    tg.start_soon(draw, progress)
+                else:
+                    tg.start_soon(ticker, heartbeat_period())
                 try:
                     outcome = await work(interruption)
                 except (LockHeld, StateUnusable, Interrupted) as e:

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Literal, TextIO
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Literal, TextIO
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 import structlog
 
@@ -21,7 +25,17 @@ class QuietStream:
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
+        self.raw = stream
         self.broken = False
+
+    @contextmanager
+    def redirected(self, target: TextIO) -> Iterator[None]:
+        """Write through ``target`` for a while (live progress prints log lines above it)."""
+        self._stream = target
+        try:
+            yield
+        finally:
+            self._stream = self.raw
 
     def write(self, text: str) -> int:
         if not self.broken:

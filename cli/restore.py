@@ -11,6 +11,7 @@ from pibackup_async.engine.lookup import NotHeld, UsageProblem
 from pibackup_async.engine.restore import PlanFailed, parse_request, plan_restore, restore
 
 from .commands import EXIT_FAILED, EXIT_OK, EXIT_USAGE, under_signals
+from .progress import wanted
 
 if TYPE_CHECKING:
     import argparse
@@ -25,7 +26,8 @@ def restore_command(args: argparse.Namespace, config: Config) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     if not args.dry_run:
-        return under_signals(lambda interruption: restore(config, request, interruption))
+        return under_signals(lambda interruption: restore(config, request, interruption),
+                             progress="restore" if wanted(args) else None)
     try:
         anyio.run(plan_restore, config, request, print, backend="asyncio")
     except (DestinationUnavailable, NotHeld, PlanFailed) as e:

@@ -10,6 +10,7 @@ from pibackup_async.engine.lookup import UsageProblem, check_backup_arg
 from pibackup_async.engine.verify import VerifyRequest, check_source_name, verify_backup
 
 from .commands import EXIT_USAGE, under_signals
+from .progress import wanted
 
 if TYPE_CHECKING:
     import argparse
@@ -27,7 +28,8 @@ def verify_command(args: argparse.Namespace, config: Config) -> int:
     request = VerifyRequest(args.backup, args.source, args.against_source)
     out = _Stdout()
     return under_signals(lambda interruption: verify_backup(config, interruption, request,
-                                                            out.line))
+                                                            out.line),
+                         progress="verify" if wanted(args) else None)
 
 
 class _Stdout:

@@ -57,6 +57,18 @@ def running() -> list[Beat]:
     return list(_running.values())
 
 
+@dataclass
+class Finished:
+    """What the steps that have ended carried, for the run's line of live progress."""
+
+    steps: int = 0
+    bytes: int = 0
+    files: int = 0
+
+
+finished = Finished()
+
+
 @contextmanager
 def beating(what: str, **fields: Any) -> Iterator[Beat]:
     """Register a step (``what``: "hook", "snapshot", "deletion", …) while the block runs."""
@@ -69,6 +81,9 @@ def beating(what: str, **fields: Any) -> Iterator[Beat]:
     finally:
         _current.reset(token)
         del _running[key]
+        finished.steps += 1
+        finished.bytes += beat.bytes or 0
+        finished.files += beat.files or 0
 
 
 def beat_now(period: float = PERIOD_S) -> int:

@@ -35,6 +35,7 @@ import structlog
 from .command_stage import find_and_use, under_hooks
 from .config import SOURCE_NAME
 from .destination import in_worker
+from .heartbeat import beating
 from .lookup import UsageProblem
 from .mail_body import human_bytes
 from .pathtext import show_path
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 
     from .config import Config
     from .context import Interruption, RunContext
+    from .heartbeat import Beat
     from .report import Report
 
 log = structlog.get_logger("pibackup.verify")
@@ -54,6 +56,7 @@ READERS = 3  # reader threads beside the walker (measured: benchmarks/bench_veri
 BATCH = 64  # files handed over at once (fewer queue round trips)
 QUEUE_BATCHES = 32  # bound of the hand-over queue
 POLL_S = 0.1  # how often a thread waiting on the queue looks for a cancel
+_PROGRESS_S = 0.5  # how often the readers' counts are summed for progress
 
 _OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 # Reading must not write: without O_NOATIME the first read of each file
@@ -155,13 +158,25 @@ async def _verify(ctx: RunContext, name: str, request: VerifyRequest,
     async def run(func: Callable[[], Tally]) -> None:
         tallies.append(await in_worker(func))
 
+    async def show_progress(beat: Beat) -> None:
+        while True:
+            beat.files = sum(t.files for t in job.tallies)
+            beat.bytes = sum(t.bytes for t in job.tallies)
+            await anyio.sleep(_PROGRESS_S)
+
     gone: _Vanished | None = None
     try:
-        async with anyio.create_task_group() as tg:
-            top = os.fsencode(request.source) if request.source is not None else b""
-            tg.start_soon(run, lambda: job.walk(top))
-            for _ in range(READERS):
-                tg.start_soon(run, job.read)
+        with beating("verify", backup=name) as beat:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(show_progress, beat)
+                async with anyio.create_task_group() as readers:
+                    top = os.fsencode(request.source) if request.source is not None else b""
+                    readers.start_soon(run, lambda: job.walk(top))
+                    for _ in range(READERS):
+                        readers.start_soon(run, job.read)
+                tg.cancel_scope.cancel()
+            beat.files = sum(t.files for t in job.tallies)
+            beat.bytes = sum(t.bytes for t in job.tallies)
     except* _Vanished as group:
         gone = group.exceptions[0]  # type: ignore[assignment]
     if gone is not None:
@@ -215,6 +230,8 @@ class _Job:
         self._say = say
         self._gone = gone
         self._lock = threading.Lock()
+        # Every reader's tally, read (never written) by the progress task.
+        self.tallies: list[Tally] = []
 
     # --- output, from any thread ------------------------------------------------------
 
@@ -317,6 +334,7 @@ class _Job:
     def read(self) -> Tally:
         """Read the files the walker hands over, until it says it is done."""
         tally = Tally()
+        self.tallies.append(tally)
         mine = bytearray(CHUNK)
         theirs = bytearray(CHUNK) if self.compare else None
         check = anyio.from_thread.check_cancelled

@@ -1,0 +1,155 @@
+"""Live progress on a terminal (SPEC §8): a line per running step, one for the whole run.
+
+It draws the heartbeat's register of running steps (``engine/heartbeat.py``),
+which the steps keep current themselves (rsync's ``--info=progress2``, the
+btrfs stream, verify's readers): one task redraws it four times a second, and
+the log lines go above it. rich is imported here only, and only when
+drawing: ``--help`` and every night run without a terminal never load it.
+Drawing can never end a run: if it fails, the heartbeat takes over.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import deque
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, TextIO, cast
+
+import anyio
+import structlog
+from pibackup_async.engine import heartbeat
+from pibackup_async.engine.durations import format_duration
+from pibackup_async.engine.mail_body import human_bytes
+
+from .logs import QuietStream
+
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Iterator
+
+    from pibackup_async.engine.heartbeat import Beat
+
+log = structlog.get_logger("pibackup")
+
+REFRESH_S = 0.25
+# A rate over the last few seconds, not since the start: it says how fast
+# the copy goes now.
+_RATE_SAMPLES = 12
+# Which of a step's fields names it, in this order.
+_NAMING = ("source", "hook", "item", "backup", "folder")
+
+
+def heartbeat_period() -> float:
+    """The heartbeat's period: a minute; the tests shorten it (not a user setting)."""
+    try:
+        return float(os.environ.get("_PIBACKUP_HEARTBEAT_S", heartbeat.PERIOD_S))
+    except ValueError:
+        return heartbeat.PERIOD_S
+
+
+def wanted(args: argparse.Namespace) -> bool:
+    """Progress is drawn only for a person watching (SPEC §8)."""
+    return (args.log_format == "console" and not args.quiet
+            and not getattr(args, "no_progress", False) and sys.stderr.isatty())
+
+
+class Rates:
+    """Bytes per second of each running step, from the samples the drawer takes."""
+
+    def __init__(self) -> None:
+        self._samples: dict[int, deque[tuple[float, int]]] = {}
+
+    def sample(self, beats: list[Beat], now: float) -> dict[int, float | None]:
+        alive = {id(b) for b in beats}
+        for key in [k for k in self._samples if k not in alive]:
+            del self._samples[key]
+        rates: dict[int, float | None] = {}
+        for beat in beats:
+            if beat.bytes is None:
+                rates[id(beat)] = None
+                continue
+            samples = self._samples.setdefault(id(beat), deque(maxlen=_RATE_SAMPLES))
+            samples.append((now, beat.bytes))
+            (t0, b0), (t1, b1) = samples[0], samples[-1]
+            rates[id(beat)] = (b1 - b0) / (t1 - t0) if t1 > t0 else None
+        return rates
+
+
+def step_line(beat: Beat, rate: float | None, now: float) -> str:
+    """``snapshot data   1,234 files   12.3 MB   4.5 MB/s   35s``."""
+    name = next((str(beat.fields[k]) for k in _NAMING if k in beat.fields), "")
+    phase = beat.fields.get("phase")
+    label = f"{beat.what} {name}" + (f" ({phase})" if phase else "")
+    parts = [f"{label:<28}"]
+    if beat.files is not None:
+        parts.append(f"{beat.files:>9,} files")
+    if beat.bytes is not None:
+        parts.append(f"{human_bytes(beat.bytes):>10}")
+    if rate is not None:
+        parts.append(f"{human_bytes(round(rate)):>10}/s")
+    parts.append(format_duration(now - beat.started))
+    return "  ".join(parts)
+
+
+def run_line(command: str, beats: list[Beat], started: float, now: float) -> str:
+    """The whole run: time so far, steps running and done, bytes so far."""
+    done = heartbeat.finished
+    written = done.bytes + sum(b.bytes or 0 for b in beats)
+    files = done.files + sum(b.files or 0 for b in beats)
+    return (f"{command} {format_duration(now - started)}: {len(beats)} running, "
+            f"{done.steps} done, {files:,} files, {human_bytes(written)}")
+
+
+@contextmanager
+def _logs_above(console: object, stream: QuietStream) -> Iterator[None]:
+    """Log lines go through rich while it draws, so they print above the progress."""
+    from rich.console import Console
+    from rich.file_proxy import FileProxy
+
+    assert isinstance(console, Console)
+    with stream.redirected(cast("TextIO", FileProxy(console, stream.raw))):
+        yield
+
+
+async def draw(command: str) -> None:
+    """Redraw progress until cancelled; on any failure, hand over to the heartbeat."""
+    stream = sys.stderr
+    if not isinstance(stream, QuietStream):
+        await heartbeat.ticker(heartbeat_period())
+        return
+    try:
+        await _draw(command, stream)
+    except Exception:  # a drawing bug must not end the run: the journal still gets beats
+        log.debug("live progress failed; falling back to the heartbeat", exc_info=True)
+    await heartbeat.ticker(heartbeat_period())
+
+
+async def _draw(command: str, stream: QuietStream) -> None:
+    from rich.console import Console, Group
+    from rich.live import Live
+    from rich.text import Text
+
+    # The console writes through its own QuietStream: a terminal that went
+    # away stops the drawing, never the run.
+    console = Console(file=cast("TextIO", QuietStream(stream.raw)), stderr=True)
+    rates = Rates()
+    started = time.monotonic()
+
+    def frame() -> Group:
+        now = time.monotonic()
+        beats = heartbeat.running()
+        rate = rates.sample(beats, now)
+        lines = [run_line(command, beats, started, now)]
+        lines += ["  " + step_line(b, rate[id(b)], now) for b in beats]
+        return Group(*(Text(line, no_wrap=True, overflow="ellipsis") for line in lines))
+
+    # auto_refresh off: no drawing thread; this task redraws, between the
+    # engine's own events.
+    with Live(frame(), console=console, auto_refresh=False, transient=True,
+              redirect_stdout=False, redirect_stderr=False) as live, \
+            _logs_above(console, stream):
+        while True:
+            await anyio.sleep(REFRESH_S)
+            live.update(frame(), refresh=True)

@@ -1,0 +1,109 @@
+"""Live progress on a terminal, and the heartbeat where there is none (SPEC §8).
+
+The CLI runs under a real pseudo-terminal (hookkit.Terminal) or with plain
+pipes; the steps it draws are held by a hook waiting for a marker, or slowed by
+rsync's own ``--bwlimit``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from typing import TYPE_CHECKING
+
+import pytest
+from conftest import needs_rsync, wait_for
+from hookkit import (
+    HookSpec,
+    Terminal,
+    make_slow_source,
+    release_marker,
+    source_toml,
+    started_marker,
+    write_config,
+)
+
+if TYPE_CHECKING:
+    from conftest import Workspace
+
+pytestmark = [
+    needs_rsync,
+    pytest.mark.skipif(shutil.which("setsid") is None, reason="util-linux setsid is missing"),
+]
+
+# rich moves the cursor up and clears lines to redraw in place.
+_REDRAW = re.compile(r"\x1b\[(?:\d*A|2K)")
+
+
+def _slow_config(ws: Workspace, hooks: list[HookSpec]) -> None:
+    slow = make_slow_source(ws, "slow", mib=2)
+    write_config(ws, hooks, sources=source_toml("slow", slow, rsync_args=["--bwlimit=500"])
+                 + source_toml("quick", ws.make_source("quick")))
+
+
+@pytest.mark.slow
+def test_progress_draws_each_running_step_and_redraws_it_in_place(ws: Workspace) -> None:
+    _slow_config(ws, [HookSpec("b1", block=("pre",))])
+    terminal = Terminal(ws, "run")
+    try:
+        # Held in its pre, the hook is drawn, and drawn again.
+        wait_for(lambda: terminal.text().count("hook b1 (pre)") >= 3, timeout=30,
+                 what="the held hook drawn three times")
+        assert started_marker(ws, "b1", "pre").exists()
+        release_marker(ws, "b1", "pre").touch()
+        # The slow copy shows its bytes as they grow (rsync's progress feed).
+        wait_for(lambda: re.search(r"snapshot slow +\d[\d.]* [kMG]?i?B",
+                                   _plain(terminal.text())) is not None,
+                 timeout=30, what="the slow source drawn with its bytes")
+    finally:
+        rc = terminal.finish()
+    text = terminal.text()
+    assert rc == 0, text
+    assert len(_REDRAW.findall(text)) >= 3, "redrawn in place"
+    plain = _plain(text)
+    assert re.search(r"run \S+: \d+ running, \d+ done", plain), plain
+    # Log lines print above the progress, whole.
+    assert "run finished" in plain and "snapshot finished" in plain
+    assert "WAITED" in plain  # the summary after it
+
+
+def test_no_progress_on_a_terminal_draws_nothing_but_keeps_the_summary(ws: Workspace) -> None:
+    write_config(ws, [HookSpec("b1")])
+    terminal = Terminal(ws, "run", "--no-progress")
+    rc = terminal.finish()
+    text = terminal.text()
+    assert rc == 0, text
+    assert not _REDRAW.search(text), text
+    assert "running," not in text
+    assert "WAITED" in text
+
+
+def test_json_logs_on_a_terminal_stay_pure_json_lines(ws: Workspace) -> None:
+    write_config(ws, [HookSpec("b1")])
+    terminal = Terminal(ws, "--log-format", "json", "run")
+    rc = terminal.finish()
+    lines = [line for line in terminal.text().replace("\r\n", "\n").split("\n") if line]
+    assert rc == 0, lines
+    assert lines, "the run logged"
+    for line in lines:
+        json.loads(line)  # neither progress nor a summary in between
+
+
+@pytest.mark.slow
+def test_without_a_terminal_a_long_copy_logs_a_heartbeat_with_bytes(ws: Workspace) -> None:
+    _slow_config(ws, [])
+    result = ws.run("run", env={"_PIBACKUP_HEARTBEAT_S": "1"})
+    assert result.returncode == 0, result.stderr
+    assert not _REDRAW.search(result.stderr), "no progress without a terminal"
+    beats = [line for line in result.stderr.splitlines()
+             if "still running" in line and "source=slow" in line]
+    assert beats, result.stderr
+    assert any(re.search(r"bytes=[1-9]\d*", line) for line in beats), beats
+    assert not any("source=quick" in line and "still running" in line
+                   for line in result.stderr.splitlines())
+
+
+def _plain(text: str) -> str:
+    """The terminal's text without escape sequences."""
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
