@@ -75,10 +75,24 @@ def quiet_stderr() -> None:
 _NAMED_EVENTS = ("run started", "run finished")
 
 
-def _name_once(logger: object, method: str, event: structlog.typing.EventDict
-               ) -> structlog.typing.EventDict:
+def _for_a_person(logger: object, method: str, event: structlog.typing.EventDict
+                  ) -> structlog.typing.EventDict:
+    """Only what a person reading along needs: a line reads at 100 columns.
+
+    The backup's name where the run starts and ends, not on every line; the
+    level only when it is not plain information; ``saved`` only when it says
+    more than ``status``; durations to the hundredth (the JSON log and the
+    report keep them all).
+    """
     if event.get("event") not in _NAMED_EVENTS:
         event.pop("backup", None)
+    if event.get("level") == "info":
+        del event["level"]
+    if event.get("status") == "ok" and event.get("saved") is True:
+        del event["saved"]
+    for key, value in event.items():
+        if key.endswith("_s") and isinstance(value, float):
+            event[key] = round(value, 2) if value < 10 else round(value, 1)
     return event
 
 
@@ -104,8 +118,9 @@ def configure_logging(fmt: LogFormat, verbosity: int) -> None:
         # and the backup's name said where the run starts and ends, not on
         # every line (JSON lines keep it everywhere, for filtering).
         processors += [structlog.processors.TimeStamper(fmt="%Y-%m-%d %H:%M:%S", utc=False),
-                       _name_once]
-        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+                       _for_a_person]
+        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty(), pad_event_to=20,
+                                                 pad_level=False)
     structlog.configure(
         processors=[*processors, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),

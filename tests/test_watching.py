@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from typing import TYPE_CHECKING
@@ -54,3 +55,23 @@ def test_a_run_on_a_terminal_ends_with_the_summary(ws: Workspace) -> None:
     # Not on a terminal: no summary.
     result = ws.run("run")
     assert result.returncode == 0 and "WAITED" not in result.stderr
+
+
+@needs_rsync
+def test_the_console_log_reads_at_100_columns(ws: Workspace) -> None:
+    write_config(ws, [HookSpec("b1")])
+    result = ws.run("run")
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines
+    for line in lines:
+        # Local time to the second; the level only when it is not plain information.
+        assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (\[warning\] )?[a-z]", line), line
+        # Paths are as long as they are; everything else fits.
+        if "/" not in line:
+            assert len(line) <= 100, line
+        # Durations for a person: hundredths at most.
+        for value in re.findall(r"\b\w+_s=(\S+)", line):
+            assert re.fullmatch(r"\d+(\.\d{1,2})?", value), line
+    named = [line for line in lines if "backup=" in line]
+    assert len(named) == 2 and "run started" in named[0] and "run finished" in named[1]
