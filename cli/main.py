@@ -24,6 +24,16 @@ def _jobs(text: str) -> int:
     return value
 
 
+# What bash completion offers for a path option, in shtab's terms (the
+# generated completions/pibackup-async.bash; shtab itself is never imported).
+_FILES = {"bash": "_shtab_compgen_files", "zsh": "_files", "tcsh": "f"}
+_FOLDERS = {"bash": "_shtab_compgen_dirs", "zsh": "_files -/", "tcsh": "d"}
+
+
+def _paths(action: argparse.Action, kind: dict[str, str]) -> None:
+    action.complete = kind  # type: ignore[attr-defined]
+
+
 def _common(*, top: bool) -> argparse.ArgumentParser:
     """The options every command takes, before or after its name.
 
@@ -34,9 +44,9 @@ def _common(*, top: bool) -> argparse.ArgumentParser:
         return value if top else argparse.SUPPRESS
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-c", "--config", default=default(None),
-                        help="configuration file (default: $PIBACKUP_CONFIG, "
-                        f"then {DEFAULT_CONFIG})")
+    _paths(common.add_argument("-c", "--config", default=default(None),
+                               help="configuration file (default: $PIBACKUP_CONFIG, "
+                               f"then {DEFAULT_CONFIG})"), _FILES)
     common.add_argument("--log-format", choices=("console", "json"), default=default("console"),
                         help="log lines on stderr: human-readable (default) or JSON")
     noise = common.add_mutually_exclusive_group()
@@ -90,8 +100,9 @@ def _parser() -> argparse.ArgumentParser:
     restore.add_argument("backup", metavar="BACKUP", help="a backup name, or latest")
     restore.add_argument("item", metavar="SOURCE[/PATH]",
                          help="a source of the backup, or a file or folder inside it")
-    restore.add_argument("--to", required=True, metavar="TARGET",
-                         help="a local folder (created if missing), or HOST:PATH")
+    _paths(restore.add_argument("--to", required=True, metavar="TARGET",
+                                help="a local folder (created if missing), or HOST:PATH"),
+           _FOLDERS)
     restore.add_argument("--dry-run", action="store_true",
                          help="list what would change, write nothing")
     restore.add_argument("--delete", action="store_true",
@@ -119,11 +130,14 @@ def _parser() -> argparse.ArgumentParser:
 
     init = commands.add_parser("init", parents=[common],
                                help="write a first configuration, every option commented")
-    init.add_argument("--destination", metavar="PATH", help="where the backups go")
-    init.add_argument("--source", metavar="PATH", action="append", default=[],
-                      dest="sources", help="a folder or btrfs subvolume to back up (repeat)")
-    init.add_argument("--output", metavar="FILE",
-                      help="default: -c, else $PIBACKUP_CONFIG, else " + DEFAULT_CONFIG)
+    _paths(init.add_argument("--destination", metavar="PATH", help="where the backups go"),
+           _FOLDERS)
+    _paths(init.add_argument("--source", metavar="PATH", action="append", default=[],
+                             dest="sources",
+                             help="a folder or btrfs subvolume to back up (repeat)"), _FOLDERS)
+    _paths(init.add_argument("--output", metavar="FILE",
+                             help="default: -c, else $PIBACKUP_CONFIG, else " + DEFAULT_CONFIG),
+           _FILES)
     return parser
 
 
