@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+import socket
 import stat
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING
 
 import pytest
 from conftest import needs_rsync
-from hookkit import HookSpec, source_toml, write_config
+from hookkit import HookSpec, source_toml, start, started_marker, wait_marker, write_config
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -88,11 +91,12 @@ def ping_server() -> Iterator[PingServer]:
         thread.join(10)
 
 
-def _config(ws: Workspace, url: str, *, fail: bool = False, metrics: str | None = None) -> None:
+def _config(ws: Workspace, url: str, *, fail: bool = False, metrics: str | None = None,
+            hold: bool = False) -> None:
     monitor = f'[monitor]\nping_url = "{url}"\n'
     if metrics:
         monitor += f'metrics_file = "{metrics}"\n'
-    hooks = [HookSpec("b1", fail={"pre": 3} if fail else {})]
+    hooks = [HookSpec("b1", fail={"pre": 3} if fail else {}, block=("pre",) if hold else ())]
     write_config(ws, hooks, source_toml("alpha", ws.make_source("alpha")) + monitor)
 
 
@@ -109,7 +113,23 @@ def test_an_ok_run_pings_start_then_success_with_the_mail_body(
     assert b"OK \xe2\x80\x94 the backup was saved" in final.body
     assert len(final.body) <= 10_000
     report = ws.report()
+    assert report["name"].encode() in final.body
     assert report["monitor"] == {"status": "sent", "error": None}
+
+
+def test_an_interrupted_run_pings_start_then_fail(ws: Workspace, ping_server: PingServer
+                                                  ) -> None:
+    _config(ws, ping_server.url(), hold=True)
+    with start(ws) as running:
+        wait_marker(started_marker(ws, "b1", "pre"), running)
+        running.send(signal.SIGTERM)
+        rc = running.wait(60)
+    assert rc == 128 + signal.SIGTERM, running.stderr
+    assert ping_server.paths() == ["/ping/abc/start", "/ping/abc/fail"]
+    report = ws.report()
+    assert report["status"] == "interrupted"
+    assert report["name"].encode() in ping_server.hits[-1].body
+    assert report["monitor"]["status"] == "sent"
 
 
 def test_a_failed_run_pings_fail(ws: Workspace, ping_server: PingServer) -> None:
@@ -133,6 +153,22 @@ def test_a_5xx_is_tried_three_times_then_fails_the_exit_code_not_the_status(
     assert report["status"] == "ok"
     assert report["monitor"]["status"] == "failed"
     assert "HTTP 503" in report["monitor"]["error"]
+
+
+def test_a_dead_server_fails_the_exit_code_not_the_status_and_is_bounded(ws: Workspace) -> None:
+    # A port nobody listens on: every try is refused at once.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    _config(ws, f"http://127.0.0.1:{port}/ping/abc")
+    t0 = time.monotonic()
+    result = ws.run("run", timeout=90)
+    assert result.returncode == 1, result.stderr
+    assert time.monotonic() - t0 < 60  # tries and their back-off are bounded
+    report = ws.report()
+    assert report["status"] == "ok" and report["saved"] is True
+    assert report["monitor"]["status"] == "failed"
+    assert report["monitor"]["error"]
 
 
 def test_a_4xx_fails_at_once_and_a_failed_start_is_only_logged(
