@@ -81,6 +81,15 @@ def test_jobs_bound_and_speed_up_the_snapshots(ws: Workspace) -> None:
             # Each copy really was slowed, so the overlaps above are meaningful.
             assert (end - start).total_seconds() > 1.0
     assert wall4 < 0.6 * wall1, f"--jobs 4 took {wall4:.2f}s, --jobs 1 took {wall1:.2f}s"
+    # --jobs 1: each source waited for its slot as long as the ones before it ran
+    # (SPEC §6 waited_s).
+    intervals = snapshot_intervals(report1)
+    order = sorted(SOURCES, key=lambda s: intervals[s][0])
+    first_start = intervals[order[0]][0]
+    for source in order:
+        ran_before = (intervals[source][0] - first_start).total_seconds()
+        waited = report1["sources"][source]["waited_s"]
+        assert abs(waited - ran_before) < 0.3, (source, waited, ran_before)
     # Four sequential copies of ~1.8 s each.
     assert report1["snapshot_window_s"] > 4 * 1.0
     for dest in ("dest-jobs1", "dest-jobs4", "dest-jobs2"):
