@@ -9,7 +9,7 @@ Two suites, one invocation, every contender one after another:
 
 **rsync sources** on one loop-mounted ext4 (all K), backed up to a fresh loop-mounted ext4
 (one per shape, K and repetition; a folder per contender). Shapes: ``small`` — 20,000
-files of 4 KiB in all (80 MiB), ``big`` — 100 files of 4 MiB (400 MiB); file ``j`` goes to
+files of 4 KiB in all (80 MiB), ``big`` — 100 files of 2 MiB (200 MiB); file ``j`` goes to
 source ``j % K``. Contenders:
 
 - ``engine -jJ``: ``pibackup-async -c CONF run --jobs J --no-report -q``, J in 1, 2, 4, K;
@@ -78,7 +78,7 @@ class Shape:
 
 
 FULL = [Shape("small", 20_000, 4 * KiB, (1, 4, 16, 100)),
-        Shape("big", 100, 4 * MiB, (1, 4, 16, 100))]
+        Shape("big", 100, 2 * MiB, (1, 4, 16, 100))]
 QUICK = [Shape("small", 400, 4 * KiB, (1, 4)), Shape("big", 8, 256 * KiB, (4,))]
 BTRFS_FULL = Shape("btrfs", 4_000, 32 * KiB, (1, 4))
 BTRFS_QUICK = Shape("btrfs", 80, 32 * KiB, (4,))

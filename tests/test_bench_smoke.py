@@ -1,0 +1,83 @@
+"""The peers and fleet harnesses' smoke modes, run as the user runs them, so they cannot rot.
+
+No timing is asserted (issue 12: the harness is run by hand, its output committed); what
+is checked is that every contender ran every phase, copied something, and that the
+harness left no mount, loop device or server behind.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import needs_root, processes_mentioning
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "benchmarks"
+PHASES = {"first", "unchanged", "changed"}
+
+pytestmark = [
+    pytest.mark.slow,
+    needs_root,
+    pytest.mark.skipif(any(shutil.which(t) is None for t in ("rsync", "rsnapshot", "btrbk")),
+                       reason="rsync, rsnapshot and btrbk are needed (.ci/run installs them)"),
+]
+
+
+def run_harness(script: str, tmp_path: Path) -> dict[str, object]:
+    out = tmp_path / "results.json"
+    work = tmp_path / "work"
+    result = subprocess.run(
+        [sys.executable, str(BENCH / script), "--quick", "--work", str(work), "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "took" in result.stdout  # the table was printed to the end
+    # Nothing left behind: no mount, no loop device on its images, no server.
+    with open("/proc/self/mountinfo") as f:
+        assert str(tmp_path) not in f.read()
+    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    assert str(tmp_path) not in loops
+    assert processes_mentioning(str(work)) == []
+    return dict(json.loads(out.read_text()))
+
+
+def test_peers_quick_runs_every_contender_and_phase(tmp_path: Path) -> None:
+    data = run_harness("bench_peers.py", tmp_path)
+    runs = data["runs"]
+    assert isinstance(runs, list)
+    seen: dict[tuple[str, str], set[str]] = {}
+    for run in runs:
+        seen.setdefault((run["suite"], run["kind"]), set()).add(run["phase"])
+        if run["phase"] == "first":
+            assert run["disk_mib"] > 0, run  # a first copy takes room on the destination
+        assert run["wall_s"] > 0 and run["cpu_s"] > 0, run
+        if run["kind"] == "engine":
+            assert run["extra"]["window_s"] >= 0 and run["rss_mib"] > 0, run
+    assert set(seen) == {("rsync", "engine"), ("rsync", "shell"), ("rsync", "rsnapshot"),
+                         ("btrfs", "engine"), ("btrfs", "btrbk")}
+    assert all(phases == PHASES for phases in seen.values()), seen
+    # The engine's btrfs re-run after the change is an incremental send.
+    [changed] = [r for r in runs if r["suite"] == "btrfs" and r["kind"] == "engine"
+                 and r["phase"] == "changed"]
+    assert changed["extra"]["incremental"] == 1.0
+    ratios = data["ratios"]
+    assert isinstance(ratios, dict)
+    assert "j4" in ratios["rsync/small/K=4/first"]["engine_over_shell"]
+    assert "engine_j1_over_btrbk" in ratios["btrfs/btrfs/K=4/changed"]
+
+
+def test_fleet_quick_pulls_every_host_with_every_contender(tmp_path: Path) -> None:
+    data = run_harness("bench_fleet.py", tmp_path)
+    runs = data["runs"]
+    assert isinstance(runs, list)
+    at_two = {r["contender"] for r in runs if r["k"] == 2}
+    assert at_two == {"engine -j1", "engine -j2", "shell -P2", "rsnapshot"}
+    for run in runs:
+        assert run["disk_mib"] > 0, run  # every host's tree was pulled
+    ratios = data["ratios"]
+    assert isinstance(ratios, dict)
+    assert "engine_jN_speedup_over_rsnapshot" in ratios["N=2"]
