@@ -18,8 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import urllib.error
-import urllib.request
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
@@ -48,15 +46,19 @@ def ping_target(url: str, suffix: str) -> str:
     return urlunsplit(parts._replace(path=parts.path.rstrip("/") + suffix))
 
 
-class _Redirects(urllib.request.HTTPRedirectHandler):
-    max_redirections = MAX_REDIRECTS
-
-
 class _Refused(Exception):
     """A 4xx: trying again will not help."""
 
 
 def _request(url: str, body: bytes | None, method: str) -> int:
+    # Imported here: urllib.request (http.client, email) costs a run without
+    # [monitor] ~10 ms of start-up.
+    import urllib.error
+    import urllib.request
+
+    class _Redirects(urllib.request.HTTPRedirectHandler):
+        max_redirections = MAX_REDIRECTS
+
     opener = urllib.request.build_opener(_Redirects)
     request = urllib.request.Request(url, data=body, method=method,
                                      headers={"User-Agent": "pibackup-async"})
@@ -79,7 +81,7 @@ async def ping(url: str, suffix: str, body: bytes | None = None) -> Delivery:
                     abandon_on_cancel=True)
         except TimeoutError:
             problem = f"no answer within {PING_BOUND_S:g} s"
-        except (OSError, ValueError, urllib.error.URLError) as e:
+        except (OSError, ValueError) as e:
             problem = f"cannot reach it: {getattr(e, 'reason', None) or e}"
         else:
             if 200 <= code < 300:
@@ -110,7 +112,7 @@ async def check_ping_server(url: str) -> str | None:
             await anyio.to_thread.run_sync(_request, root, None, "HEAD", abandon_on_cancel=True)
     except TimeoutError:
         return f"{root}: no answer within {PING_BOUND_S:g} s"
-    except (OSError, ValueError, urllib.error.URLError) as e:
+    except (OSError, ValueError) as e:
         return f"{root}: {getattr(e, 'reason', None) or e}"
     return None
 

@@ -213,6 +213,27 @@ def _signal_session(sid: int, members: list[int], signum: int) -> None:
             pass
 
 
+def _group_gone(process: Process) -> bool:
+    """True when the child was reaped and no process, not even a zombie, is left in its group.
+
+    The common end of rsync, btrfs or ssh, answered by one system call instead
+    of a scan of all of /proc. Once the group is empty only a process that
+    moved itself to another group of the session could remain: a shell with
+    job control, which none of the engine's own commands is (hooks leave their
+    background alone when they exit, and a cancel, with the child alive,
+    always scans). Any answer, a zombie's too (NOTES pitfall 3), means a scan.
+    """
+    if process.returncode is None:
+        return False
+    try:
+        os.killpg(process.pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # someone else's group now holds the id: scan the session
+    return False
+
+
 def _live_members(sid: int) -> list[int]:
     return [pid for pid in _session_members(sid) if pid not in _stuck]
 
@@ -253,7 +274,7 @@ async def end_session(process: Process, grace: float = GRACE_S,
     """
     sid = process.pid
     with anyio.CancelScope(shield=True):
-        members = _live_members(sid)
+        members = [] if _group_gone(process) else _live_members(sid)
         if members:
             _signal_session(sid, members, signal.SIGTERM)
             with anyio.move_on_after(grace):
