@@ -7,9 +7,12 @@ rsync's own ``--bwlimit``.
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import shutil
+import subprocess
+import sys
 from typing import TYPE_CHECKING
 
 import pytest
@@ -107,3 +110,34 @@ def test_without_a_terminal_a_long_copy_logs_a_heartbeat_with_bytes(ws: Workspac
 def _plain(text: str) -> str:
     """The terminal's text without escape sequences."""
     return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
+
+
+_HEAVY = ("rich", "httpx", "prometheus_client")
+# The CLI in this process's interpreter; at exit, the heavy modules it had loaded.
+_PROBE = ("import atexit, sys\n"
+          "def said():\n"
+          "    loaded = {m.split('.')[0] for m in sys.modules if sys.modules[m] is not None}\n"
+          f"    print('LOADED', sorted(loaded & set({_HEAVY!r})), file=sys.__stderr__)\n"
+          "atexit.register(said)\n"
+          "{preload}\n"
+          "from pibackup_async.cli.main import main\n"
+          "sys.exit(main(sys.argv[1:]))\n")
+
+
+def _heavy_imports(*argv: str, env: dict[str, str] | None = None, preload: str = ""
+                   ) -> list[str]:
+    result = subprocess.run([sys.executable, "-c", _PROBE.replace("{preload}", preload),
+                             *argv], capture_output=True, text=True, timeout=60, env=env)
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("LOADED")]
+    return list(ast.literal_eval(line.removeprefix("LOADED ")))
+
+
+def test_help_and_a_night_run_import_nothing_of_rich_httpx_or_prometheus(
+        ws: Workspace) -> None:
+    assert _heavy_imports("--help") == []
+    write_config(ws, [HookSpec("b1")])
+    # A run without a terminal, ping or metrics: progress is not drawn, nothing is sent.
+    assert _heavy_imports("run", "-c", str(ws.config_path), env=ws.env()) == []
+    assert _heavy_imports("-c", str(ws.config_path), "list") == []
+    # The probe can tell.
+    assert _heavy_imports("--help", preload="import rich.console") == ["rich"]
