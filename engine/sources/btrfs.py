@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import subprocess
 from typing import TYPE_CHECKING
 
 import anyio
@@ -18,13 +17,15 @@ import structlog
 
 from ..destination import Entry, newest_holding, remove_tree
 from ..filesystems import is_subvolume, same_filesystem
+from ..heartbeat import current
 from ..names import parse_name
 from ..processes import Finished, Tail, describe_exit, drain, managed_process, run_process
-from ..remote import RemoteError
+from ..remote import RemoteError, drain_marked
 from .errors import SourceError
 
 if TYPE_CHECKING:
     from ..config import BtrfsSource
+    from ..heartbeat import Beat
     from ..remote import RemoteHost
     from ..report import Step
 
@@ -191,17 +192,21 @@ async def find_parent(site: Site, source: BtrfsSource, destination: str,
     return None
 
 
-def _splice_all(source: int, target: int, finished: anyio.Event) -> int:
+def _splice_all(source: int, target: int, finished: anyio.Event, beat: Beat | None) -> int:
     """Move every byte from one pipe to another in the kernel; return the count.
 
     Stops at end of stream, or quietly when receive is gone (its exit code
-    says what happened). Sets ``finished`` last: only then may the pipes be
-    closed (a closed number could be reused under a running splice).
+    says what happened). The count so far goes to the running step's
+    heartbeat after every call (a plain attribute write). Sets ``finished``
+    last: only then may the pipes be closed (a closed number could be reused
+    under a running splice).
     """
     total = 0
     try:
         while moved := os.splice(source, target, 1 << 20):
             total += moved
+            if beat is not None:
+                beat.bytes = total
     except OSError:
         pass
     finally:
@@ -213,21 +218,26 @@ async def send_receive(site: Site, snapshot: str, parent: str | None, folder: st
                        step: Step) -> int:
     """Step 5 into btrfs: ``btrfs send [-p parent] | btrfs receive``; returns the stream size.
 
-    The send runs where the source lives, the receive here; both are ended
-    as groups on cancel (remotely too), both exit codes are checked, and the
+    The send runs where the source lives (for a host: a local ``ssh`` on the
+    run's OpenSSH master), the receive here; the two are joined by
+    ``splice`` (the stream never passes through Python), both are ended as
+    groups on cancel (remotely too), both exit codes are checked, and the
     received subvolume must be read-only with a received UUID (btrbk's
-    "garbled" check), else it is deleted.
+    "garbled" check), else it is deleted. Raises SourceError, or RemoteError
+    when the host's connection broke.
     """
     send, receive = send_argv(snapshot, parent), receive_argv(folder)
     step.begin([*send, "|", *receive])
-    if site.remote is None:
-        size, send_code, send_err, receive_code, receive_err = await _local_stream(send, receive)
-    else:
-        size, send_code, send_err, receive_code, receive_err = await _remote_stream(
-            site.remote, send, receive)
+    received = os.path.join(folder, os.path.basename(snapshot))
+    try:
+        size, send_code, send_err, receive_code, receive_err = await _stream(
+            site.remote, send, receive, current())
+    except RemoteError:
+        if os.path.lexists(received):
+            await remove_tree(received)
+        raise
     step.exit_code = send_code or receive_code
     step.stderr_tail = "\n".join(t for t in (send_err, receive_err) if t)
-    received = os.path.join(folder, os.path.basename(snapshot))
     problem = None
     # A send that died of a broken pipe is a symptom: receive's error says why.
     if send_code != 0 and not (receive_code != 0 and send_code in _PIPE_DEATHS):
@@ -246,13 +256,18 @@ async def send_receive(site: Site, snapshot: str, parent: str | None, folder: st
     return size
 
 
-# Exit codes of a sender whose reader went away: SIGPIPE, or a closed channel.
-_PIPE_DEATHS = (-13, -1, 141)
+# Exit codes of a sender whose reader went away: SIGPIPE, a closed channel,
+# ssh's own 255 for a remote command killed by a signal.
+_PIPE_DEATHS = (-13, -1, 141, 255)
 _Streamed = tuple[int, int, str, int, str]
 
 
-async def _local_stream(send: list[str], receive: list[str]) -> _Streamed:
+async def _stream(remote: RemoteHost | None, send: list[str], receive: list[str],
+                  beat: Beat | None) -> _Streamed:
     send_err, receive_out, receive_err = Tail(), Tail(), Tail()
+    # The remote command's process group there, which a cancel ends.
+    pgid: list[int] = []
+    sender_argv = send if remote is None else await remote.command_argv(shlex.join(send))
     # Two pipes joined by splice() in a thread: the stream is counted for the
     # report without passing through Python.
     from_send, to_pump = os.pipe()
@@ -272,23 +287,34 @@ async def _local_stream(send: list[str], receive: list[str]) -> _Streamed:
         from_send = to_receive = -1
 
     try:
-        async with managed_process(send, stdout=to_pump) as sender, managed_process(
+        async with managed_process(sender_argv, stdout=to_pump) as sender, managed_process(
                 receive, stdin=from_pump) as receiver:
             os.close(to_pump)
             os.close(from_pump)
             to_pump = from_pump = -1
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(drain, sender.stderr, send_err, "stderr")
-                tg.start_soon(drain, receiver.stdout, receive_out, "stdout")
-                tg.start_soon(drain, receiver.stderr, receive_err, "stderr")
-                # Abandoned on cancel: the thread ends by itself once the
-                # processes are ended on leaving the block.
-                splicing = True
-                size = await anyio.to_thread.run_sync(
-                    _splice_all, from_send, to_receive, spliced, abandon_on_cancel=True)
-                close_relay_ends()
-                await sender.wait()
-                await receiver.wait()
+            try:
+                async with anyio.create_task_group() as tg:
+                    if remote is None:
+                        tg.start_soon(drain, sender.stderr, send_err, "stderr")
+                    else:
+                        tg.start_soon(drain_marked, sender.stderr, send_err, pgid)
+                    tg.start_soon(drain, receiver.stdout, receive_out, "stdout")
+                    tg.start_soon(drain, receiver.stderr, receive_err, "stderr")
+                    # Abandoned on cancel: the thread ends by itself once the
+                    # processes are ended on leaving the block.
+                    splicing = True
+                    size = await anyio.to_thread.run_sync(
+                        _splice_all, from_send, to_receive, spliced, beat,
+                        abandon_on_cancel=True)
+                    close_relay_ends()
+                    await sender.wait()
+                    await receiver.wait()
+            finally:
+                # Ending the local ssh only closes the channel: the send there
+                # would live until its next write. Its group is ended there
+                # unless it has said how it exited.
+                if remote is not None and pgid and sender.returncode != 0:
+                    await remote.end_group(pgid[0])
     finally:
         if splicing:
             with anyio.move_on_after(10, shield=True):
@@ -301,47 +327,11 @@ async def _local_stream(send: list[str], receive: list[str]) -> _Streamed:
             if fd >= 0:
                 os.close(fd)
     assert sender.returncode is not None and receiver.returncode is not None
+    if remote is not None and sender.returncode == 255:
+        lost = await remote.lost(send_err.lines[-1] if send_err.lines else "")
+        if lost is not None:
+            raise lost
     return size, sender.returncode, send_err.text(), receiver.returncode, receive_err.text()
-
-
-async def _remote_stream(remote: RemoteHost, send: list[str], receive: list[str]) -> _Streamed:
-    receive_out, receive_err = Tail(), Tail()
-    size = 0
-    async with managed_process(receive, stdin=subprocess.PIPE) as receiver:
-        stdin = receiver.stdin
-        assert stdin is not None
-
-        async def into_receive(chunk: bytes) -> None:
-            nonlocal size
-            await stdin.send(chunk)
-            size += len(chunk)
-
-        async def end_of_stream() -> None:
-            # Ends a receive still reading; a receive that failed has closed
-            # its end, and its exit code says why.
-            with anyio.move_on_after(10, shield=True):
-                try:
-                    await stdin.aclose()
-                except Exception as e:
-                    log.debug("receive's input already closed", error=str(e))
-
-        lost: RemoteError | None = None
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(drain, receiver.stdout, receive_out, "stdout")
-            tg.start_soon(drain, receiver.stderr, receive_err, "stderr")
-            try:
-                # A failing sink (receive gone) closes the channel, which ends
-                # the remote send; a failing send ends its stream here.
-                sent = await remote.run(shlex.join(send), {}, stdout_sink=into_receive)
-            except RemoteError as e:
-                lost = e  # raised alone below, not wrapped in the task group's group
-            finally:
-                await end_of_stream()
-            await receiver.wait()
-    if lost is not None:
-        raise lost
-    assert receiver.returncode is not None
-    return size, sent.exit_code, sent.stderr.text(), receiver.returncode, receive_err.text()
 
 
 async def drop_snapshots(site: Site, source: BtrfsSource, keep: str | None) -> None:
