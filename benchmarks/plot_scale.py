@@ -46,6 +46,11 @@ def panel(ax: Any, rows: list[dict[str, Any]], phase: str, title: str, unit: str
     ax.set_xticks(jobs)
     ax.set_xticklabels([str(j) for j in jobs])
     ax.set_yscale("log")
+    from matplotlib.ticker import FormatStrFormatter  # loaded with matplotlib by main()
+
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+    ax.tick_params(axis="y", which="minor", labelsize=7)
     ax.set_xlabel("--jobs (shell: xargs -P)")
     ax.set_ylabel("wall time, s (log)")
     ax.set_title(title)
@@ -90,7 +95,7 @@ def main() -> int:
         info = meta["fleet"]
         fig, ax = plt.subplots(figsize=(7, 5))
         panel(ax, fleet["medians"], "first", "fleet of N SSH hosts, first copy", "N")
-        ax.set_title(f"N hosts x {info['files'] * info['size'] // 1024 // 1024} MiB, rsync "
+        ax.set_title(f"N hosts x {info['files'] * info['size'] / 1048576:g} MiB, rsync "
                      f"{info['bwlimit']}; {meta['cpus']} CPUs")
         fig.tight_layout()
         path = args.out / "scale-fleet.png"
