@@ -43,9 +43,9 @@ def test_console_logs_read_as_local_times_and_name_the_backup_once(ws: Workspace
     assert result.returncode == 0, result.stderr
     lines = result.stderr.splitlines()
     # 2021-04-02 07:00:12, as a backup name reads; no UTC ISO stamp.
-    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[", line) for line in lines), lines
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \S", line) for line in lines), lines
     named = [line for line in lines if "backup=" in line]
-    assert [line.split("]")[1].split()[:2] for line in named] == [
+    assert [line[20:].split()[:2] for line in named] == [
         ["run", "started"], ["run", "finished"]]
     # JSON lines keep it on every event about the run, for filtering.
     result = subprocess.run([*CLI, "run", "-c", str(ws.config_path), "--log-format", "json"],

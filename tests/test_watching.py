@@ -73,5 +73,3 @@ def test_the_console_log_reads_at_100_columns(ws: Workspace) -> None:
         # Durations for a person: hundredths at most.
         for value in re.findall(r"\b\w+_s=(\S+)", line):
             assert re.fullmatch(r"\d+(\.\d{1,2})?", value), line
-    named = [line for line in lines if "backup=" in line]
-    assert len(named) == 2 and "run started" in named[0] and "run finished" in named[1]
