@@ -84,7 +84,7 @@ def step_line(beat: Beat, rate: float | None, now: float) -> str:
     label = f"{beat.what} {name}" + (f" ({phase})" if phase else "")
     parts = [f"{label:<28}"]
     if beat.files is not None:
-        parts.append(f"{beat.files:>9,} files")
+        parts.append(f"{beat.files:>9,} {_files(beat.files)}")
     if beat.bytes is not None:
         parts.append(f"{human_bytes(beat.bytes):>10}")
     if rate is not None:
@@ -99,7 +99,11 @@ def run_line(command: str, beats: list[Beat], started: float, now: float) -> str
     written = done.bytes + sum(b.bytes or 0 for b in beats)
     files = done.files + sum(b.files or 0 for b in beats)
     return (f"{command} {format_duration(now - started)}: {len(beats)} running, "
-            f"{done.steps} done, {files:,} files, {human_bytes(written)}")
+            f"{done.steps} done, {files:,} {_files(files)}, {human_bytes(written)}")
+
+
+def _files(count: int) -> str:
+    return "file" if count == 1 else "files"
 
 
 @contextmanager
