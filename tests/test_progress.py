@@ -141,3 +141,21 @@ def test_help_and_a_night_run_import_nothing_of_rich_httpx_or_prometheus(
     assert _heavy_imports("-c", str(ws.config_path), "list") == []
     # The probe can tell.
     assert _heavy_imports("--help", preload="import rich.console") == ["rich"]
+
+
+def test_a_step_line_names_the_step_and_says_files_bytes_and_rate() -> None:
+    from pibackup_async.cli.progress import Rates, step_line
+    from pibackup_async.engine.heartbeat import Beat
+
+    copy = Beat("snapshot", {"source": "data"}, started=100.0, bytes=0, files=0)
+    hook = Beat("hook", {"hook": "mount", "phase": "pre"}, started=100.0)
+    rates = Rates()
+    rates.sample([copy, hook], 101.0)
+    copy.bytes, copy.files = 4 * 1024 * 1024, 1234
+    rate = rates.sample([copy, hook], 103.0)
+    assert rate[id(hook)] is None
+    line = step_line(copy, rate[id(copy)], 135.0)
+    assert re.match(r"snapshot data +1,234 files +4\.0 MiB +2\.0 MiB/s +35s", line), line
+    assert step_line(hook, None, 101.0).startswith("hook mount (pre)")
+    # A step that ended is forgotten.
+    assert rates.sample([hook], 104.0) == {id(hook): None}
