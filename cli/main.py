@@ -66,13 +66,24 @@ def _version() -> str:
         return "unknown"
 
 
+class _Version(argparse.Action):
+    """``--version``, looked up only when asked: reading the installed metadata costs
+    0.1 s, which every other command would pay at start-up."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        print(f"pibackup-async {_version()}")
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pibackup-async",
         description="Concurrent backups of a small server: hooks, rsync sources, reports.",
         parents=[_common(top=True)],
     )
-    parser.add_argument("--version", action="version", version=f"pibackup-async {_version()}")
+    parser.add_argument("--version", action=_Version, nargs=0,
+                        help="show the version and exit")
     common = _common(top=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
