@@ -21,8 +21,8 @@ source ``j % K``. Contenders:
   ``rsync_short_args -aHAX`` and ``--numeric-ids --sparse --stats`` added to its defaults.
 
 **btrfs sources** (K = 1, 4; subvolumes on a loop btrfs, 4,000 files of 32 KiB in all, to
-a loop btrfs): ``engine -j1`` (send/receive) against btrbk 0.32 (``snapshot_preserve_min
-all``, ``target send-receive``).
+a loop btrfs of each contender's own): ``engine -j1`` (send/receive) against btrbk 0.32
+(``snapshot_preserve_min all``, ``target send-receive``).
 
 Three phases each, every contender once per phase before the next phase: ``first`` (the
 page cache dropped before each run), ``unchanged`` (a re-run; ``sync`` before, cache
@@ -352,7 +352,10 @@ def btrfs_suite(work: Path, shape: Shape, reps: int, runs: list[Run]) -> None:
     total_mib = shape.files * shape.size / MiB
     for k in shape.ks:
         src_fs = Filesystem(work / "images" / "bsrc.img", work / "mnt" / "bsrc")
+        # One destination filesystem each: btrbk takes any snapshot of the source that has
+        # a received copy on its target as a parent, the engine's included.
         dest_fs = Filesystem(work / "images" / "bdest.img", work / "mnt" / "bdest")
+        btrbk_fs = Filesystem(work / "images" / "bbtrbk.img", work / "mnt" / "bbtrbk")
         try:
             src_fs.make(int(total_mib * 3) + 400)
             print(f"building btrfs: {k} subvolumes, {shape.files} files of "
@@ -366,6 +369,7 @@ def btrfs_suite(work: Path, shape: Shape, reps: int, runs: list[Run]) -> None:
                 delete_subvolumes(subvolumes_below(src_fs.mount / ".btrbk"))
                 delete_subvolumes(subvolumes_below(src_fs.mount / ".snap-engine"))
                 dest_fs.make(int(total_mib * 4) + 400)
+                btrbk_fs.make(int(total_mib * 4) + 400)
                 rep_work = work / "runs" / f"btrfs-k{k}-r{rep}"
                 shutil.rmtree(rep_work, ignore_errors=True)
                 engine = Contender("engine -j1", "engine", 1, dest_fs.mount / "engine",
@@ -375,7 +379,7 @@ def btrfs_suite(work: Path, shape: Shape, reps: int, runs: list[Run]) -> None:
                     src_fs.mount / ".snap-engine", subvolumes)
                 engine.argv = [ENGINE, "-c", str(engine.config), "run", "--jobs", "1",
                                "--no-report", "-q"]
-                btrbk = Contender("btrbk", "btrbk", 1, dest_fs.mount / "btrbk",
+                btrbk = Contender("btrbk", "btrbk", 1, btrbk_fs.mount / "btrbk",
                                   rep_work / "btrbk")
                 btrbk.config = btrbk_config(_mkdirs(btrbk) / "btrbk.conf", src_fs.mount,
                                             ".btrbk", btrbk.dest, subvolumes,
@@ -387,10 +391,12 @@ def btrfs_suite(work: Path, shape: Shape, reps: int, runs: list[Run]) -> None:
                         change(src_fs.mount, shape, k, rep, block)
                     for c in order:
                         runs.append(timed_run(c, "btrfs", shape.name, k, phase, rep,
-                                              dest_fs.mount))
+                                              c.dest.parent))
                 dest_fs.remove()
+                btrbk_fs.remove()
         finally:
             dest_fs.remove()
+            btrbk_fs.remove()
             # Snapshots are subvolumes of the source filesystem: they go with its image.
             src_fs.remove()
 
@@ -449,8 +455,8 @@ def ratios(rows: list[dict[str, object]]) -> dict[str, object]:
                 engines = [wall(r) for r in mine if r["kind"] == "engine"]
                 shells = [wall(r) for r in mine if r["kind"] == "shell"]
                 if rsnap and engines and shells:
-                    best_e = rsnap / min(engines)  # type: ignore[type-var]
-                    best_s = rsnap / min(shells)  # type: ignore[type-var]
+                    best_e = rsnap / min(e for e in engines if e)
+                    best_s = rsnap / min(s for s in shells if s)
                     entry.update(engine_best_speedup_over_rsnapshot=best_e,
                                  shell_best_speedup_over_rsnapshot=best_s,
                                  engine_best_vs_shell_best=best_e / best_s)
