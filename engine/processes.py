@@ -21,6 +21,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -337,33 +338,48 @@ class _OutputPipe:
 
     async def pump(self, lines: LineSplitter) -> None:
         """Read until every writer has closed its end (cancel to stop earlier)."""
-        buffer = bytearray(_READ_SIZE)
         while True:
             await anyio.wait_readable(self.read_fd)
-            try:
-                count = os.readv(self.read_fd, [buffer])
-            except BlockingIOError:
-                continue
-            if count == 0:
+            if not self._read_now(lines):
                 return
-            lines.feed(buffer, count)
             if lines.pace_s:
                 await anyio.sleep(lines.pace_s)
 
     def read_rest(self, lines: LineSplitter) -> None:
         """What is in the pipe now, without waiting for writers still alive."""
-        buffer = bytearray(_READ_SIZE)
+        self._read_now(lines)
+
+    def _read_now(self, lines: LineSplitter) -> bool:
+        """Read what the pipe holds now into ``lines``; False once every writer is gone."""
+        buffer = _read_buffer()
         # A writer still alive may refill the pipe as fast as we empty it.
         budget = 2 * _PIPE_SIZE
         while budget > 0:
             try:
                 count = os.readv(self.read_fd, [buffer])
             except BlockingIOError:
-                return
+                return True
             if count == 0:
-                return
+                return False
             lines.feed(buffer, count)
             budget -= count
+        return True
+
+
+_buffers = threading.local()
+
+
+def _read_buffer() -> bytearray:
+    """One read buffer per thread, shared by every pipe it reads.
+
+    A read and the feeding of what it read never straddle an ``await``, and
+    the splitters copy what they keep: a hundred sources at once then cost
+    one buffer, not two each (0.5 MiB a source, measured at ``--jobs 100``).
+    """
+    buffer: bytearray | None = getattr(_buffers, "buffer", None)
+    if buffer is None:
+        buffer = _buffers.buffer = bytearray(_READ_SIZE)
+    return buffer
 
 
 @asynccontextmanager
