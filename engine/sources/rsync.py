@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from typing import TYPE_CHECKING
@@ -91,13 +92,18 @@ def auto_excludes(config: Config, source_path: str) -> list[str]:
             if isinstance(s, BtrfsSource) and s.host is None]
     walked = os.path.realpath(source_path)
     excludes: list[str] = []
-    for path in own:
-        real = os.path.realpath(path)
+    for real in _real_paths(tuple(own)):
         if is_within(real, walked) and not is_within(walked, real):
             pattern = f"--exclude=/{_escape(os.path.relpath(real, walked))}"
             if pattern not in excludes:
                 excludes.append(pattern)
     return excludes
+
+
+@functools.lru_cache(maxsize=8)
+def _real_paths(paths: tuple[str, ...]) -> tuple[str, ...]:
+    # The same few folders for every source of a run: resolved once, not per source.
+    return tuple(os.path.realpath(p) for p in paths)
 
 
 def rsync_argv(config: Config, source: RsyncSource | BtrfsSource, target: str,
