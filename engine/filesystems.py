@@ -1,8 +1,12 @@
-"""What filesystem a path lives on, read from /proc/self/mountinfo (no subprocess)."""
+"""What filesystem a path lives on, read from /proc/self/mountinfo, and what a btrfs
+subvolume says of itself: no subprocess for either."""
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import os
+import uuid
 from dataclasses import dataclass
 
 # The first inode of every btrfs subvolume (BTRFS_FIRST_FREE_OBJECTID).
@@ -95,3 +99,52 @@ def on_mounted_filesystem(path: str) -> bool:
     """
     mount = mount_of(os.path.realpath(path))
     return mount is not None and mount.mount_point != "/"
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("sec", ctypes.c_uint64), ("nsec", ctypes.c_uint32)]
+
+
+class _SubvolInfo(ctypes.Structure):
+    """struct btrfs_ioctl_get_subvol_info_args (linux/btrfs.h)."""
+
+    _fields_ = [("treeid", ctypes.c_uint64), ("name", ctypes.c_char * 256),
+                ("parent_id", ctypes.c_uint64), ("dirid", ctypes.c_uint64),
+                ("generation", ctypes.c_uint64), ("flags", ctypes.c_uint64),
+                ("uuid", ctypes.c_uint8 * 16), ("parent_uuid", ctypes.c_uint8 * 16),
+                ("received_uuid", ctypes.c_uint8 * 16),
+                ("ctransid", ctypes.c_uint64), ("otransid", ctypes.c_uint64),
+                ("stransid", ctypes.c_uint64), ("rtransid", ctypes.c_uint64),
+                ("ctime", _Timespec), ("otime", _Timespec), ("stime", _Timespec),
+                ("rtime", _Timespec), ("reserved", ctypes.c_uint64 * 8)]
+
+
+# _IOR(BTRFS_IOCTL_MAGIC, 60, struct btrfs_ioctl_get_subvol_info_args), Linux 4.18.
+_GET_SUBVOL_INFO = (2 << 30) | (ctypes.sizeof(_SubvolInfo) << 16) | (0x94 << 8) | 60
+_ROOT_SUBVOL_RDONLY = 1
+
+
+def subvolume_info(path: str) -> dict[str, str] | None:
+    """``UUID``, ``Received UUID`` and ``Flags`` as ``btrfs subvolume show`` says them.
+
+    One unprivileged ioctl instead of a ``btrfs`` process (5 ms each, three a
+    source a run). None when ``path`` is not the top of a subvolume or the
+    kernel does not answer: the caller asks ``btrfs subvolume show`` then.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if os.fstat(fd).st_ino != SUBVOLUME_INODE:
+            return None
+        info = _SubvolInfo()
+        fcntl.ioctl(fd, _GET_SUBVOL_INFO, info, True)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    received = bytes(info.received_uuid)
+    return {"UUID": str(uuid.UUID(bytes=bytes(info.uuid))),
+            "Received UUID": str(uuid.UUID(bytes=received)) if any(received) else "-",
+            "Flags": "readonly" if info.flags & _ROOT_SUBVOL_RDONLY else "-"}

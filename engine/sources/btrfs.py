@@ -16,7 +16,7 @@ import anyio
 import structlog
 
 from ..destination import Entry, newest_holding, remove_tree
-from ..filesystems import is_subvolume, same_filesystem
+from ..filesystems import is_subvolume, same_filesystem, subvolume_info
 from ..heartbeat import current
 from ..names import parse_name
 from ..processes import Finished, Tail, describe_exit, drain, managed_process, run_process
@@ -135,7 +135,15 @@ def source_problems(source: BtrfsSource) -> list[str]:
 
 
 async def subvolume_show(path: str, site: Site | None = None) -> dict[str, str]:
-    """The fields of ``btrfs subvolume show`` (``UUID``, ``Received UUID``, ``Flags`` …)."""
+    """The fields of ``btrfs subvolume show`` (``UUID``, ``Received UUID``, ``Flags`` …).
+
+    Here, by one ioctl where the kernel answers it (the three fields the
+    engine reads); on a remote host, or failing that, by the command.
+    """
+    if site is None or site.remote is None:
+        info = await anyio.to_thread.run_sync(subvolume_info, path, abandon_on_cancel=True)
+        if info is not None:
+            return info
     finished = await (site or _HERE).run(["btrfs", "subvolume", "show", path])
     if finished.exit_code != 0:
         raise SourceError(f"btrfs subvolume show {path}: {finished.stderr.text() or 'failed'}")
