@@ -35,9 +35,9 @@ repetitions:
     - ``btrfs send`` of a 1 GiB read-only snapshot on a loop btrfs (mounted
       before the sshd starts, so the server's private mount namespace has it),
       full send into a fresh loop btrfs each run: the engine's
-      ``sources.btrfs.send_receive`` on a remote ``Site`` (asyncssh channel
-      into a local ``btrfs receive``) against ``ssh host btrfs send SNAP |
-      btrfs receive DIR``.
+      ``sources.btrfs.send_receive`` on a remote ``Site`` (a local ``ssh`` on
+      the host's OpenSSH master, spliced into a local ``btrfs receive``)
+      against ``ssh host btrfs send SNAP | btrfs receive DIR``.
 
 Everything lives under ``--work`` (default ``benchmarks/work/ssh``,
 gitignored). Trees are built once and reused; copies and the destination
