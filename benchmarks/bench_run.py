@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchkit import build_tree
+from benchkit import build_tree, vm_hwm
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "pibackup_async.cli"]
@@ -146,17 +146,6 @@ class Timed:
     extra: dict[str, float] = field(default_factory=dict)
 
 
-def _vm_hwm(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def timed(argv: list[str], *, watch_rss: bool = False) -> Timed:
     """Run ``argv``; its wall time and, if asked, its own peak RSS (not its children's)."""
     started = time.monotonic()
@@ -167,7 +156,7 @@ def timed(argv: list[str], *, watch_rss: bool = False) -> Timed:
 
     def poll() -> None:
         while not done.is_set():
-            value = _vm_hwm(process.pid)
+            value = vm_hwm(process.pid)
             if value is not None:
                 peak.append(value)
             done.wait(0.01)

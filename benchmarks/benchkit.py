@@ -157,7 +157,8 @@ class Measured:
 GNU_TIME = "/usr/bin/time"
 
 
-def _vm_hwm(pid: int) -> int | None:
+def vm_hwm(pid: int) -> int | None:
+    """A process's peak RSS in KiB (``VmHWM``), None once it is gone."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
@@ -201,7 +202,7 @@ def measure(argv: list[str], *, own_rss: bool = False, check: bool = True) -> Me
             while not done.is_set():
                 if target is None:
                     target = _first_child(process.pid)
-                value = _vm_hwm(target) if target is not None else None
+                value = vm_hwm(target) if target is not None else None
                 if value is not None:
                     peak.append(value)
                 done.wait(0.01)
