@@ -1,9 +1,9 @@
 """Live progress on a terminal (SPEC §8): a line per running step, one for the whole run.
 
 It draws the heartbeat's register of running steps (``engine/heartbeat.py``),
-which the steps keep current themselves (rsync's ``--info=progress2``, the
-btrfs stream, verify's readers): one task redraws it four times a second, and
-the log lines go above it. rich is imported here only, and only when
+which the steps keep current themselves (the btrfs stream, verify's readers)
+or let be read when drawn (rsync's writes, from /proc): one task redraws it
+four times a second, and the log lines go above it. rich is imported here only, and only when
 drawing: ``--help`` and every night run without a terminal never load it.
 Drawing can never end a run: if it fails, the heartbeat takes over.
 """
@@ -144,6 +144,8 @@ async def _draw(command: str, stream: QuietStream) -> None:
     def frame() -> Group:
         now = time.monotonic()
         beats = heartbeat.running()
+        for beat in beats:
+            beat.refresh()
         rate = rates.sample(beats, now)
         lines = [run_line(command, beats, started, now)]
         lines += ["  " + step_line(b, rate[id(b)], now) for b in beats]

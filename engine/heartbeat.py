@@ -20,7 +20,7 @@ import anyio
 import structlog
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
 log = structlog.get_logger("pibackup")
 
@@ -30,7 +30,11 @@ _TICK_S = 1.0
 
 @dataclass
 class Beat:
-    """One running step; its owner may update ``bytes`` and ``files`` as they grow."""
+    """One running step; its owner may update ``bytes`` and ``files`` as they grow.
+
+    Or it sets ``probe``, which reads them where they are kept (a child
+    process's counters) when someone looks: ``refresh``.
+    """
 
     what: str
     fields: dict[str, Any]
@@ -38,6 +42,15 @@ class Beat:
     bytes: int | None = None
     files: int | None = None
     beats: int = 0
+    probe: Callable[[Beat], None] | None = None
+
+    def refresh(self) -> None:
+        """Bring ``bytes`` and ``files`` up to date; a failing probe only stops probing."""
+        if self.probe is not None:
+            try:
+                self.probe(self)
+            except Exception:
+                self.probe = None
 
 
 _running: dict[int, Beat] = {}
@@ -95,6 +108,7 @@ def beat_now(period: float = PERIOD_S) -> int:
         if elapsed < (beat.beats + 1) * period:
             continue
         beat.beats = int(elapsed // period)
+        beat.refresh()
         extra = {k: v for k, v in (("bytes", beat.bytes), ("files", beat.files)) if v is not None}
         log.info("still running", step=beat.what, running_s=round(elapsed), **beat.fields,
                  **extra)

@@ -108,10 +108,6 @@ class LineSplitter:
     anyway are counted with ``bytes.count`` and never looked at one by one.
     """
 
-    # Seconds to let output gather between reads: a child that writes a line
-    # per file (rsync's progress) would otherwise wake the engine per file.
-    pace_s = 0.0
-
     def __init__(self, tail: Tail, name: str) -> None:
         self.tail = tail
         self.name = name
@@ -342,8 +338,6 @@ class _OutputPipe:
             await anyio.wait_readable(self.read_fd)
             if not self._read_now(lines):
                 return
-            if lines.pace_s:
-                await anyio.sleep(lines.pace_s)
 
     def read_rest(self, lines: LineSplitter) -> None:
         """What is in the pipe now, without waiting for writers still alive."""
@@ -432,7 +426,7 @@ async def run_process(
     env: Mapping[str, str] | None = None,
     cwd: str | None = None,
     stdout_lines: int = TAIL_LINES,
-    stdout_splitter: Callable[[Tail], LineSplitter] | None = None,
+    on_start: Callable[[int], None] | None = None,
     grace: float = GRACE_S,
     leave_background: bool = False,
 ) -> Finished:
@@ -445,18 +439,19 @@ async def run_process(
     already in the pipes is read and the engine's ends are closed without
     waiting for it. If the caller is cancelled (a timeout, a failing sibling,
     a signal) the whole session is ended before this returns, in both cases.
-    ``stdout_splitter`` reads stdout its own way (rsync's progress feed).
+    ``on_start`` gets the child's pid once it runs (to watch its progress).
     Raises OSError if the program cannot start.
     """
     out, err = Tail(limit=stdout_lines), Tail()
-    out_lines = (stdout_splitter or (lambda tail: LineSplitter(tail, "stdout")))(out)
-    err_lines = LineSplitter(err, "stderr")
+    out_lines, err_lines = LineSplitter(out, "stdout"), LineSplitter(err, "stderr")
     with _OutputPipe() as out_pipe, _OutputPipe() as err_pipe:
         async with managed_process(argv, stdout=out_pipe.write_fd, stderr=err_pipe.write_fd,
                                    env=env, cwd=cwd, grace=grace,
                                    leave_background=leave_background) as process:
             out_pipe.close_write()
             err_pipe.close_write()
+            if on_start is not None:
+                on_start(process.pid)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(out_pipe.pump, out_lines)
                 tg.start_soon(err_pipe.pump, err_lines)

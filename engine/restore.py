@@ -34,10 +34,10 @@ from .filesystems import is_within
 from .heartbeat import beating
 from .lookup import LATEST, UsageProblem, check_backup_arg, find_backup
 from .pathtext import parse_path, show_path
-from .processes import Tail, describe_exit, drain, managed_process, run_process
+from .processes import Tail, describe_exit, drain, managed_process
 from .remote import RemoteError, open_remotes
 from .restore_filters import Rule, covered, parse_rules, relative_to
-from .sources.rsync import RSYNC_BASE, ProgressLines, auto_excludes, transferred_bytes
+from .sources.rsync import RSYNC_BASE, auto_excludes, run_rsync, transferred_bytes
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -167,7 +167,7 @@ def parse_request(config: Config, backup: str, item: str, to: str, *,
 def restore_argv(config: Config, request: Request, backup: str, *,
                  remote: Transport | None = None, dry_run: bool = False) -> list[str]:
     """The exact rsync command of the restore (``dry_run``: the listing of what it would do)."""
-    argv = [a for a in RSYNC_BASE if not (dry_run and a in ("--stats", "--info=progress2"))]
+    argv = [a for a in RSYNC_BASE if not (dry_run and a == "--stats")]
     if dry_run:
         argv += ["--dry-run", "--out-format=%i %n"]
     if request.delete:
@@ -220,9 +220,8 @@ async def _rsync(config: Config, request: Request, backup: str, remote: Transpor
     log.info("restoring", item=request.item, backup=backup, target=request.where,
              command=_shown(argv))
     try:
-        with beating("restore", item=request.item) as beat:
-            finished = await run_process(
-                argv, stdout_lines=40, stdout_splitter=lambda tail: ProgressLines(tail, beat))
+        with beating("restore", item=request.item):
+            finished = await run_rsync(argv)
     except anyio.get_cancelled_exc_class():
         log.warning(f"restore interrupted: {request.where} was left as far as it got; "
                     "the same command run again completes it")

@@ -28,6 +28,8 @@ from hookkit import (
 )
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from conftest import Workspace
 
 pytestmark = [
@@ -159,3 +161,19 @@ def test_a_step_line_names_the_step_and_says_files_bytes_and_rate() -> None:
     assert step_line(hook, None, 101.0).startswith("hook mount (pre)")
     # A step that ended is forgotten.
     assert rates.sample([hook], 104.0) == {id(hook): None}
+
+
+def test_most_written_reads_the_busiest_process_of_a_running_tree(tmp_path: Path) -> None:
+    from pibackup_async.engine.proc_io import most_written
+
+    # A shell whose child has written 3 MB and waits: the shell itself wrote nothing.
+    writer = ("import sys; open('out', 'wb').write(b'x' * 3_000_000); print('ready', flush=True);"
+              " sys.stdin.read()")
+    with subprocess.Popen(["sh", "-c", f'{sys.executable} -c "{writer}"'], cwd=tmp_path,
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as tree:
+        assert tree.stdout is not None and tree.stdin is not None
+        assert tree.stdout.readline() == "ready\n"
+        written = most_written(tree.pid)
+        assert written is not None and 3_000_000 <= written < 3_100_000
+        tree.stdin.close()
+    assert most_written(tree.pid) is None  # gone
