@@ -12,9 +12,9 @@ fresh destination with a cold page cache:
 - ``--no-progress``: the same terminal, nothing drawn;
 - ``pipe``: stderr is a pipe (a timer's journal): the heartbeat instead.
 
-rsync's ``--info=progress2`` feed runs in all three (it also serves the
-heartbeat), so its cost is shown apart: plain rsync of one source with and
-without it. Also: ``--help`` wall time and whether it imports rich, httpx or
+Progress reads what rsync has written from /proc; rsync's own
+``--info=progress2``, which the engine no longer asks for, is shown apart for
+the record: plain rsync of one source with and without it. Also: ``--help`` wall time and whether it imports rich, httpx or
 prometheus_client (``python -X importtime``).
 """
 
