@@ -8,14 +8,14 @@ Run from the repository root, as root (cold page cache)::
 The same ``pibackup-async run --jobs 4`` three ways, interleaved, each into a
 fresh destination with a cold page cache:
 
-- ``drawn``: stderr is a pseudo-terminal, progress is drawn (rich, redrawn 4×/s);
+- ``drawn``: stderr is a pseudo-terminal, progress is drawn (rich, redrawn twice a second);
 - ``--no-progress``: the same terminal, nothing drawn;
 - ``pipe``: stderr is a pipe (a timer's journal): the heartbeat instead.
 
 Progress reads what rsync has written from /proc; rsync's own
 ``--info=progress2``, which the engine no longer asks for, is shown apart for
-the record: plain rsync of one source with and without it. Also: ``--help`` wall time and whether it imports rich, httpx or
-prometheus_client (``python -X importtime``).
+the record: plain rsync of one source with and without it. Also: ``--help``
+wall time and whether it imports rich, httpx or prometheus_client.
 """
 
 from __future__ import annotations
