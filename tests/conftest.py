@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
     from pathlib import Path
 
+    from btrfskit import Btrfs
     from sshkit import ClientKey, Sshd
 
 CLI = [sys.executable, "-m", "pibackup_async.cli"]
@@ -154,6 +155,19 @@ def new_sshd(tmp_path_factory: pytest.TempPathFactory,
     if os.geteuid() != 0 or not os.path.exists(SSHD):
         pytest.skip("the test sshd needs root and OpenSSH sshd")
     yield from sshd_servers(tmp_path_factory, client_key)
+
+
+@pytest.fixture
+def btrfs_fs(tmp_path: Path) -> Iterator[Callable[..., Btrfs]]:
+    """Loop-mounted btrfs filesystems on demand (tests/btrfskit.py), released at teardown.
+
+    Ask for it before ``new_sshd`` where a server sees the filesystem: fixtures
+    end in reverse order, so the servers, whose mount namespaces hold it,
+    stop before its loop device is detached.
+    """
+    from btrfskit import btrfs_filesystems
+
+    yield from btrfs_filesystems(tmp_path)
 
 
 @pytest.fixture

@@ -23,7 +23,6 @@ from btrfskit import (
     SNAPSHOTS,
     Btrfs,
     assert_received,
-    btrfs_filesystems,
     btrfs_source,
     change,
     fill_random,
@@ -57,18 +56,13 @@ from hookkit import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable
     from pathlib import Path
 
     from conftest import Workspace
 
 pytestmark = [needs_btrfs, needs_rsync, pytest.mark.root]
 
-
-
-@pytest.fixture
-def btrfs_fs(tmp_path: Path) -> Iterator[Callable[..., Btrfs]]:
-    yield from btrfs_filesystems(tmp_path)
 
 
 @dataclass

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 import pytest
 from btrfskit import (
     Btrfs,
-    btrfs_filesystems,
     btrfs_source,
     fill_random,
     needs_btrfs,
@@ -24,8 +23,7 @@ from conftest import processes_mentioning
 from hookkit import complete_backups, in_progress
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
-    from pathlib import Path
+    from collections.abc import Callable
 
     from conftest import Workspace
 
@@ -35,11 +33,6 @@ pytestmark = [needs_btrfs, pytest.mark.root]
 DEST_MB = 130
 SOURCE_MB = 512
 DATA_MIB = 250
-
-
-@pytest.fixture
-def btrfs_fs(tmp_path: Path) -> Iterator[Callable[..., Btrfs]]:
-    yield from btrfs_filesystems(tmp_path)
 
 
 def _btrfs_processes(ws: Workspace) -> list[tuple[int, str]]:

@@ -18,12 +18,12 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from btrfskit import Btrfs, btrfs_filesystems, btrfs_source, needs_btrfs, sync
+from btrfskit import Btrfs, btrfs_source, needs_btrfs, sync
 from conftest import needs_rsync
 from datakit import cli_ok, complete_backups, rsync_source
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable
     from pathlib import Path
 
     from conftest import Workspace
@@ -132,11 +132,6 @@ def test_no_backup_gives_an_empty_list(ws: Workspace) -> None:
 
 
 # --- received btrfs subvolumes ------------------------------------------------------------
-
-
-@pytest.fixture
-def btrfs_fs(tmp_path: Path) -> Iterator[Callable[..., Btrfs]]:
-    yield from btrfs_filesystems(tmp_path)
 
 
 def btrfs_du(path: Path) -> tuple[int, int]:

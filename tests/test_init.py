@@ -14,22 +14,17 @@ import tomllib
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from btrfskit import btrfs_filesystems, needs_btrfs
+from btrfskit import needs_btrfs
 from conftest import CLI
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable
     from pathlib import Path
 
     from btrfskit import Btrfs
     from conftest import Workspace
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture
-def btrfs_fs(tmp_path: Path) -> Iterator[Callable[..., Btrfs]]:
-    yield from btrfs_filesystems(tmp_path)
 
 
 def init(ws: Workspace, *args: str, output: Path | None = None,

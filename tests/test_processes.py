@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 import anyio
 import pytest
 import structlog
-from btrfskit import btrfs_filesystems
 from conftest import needs_rsync, processes_mentioning, wait_for
 from hookkit import (
     release_marker,
@@ -216,11 +215,6 @@ async def test_a_group_ignoring_sigterm_is_killed_after_the_grace(program: str,
     # A failure detector, not a measurement: SIGKILL acts at once.
     assert took < 0.3 + 5, took
     assert take_abandoned() == []
-
-
-@pytest.fixture
-def btrfs_fs(tmp_path: Path) -> Iterator[Callable[..., Btrfs]]:
-    yield from btrfs_filesystems(tmp_path)
 
 
 @pytest.fixture

@@ -34,7 +34,6 @@ from btrfskit import (
     SNAPSHOTS,
     Btrfs,
     assert_received,
-    btrfs_filesystems,
     btrfs_source,
     change,
     fill_random,
@@ -78,11 +77,6 @@ MiB = 1024 * 1024
 
 
 # --- fixtures -------------------------------------------------------------------------
-
-
-@pytest.fixture
-def btrfs_fs(tmp_path: Path) -> Iterator[Callable[..., Btrfs]]:
-    yield from btrfs_filesystems(tmp_path)
 
 
 @pytest.fixture

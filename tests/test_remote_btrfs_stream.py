@@ -19,14 +19,14 @@ from typing import TYPE_CHECKING
 
 import anyio
 import pytest
-from btrfskit import Btrfs, assert_received, btrfs_filesystems, fill_random, needs_btrfs
+from btrfskit import Btrfs, assert_received, fill_random, needs_btrfs
 from conftest import processes_mentioning
 from pibackup_async.engine import heartbeat
 from pibackup_async.engine.config import Host
 from pibackup_async.engine.remote import RemoteError, RemoteHost
 from pibackup_async.engine.report import Step
 from pibackup_async.engine.sources import btrfs
-from sshkit import SSHD, ClientKey, Sshd, children, descendants, sshd_servers
+from sshkit import SSHD, Sshd, children, descendants
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -39,19 +39,6 @@ pytestmark = [
 ]
 
 DATA_MIB = 160
-
-
-@pytest.fixture
-def btrfs_fs(tmp_path: Path) -> Iterator[Callable[..., Btrfs]]:
-    yield from btrfs_filesystems(tmp_path)
-
-
-@pytest.fixture
-def new_sshd(btrfs_fs: Callable[..., Btrfs], tmp_path_factory: pytest.TempPathFactory,
-             client_key: ClientKey) -> Iterator[Callable[[], Sshd]]:
-    # After btrfs_fs: the servers, whose mount namespaces hold the source
-    # filesystem, stop before its loop device is detached.
-    yield from sshd_servers(tmp_path_factory, client_key)
 
 
 @dataclass

@@ -13,7 +13,7 @@ import subprocess
 from typing import TYPE_CHECKING
 
 import pytest
-from btrfskit import btrfs_filesystems, btrfs_source, is_subvolume, needs_btrfs, save_command
+from btrfskit import btrfs_source, is_subvolume, needs_btrfs, save_command
 from conftest import needs_root, needs_rsync
 from datakit import (
     acl_listing,
@@ -30,7 +30,7 @@ from hookkit import HookSpec, hook_toml, release_marker, start, started_marker, 
 from sshkit import SSHD
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable
     from pathlib import Path
 
     from btrfskit import Btrfs
@@ -125,11 +125,6 @@ def test_whole_source_round_trip_is_identical(ws: Workspace) -> None:
     assert result.stdout == ""
     # restore writes no report file.
     assert [p.name for p in ws.reports()] == [f"{name}.json"]
-
-
-@pytest.fixture
-def btrfs_fs(tmp_path: Path) -> Iterator[Callable[..., Btrfs]]:
-    yield from btrfs_filesystems(tmp_path)
 
 
 @needs_root

@@ -6,21 +6,16 @@ import subprocess
 from typing import TYPE_CHECKING
 
 import pytest
-from btrfskit import Btrfs, btrfs_filesystems, needs_btrfs, subvolume_show
+from btrfskit import Btrfs, needs_btrfs, subvolume_show
 from pibackup_async.engine.filesystems import subvolume_info
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable
     from pathlib import Path
 
 pytestmark = [needs_btrfs, pytest.mark.root]
 
 FIELDS = ("UUID", "Received UUID", "Flags")
-
-
-@pytest.fixture
-def btrfs_fs(tmp_path: Path) -> Iterator[Callable[..., Btrfs]]:
-    yield from btrfs_filesystems(tmp_path)
 
 
 def test_subvolume_info_agrees_with_btrfs_subvolume_show(

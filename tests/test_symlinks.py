@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import pytest
-from btrfskit import btrfs_filesystems
 from conftest import needs_rsync, processes_mentioning
 from pibackup_async.engine.destination import delete_backup, remove_tree
 from prunekit import (
@@ -31,7 +30,7 @@ from prunekit import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable
     from pathlib import Path
 
     from btrfskit import Btrfs
@@ -47,11 +46,6 @@ LINK_FUTURE = "2099-01-01t00-00-00+0000"     # newer than any clock: the clock g
 BACKUP_LINKS = (LINK_SUBVOLUME, LINK_FOLDER, LINK_FUTURE)
 STALE_IN_PROGRESS = "2025-11-03t03-00-00+0100.in-progress"
 STALE_DELETING = "2025-07-01t03-00-00+0200.deleting"
-
-
-@pytest.fixture
-def btrfs_fs(tmp_path: Path) -> Iterator[Callable[..., Btrfs]]:
-    yield from btrfs_filesystems(tmp_path)
 
 
 @dataclass
