@@ -21,6 +21,7 @@ wall time and whether it imports rich, httpx or prometheus_client.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pty
 import select
@@ -112,12 +113,67 @@ def help_startup(reps: int = 10) -> tuple[float, list[str]]:
     return statistics.median(walls), heavy
 
 
+def frame_cost(frames: int = 200) -> None:
+    """What drawing costs, counted rather than timed: rich's import, then CPU per frame.
+
+    Four process trees like rsync's (a shell and two children each) stand for
+    running sources; every frame reads them from /proc and draws six lines.
+    """
+    import io
+
+    t0 = time.perf_counter()
+    from rich.console import Console, Group
+    from rich.live import Live
+    from rich.text import Text
+    imported = time.perf_counter() - t0
+    from pibackup_async.cli.progress import REFRESH_S, Rates, run_line, step_line
+    from pibackup_async.engine import heartbeat
+    from pibackup_async.engine.proc_io import most_written
+
+    trees = [subprocess.Popen(["sh", "-c", "sleep 60 & sleep 60 & wait"]) for _ in range(4)]
+    try:
+        with contextlib.ExitStack() as steps:
+            for i, tree in enumerate(trees):
+                beat = steps.enter_context(heartbeat.beating("snapshot", source=f"s{i}"))
+                beat.probe = (lambda pid: lambda b: setattr(b, "bytes", most_written(pid)))(
+                    tree.pid)
+            rates, started = Rates(), time.monotonic()
+
+            def frame() -> Group:
+                now, beats = time.monotonic(), heartbeat.running()
+                for beat in beats:
+                    beat.refresh()
+                rate = rates.sample(beats, now)
+                lines = [run_line("run", beats, started, now)]
+                lines += ["  " + step_line(b, rate[id(b)], now) for b in beats]
+                return Group(*(Text(line, no_wrap=True) for line in lines))
+
+            console = Console(file=io.StringIO(), force_terminal=True, width=100)
+            with Live(frame(), console=console, auto_refresh=False, transient=True) as live:
+                c0 = time.process_time()
+                for _ in range(frames):
+                    live.update(frame(), refresh=True)
+                per = (time.process_time() - c0) / frames
+    finally:
+        for tree in trees:
+            tree.kill()
+            tree.wait()
+    print(f"rich imported in {imported * 1000:.0f} ms; a frame (4 trees read from /proc, "
+          f"6 lines drawn) {per * 1000:.2f} ms of CPU: {per / REFRESH_S * 100:.2f}% of one "
+          f"CPU at {1 / REFRESH_S:.0f} frames a second")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small trees, for a smoke run")
+    parser.add_argument("--frames", action="store_true",
+                        help="only count what drawing costs (rich's import, CPU a frame)")
     parser.add_argument("--reps", type=int, default=5, help="repetitions of each mode")
     parser.add_argument("--work", type=Path, default=REPO / "benchmarks" / "work" / "progress")
     args = parser.parse_args()
+    if args.frames:
+        frame_cost()
+        return 0
     files = 2000 if args.quick else 20000
     reps = 1 if args.quick else args.reps
     work: Path = args.work
