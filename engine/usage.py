@@ -33,7 +33,7 @@ from .filesystems import SUBVOLUME_INODE
 from .processes import describe_exit, run_process
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
 CHECK_EVERY = 1024
 _GONE = (FileNotFoundError, NotADirectoryError)
@@ -116,6 +116,26 @@ def _lstat(path: bytes) -> os.stat_result | None:
         return None
 
 
+def _entries(folders: list[bytes], check: Callable[[], None]) -> Iterator[os.DirEntry[bytes]]:
+    """Every entry of ``folders``, and of the folders the caller appends while reading.
+
+    A folder that vanished is skipped; ``check`` runs every ``CHECK_EVERY``
+    entries (a cancel lands there).
+    """
+    seen = 0
+    while folders:
+        try:
+            entries = os.scandir(folders.pop())
+        except _GONE:
+            continue
+        with entries:
+            for entry in entries:
+                seen += 1
+                if seen % CHECK_EVERY == 0:
+                    check()
+                yield entry
+
+
 def walk_backup(tally: Tally, index: int, top: bytes,
                 check: Callable[[], None] = lambda: None) -> None:
     """Add what the backup folder ``top`` holds to ``tally``; received subvolumes are
@@ -127,32 +147,22 @@ def walk_backup(tally: Tally, index: int, top: bytes,
     device = st.st_dev
     alone = st.st_blocks  # blocks of folders and single-link files, summed once at the end
     folders = [top]
-    seen = 0
     is_dir = stat.S_ISDIR
-    while folders:
+    for entry in _entries(folders, check):
         try:
-            entries = os.scandir(folders.pop())
+            st = entry.stat(follow_symlinks=False)
         except _GONE:
             continue
-        with entries:
-            for entry in entries:
-                seen += 1
-                if seen % CHECK_EVERY == 0:
-                    check()
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except _GONE:
-                    continue
-                if is_dir(st.st_mode):
-                    if st.st_ino == SUBVOLUME_INODE and st.st_dev != device:
-                        tally.subvolumes.append((index, entry.path))
-                        continue
-                    folders.append(entry.path)
-                    alone += st.st_blocks
-                elif st.st_nlink <= 1:
-                    alone += st.st_blocks
-                else:
-                    tally.add_linked(index, st)
+        if is_dir(st.st_mode):
+            if st.st_ino == SUBVOLUME_INODE and st.st_dev != device:
+                tally.subvolumes.append((index, entry.path))
+                continue
+            folders.append(entry.path)
+            alone += st.st_blocks
+        elif st.st_nlink <= 1:
+            alone += st.st_blocks
+        else:
+            tally.add_linked(index, st)
     tally.add_alone(index, alone * 512)
 
 
@@ -222,38 +232,28 @@ def _shared_extents(fd: int, shared: dict[int, int]) -> None:
 def shared_bytes(subvolumes: list[bytes], check: Callable[[], None] = lambda: None) -> int:
     """The bytes of the extents that files of ``subvolumes`` share, each counted once."""
     shared: dict[int, int] = {}
-    seen = 0
     for top in subvolumes:
         folders = [top]
         inodes: set[int] = set()  # hard links within a subvolume: read once
-        while folders:
+        for entry in _entries(folders, check):
+            if entry.is_dir(follow_symlinks=False):
+                folders.append(entry.path)
+                continue
+            if not entry.is_file(follow_symlinks=False):
+                continue
             try:
-                entries = os.scandir(folders.pop())
+                st = entry.stat(follow_symlinks=False)
+                if st.st_nlink > 1:
+                    if st.st_ino in inodes:
+                        continue
+                    inodes.add(st.st_ino)
+                fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             except _GONE:
                 continue
-            with entries:
-                for entry in entries:
-                    seen += 1
-                    if seen % CHECK_EVERY == 0:
-                        check()
-                    if entry.is_dir(follow_symlinks=False):
-                        folders.append(entry.path)
-                        continue
-                    if not entry.is_file(follow_symlinks=False):
-                        continue
-                    try:
-                        st = entry.stat(follow_symlinks=False)
-                        if st.st_nlink > 1:
-                            if st.st_ino in inodes:
-                                continue
-                            inodes.add(st.st_ino)
-                        fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-                    except _GONE:
-                        continue
-                    try:
-                        _shared_extents(fd, shared)
-                    finally:
-                        os.close(fd)
+            try:
+                _shared_extents(fd, shared)
+            finally:
+                os.close(fd)
     return _union(shared)
 
 
