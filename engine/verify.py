@@ -56,7 +56,6 @@ READERS = 3  # reader threads beside the walker (measured: benchmarks/bench_veri
 BATCH = 64  # files handed over at once (fewer queue round trips)
 QUEUE_BATCHES = 32  # bound of the hand-over queue
 POLL_S = 0.1  # how often a thread waiting on the queue looks for a cancel
-_PROGRESS_S = 0.5  # how often the readers' counts are summed for progress
 
 _OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 # Reading must not write: without O_NOATIME the first read of each file
@@ -158,25 +157,21 @@ async def _verify(ctx: RunContext, name: str, request: VerifyRequest,
     async def run(func: Callable[[], Tally]) -> None:
         tallies.append(await in_worker(func))
 
-    async def show_progress(beat: Beat) -> None:
-        while True:
-            beat.files = sum(t.files for t in job.tallies)
-            beat.bytes = sum(t.bytes for t in job.tallies)
-            await anyio.sleep(_PROGRESS_S)
+    def so_far(beat: Beat) -> None:
+        beat.files = sum(t.files for t in job.tallies)
+        beat.bytes = sum(t.bytes for t in job.tallies)
 
     gone: _Vanished | None = None
     try:
         with beating("verify", backup=name) as beat:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(show_progress, beat)
-                async with anyio.create_task_group() as readers:
-                    top = os.fsencode(request.source) if request.source is not None else b""
-                    readers.start_soon(run, lambda: job.walk(top))
-                    for _ in range(READERS):
-                        readers.start_soon(run, job.read)
-                tg.cancel_scope.cancel()
-            beat.files = sum(t.files for t in job.tallies)
-            beat.bytes = sum(t.bytes for t in job.tallies)
+            # Summed when progress is drawn or a heartbeat is due, not on a timer.
+            beat.probe = so_far
+            async with anyio.create_task_group() as readers:
+                top = os.fsencode(request.source) if request.source is not None else b""
+                readers.start_soon(run, lambda: job.walk(top))
+                for _ in range(READERS):
+                    readers.start_soon(run, job.read)
+            beat.refresh()
     except* _Vanished as group:
         gone = group.exceptions[0]  # type: ignore[assignment]
     if gone is not None:
