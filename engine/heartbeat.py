@@ -55,8 +55,8 @@ class Beat:
 
 _running: dict[int, Beat] = {}
 _ids = itertools.count()
-# The step a task is running, for the code deep inside it (rsync's progress
-# feed, the btrfs stream) that knows how far it has got.
+# The step a task is running, for the code deep inside it (rsync's probe, the
+# btrfs stream) that knows how far it has got.
 _current: ContextVar[Beat | None] = ContextVar("pibackup_beat", default=None)
 
 

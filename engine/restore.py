@@ -37,7 +37,7 @@ from .pathtext import parse_path, show_path
 from .processes import Tail, describe_exit, drain, managed_process
 from .remote import RemoteError, open_remotes
 from .restore_filters import Rule, covered, parse_rules, relative_to
-from .sources.rsync import RSYNC_BASE, auto_excludes, run_rsync, transferred_bytes
+from .sources.rsync import RSYNC_BASE, auto_excludes, run_rsync
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -221,7 +221,7 @@ async def _rsync(config: Config, request: Request, backup: str, remote: Transpor
              command=_shown(argv))
     try:
         with beating("restore", item=request.item):
-            finished = await run_rsync(argv)
+            finished, transferred = await run_rsync(argv)
     except anyio.get_cancelled_exc_class():
         log.warning(f"restore interrupted: {request.where} was left as far as it got; "
                     "the same command run again completes it")
@@ -233,7 +233,7 @@ async def _rsync(config: Config, request: Request, backup: str, remote: Transpor
                       "target was left as far as it got, the same command run again "
                       "completes it")
     log.info("restored", item=request.item, backup=backup, target=request.where,
-             bytes=transferred_bytes(finished.stdout.text()))
+             bytes=transferred)
 
 
 async def restore(config: Config, request: Request, interruption: Interruption) -> Report:

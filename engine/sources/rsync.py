@@ -111,7 +111,7 @@ def transferred_bytes(stdout: str) -> int:
 async def copy(argv: list[str], ok_codes: list[int], step: Step) -> int:
     """Run one rsync; return the bytes it transferred; raise SourceError if it failed."""
     step.begin(argv)
-    finished = await run_rsync(argv)
+    finished, transferred = await run_rsync(argv)
     step.exit_code = finished.exit_code
     step.stderr_tail = finished.stderr.text()
     if finished.exit_code not in ok_codes:
@@ -123,11 +123,14 @@ async def copy(argv: list[str], ok_codes: list[int], step: Step) -> int:
         # rsync_ok_codes let it pass (24: files vanished while copying); say so.
         log.warning("rsync reported a problem, accepted by rsync_ok_codes",
                     exit_code=finished.exit_code, stderr=finished.stderr.text())
-    return transferred_bytes(finished.stdout.text())
+    return transferred
 
 
-async def run_rsync(argv: list[str]) -> Finished:
-    """Run an rsync to its end; meanwhile the running step's bytes follow its writes."""
+async def run_rsync(argv: list[str]) -> tuple[Finished, int]:
+    """Run an rsync to its end: how it ended, and the bytes it transferred (``--stats``).
+
+    Meanwhile the running step's bytes follow what it writes.
+    """
     beat = current()
 
     def watch(pid: int) -> None:
@@ -139,9 +142,10 @@ async def run_rsync(argv: list[str]) -> Finished:
     finally:
         if beat is not None:
             beat.probe = None
+    transferred = transferred_bytes(finished.stdout.text())
     if beat is not None:
-        beat.bytes = transferred_bytes(finished.stdout.text())
-    return finished
+        beat.bytes = transferred
+    return finished, transferred
 
 
 def _follow(beat: Beat, pid: int) -> None:
