@@ -19,14 +19,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import pytest
-from conftest import processes_mentioning
+from conftest import kill_mentioning, processes_mentioning
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
@@ -152,11 +151,7 @@ def receive_running(dest: Path) -> bool:
 
 def _kill_leftovers(root: Path) -> None:
     """SIGKILL what a failed test left running under ``root``; wait (bounded) for it to go."""
-    for pid, _ in processes_mentioning(str(root)):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill_mentioning(str(root))
     deadline = time.monotonic() + 10
     while processes_mentioning(str(root)) and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -44,6 +44,15 @@ def processes_mentioning(text: str) -> list[tuple[int, str]]:
     return found
 
 
+def kill_mentioning(text: str) -> None:
+    """SIGKILL every live process whose command line contains ``text``."""
+    for pid, _ in processes_mentioning(text):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def wait_for(predicate: Any, timeout: float = 30.0, what: str = "condition") -> None:
     """Poll ``predicate`` until it is true; fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
@@ -129,11 +138,7 @@ def ws(tmp_path: Path) -> Iterator[Workspace]:
     workspace = Workspace(tmp_path)
     yield workspace
     # Whatever a failed test left running is ended, so later tests start clean.
-    for pid, _ in processes_mentioning(str(tmp_path)):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill_mentioning(str(tmp_path))
 
 
 # --- SSH: one client key for the session, test sshd instances on demand ---------------

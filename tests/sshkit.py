@@ -128,6 +128,23 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def cut_connections(server: Sshd) -> int:
+    """SIGKILL the server's per-connection sshd processes (not the listener, not the
+    commands they run): the TCP connection goes away as when a network drops."""
+    assert server.proc is not None
+    killed = 0
+    for pid in descendants(server.proc.pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                is_sshd = f.read().startswith(b"sshd")
+            if is_sshd:
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+        except (OSError, ProcessLookupError):
+            continue
+    return killed
+
+
 class ClientKey:
     """The client's key pair, authorized on every test sshd."""
 

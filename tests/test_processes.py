@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import shlex
 import shutil
 import signal
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING
 import anyio
 import pytest
 import structlog
-from conftest import needs_rsync, processes_mentioning, wait_for
+from conftest import kill_mentioning, needs_rsync, processes_mentioning, wait_for
 from hookkit import (
     release_marker,
     sleeper,
@@ -141,14 +140,6 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _kill_all(text: str) -> None:
-    for pid, _ in processes_mentioning(text):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 @pytest.fixture
 def program(tmp_path: Path) -> Iterator[str]:
     """A copy of ``sleep`` under the test's folder; every copy still running is killed after."""
@@ -158,7 +149,7 @@ def program(tmp_path: Path) -> Iterator[str]:
     try:
         yield str(path)
     finally:
-        _kill_all(str(tmp_path))
+        kill_mentioning(str(tmp_path))
 
 
 async def test_a_hooks_background_job_is_left_running_and_not_waited_for(program: str) -> None:
@@ -289,7 +280,7 @@ def test_a_daemon_started_by_a_post_outlives_the_run(ws: Workspace) -> None:
         assert post_step["status"] == "ok"
         assert "daemons started" in tail_text(post_step["stderr_tail"])
     finally:
-        _kill_all(str(sleeper(ws)))
+        kill_mentioning(str(sleeper(ws)))
 
 
 def _vm_hwm_kib(pid: int) -> int:

@@ -46,7 +46,7 @@ from btrfskit import (
     subvolume_list,
     subvolume_show,
 )
-from conftest import needs_rsync, processes_mentioning, wait_for
+from conftest import kill_mentioning, needs_rsync, processes_mentioning, wait_for
 from datakit import (
     assert_same_tree,
     cli_ok,
@@ -185,11 +185,7 @@ def remote_btrfs(ws: Workspace, btrfs_fs: Callable[..., Btrfs],
         return Setup(ws, sshd, remote, view, dest_fs, hidden)
 
     yield make
-    for pid, _ in processes_mentioning(str(ws.root)):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill_mentioning(str(ws.root))
     for view in views:
         _umount(view)
 

@@ -12,7 +12,6 @@ leaves nothing running, here or on the host.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -20,13 +19,13 @@ from typing import TYPE_CHECKING
 import anyio
 import pytest
 from btrfskit import Btrfs, assert_received, fill_random, needs_btrfs
-from conftest import processes_mentioning
+from conftest import kill_mentioning, processes_mentioning
 from pibackup_async.engine import heartbeat
 from pibackup_async.engine.config import Host
 from pibackup_async.engine.remote import RemoteError, RemoteHost
 from pibackup_async.engine.report import Step
 from pibackup_async.engine.sources import btrfs
-from sshkit import SSHD, Sshd, children, descendants
+from sshkit import SSHD, Sshd, children, cut_connections
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -67,11 +66,7 @@ def stream(tmp_path: Path, btrfs_fs: Callable[..., Btrfs],
     try:
         yield Stream(server, snapshot, dest.mount)
     finally:
-        for pid, _ in processes_mentioning(str(tmp_path)):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_mentioning(str(tmp_path))
 
 
 def _host(server: Sshd) -> Host:
@@ -177,20 +172,6 @@ async def test_a_remote_send_goes_through_ssh_and_splice_and_counts_its_bytes(
     assert _sends(stream.snapshot) == []
 
 
-def _cut_connections(server: Sshd) -> int:
-    """SIGKILL the server's per-connection sshd processes: the network dropped."""
-    assert server.proc is not None
-    killed = 0
-    for pid in descendants(server.proc.pid):
-        if _command(pid).startswith("sshd"):
-            try:
-                os.kill(pid, signal.SIGKILL)
-                killed += 1
-            except ProcessLookupError:
-                pass
-    return killed
-
-
 @pytest.mark.slow
 async def test_a_connection_cut_mid_send_is_a_remote_error_and_leaves_nothing_running(
         stream: Stream, tmp_path: Path) -> None:
@@ -215,7 +196,7 @@ async def test_a_connection_cut_mid_send_is_a_remote_error_and_leaves_nothing_ru
                 tg.start_soon(save)
                 await _until(flowing, "the stream to flow")
                 assert _sends(stream.snapshot), "no btrfs send on the host"
-                assert _cut_connections(stream.server) > 0
+                assert cut_connections(stream.server) > 0
     finally:
         await remote.aclose()
 

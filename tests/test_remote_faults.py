@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 from typing import TYPE_CHECKING
 
 import anyio
 import pytest
-from conftest import needs_root, processes_mentioning
+from conftest import kill_mentioning, needs_root, processes_mentioning
 from pibackup_async.engine.config import Host
 from pibackup_async.engine.remote import RemoteError, RemoteHost
-from sshkit import SSHD, Sshd, descendants
+from sshkit import SSHD, Sshd, cut_connections
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -38,28 +37,7 @@ def program(tmp_path: Path) -> Iterator[str]:
     try:
         yield str(path)
     finally:
-        for pid, _ in processes_mentioning(str(path)):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-def _cut_connections(server: Sshd) -> int:
-    """SIGKILL the server's per-connection sshd processes (not the listener, not the
-    commands they run): the TCP connection goes away as when a network drops."""
-    assert server.proc is not None
-    killed = 0
-    for pid in descendants(server.proc.pid):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                is_sshd = f.read().startswith(b"sshd")
-            if is_sshd:
-                os.kill(pid, signal.SIGKILL)
-                killed += 1
-        except (OSError, ProcessLookupError):
-            continue
-    return killed
+        kill_mentioning(str(path))
 
 
 def _host(server: Sshd) -> Host:
@@ -86,7 +64,7 @@ async def test_a_connection_cut_under_a_running_command_is_a_remote_error(
                 tg.start_soon(run_it)
                 while not processes_mentioning(program):  # noqa: ASYNC110
                     await anyio.sleep(0.02)
-                assert _cut_connections(server) > 0
+                assert cut_connections(server) > 0
         assert len(errors) == 1, errors
         [error] = errors
         assert isinstance(error, RemoteError), repr(error)
