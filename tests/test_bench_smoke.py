@@ -81,3 +81,18 @@ def test_fleet_quick_pulls_every_host_with_every_contender(tmp_path: Path) -> No
     ratios = data["ratios"]
     assert isinstance(ratios, dict)
     assert "engine_jN_speedup_over_rsnapshot" in ratios["N=2"]
+
+
+def test_startup_quick_times_every_layer_and_both_one_file_runs(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "bench_startup.py"), "--quick", "--work",
+         str(tmp_path / "work"), "--peers", str(tmp_path / "absent.json")],
+        capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    rows = {line[:54].strip(): line[54:].split() for line in result.stdout.splitlines()
+            if line[:1] in ("+", "s", "p", "b") and len(line[54:].split()) == 2}
+    for row in ("sh -c true (the shell's start)", "+ msgspec (every library a run loads)",
+                "pibackup-async run: 1 source, 1 file", "sh running a run's rsync: 1 file"):
+        assert float(rows[row][0]) > 0, result.stdout
+    assert "took" in result.stdout
+    assert not (tmp_path / "work").exists()  # its runs' folders are removed
