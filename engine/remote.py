@@ -414,8 +414,12 @@ class RemoteHost:
         where configured). Raises RemoteError if the host cannot be reached.
         """
         await self.ensure_master()
+        return self._over_master(wrap_command(command, {}, sudo=self.host.sudo))
+
+    def _over_master(self, command: str) -> list[str]:
+        """A local ``ssh`` running the shell ``command`` on the host over the run's master."""
         return ["ssh", *ssh_options(self.host, self.control_path), "-o", "ControlMaster=no",
-                "-T", ssh_target(self.host), wrap_command(command, {}, sudo=self.host.sudo)]
+                "-T", ssh_target(self.host), command]
 
     async def lost(self, ssh_said: str) -> RemoteError | None:
         """The error for a ``command_argv`` ssh that exited 255, if the connection broke.
@@ -454,8 +458,7 @@ class RemoteHost:
         argv = ["sh", "-c", script, "end", str(pgid)]
         if self.host.sudo:
             argv = ["sudo", "-n", *argv]
-        ssh = ["ssh", *ssh_options(self.host, self.control_path), "-o", "ControlMaster=no",
-               "-T", ssh_target(self.host), shlex.join(argv)]
+        ssh = self._over_master(shlex.join(argv))
         with anyio.move_on_after(GRACE_S + CONNECT_TIMEOUT_S, shield=True) as scope:
             try:
                 finished = await run_process(ssh, grace=1.0)
