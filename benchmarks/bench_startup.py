@@ -22,15 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from bench_cost import timed
 from bench_run import planned_rsync_commands
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,18 +49,6 @@ LAYERS = [
      [PY, "-c", "from pibackup_async.cli.main import _structlog_without_rich as s; s(); "
                 "import pibackup_async.cli.commands"]),
 ]
-
-
-def timed(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
-    result = subprocess.run(argv, capture_output=True, env=env)
-    wall = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if result.returncode != 0:
-        raise SystemExit(f"{shlex.join(argv)} exited {result.returncode}:\n"
-                         f"{result.stderr.decode(errors='replace')}")
-    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def one_file_run(work: Path, rep: int) -> tuple[list[str], list[str]]:
@@ -111,7 +98,8 @@ def main() -> int:
         for name, argv in rows:
             if argv is None:
                 argv = shell if name.startswith("sh running") else engine
-            samples[name].append(timed(argv, env))
+            sample = timed(argv, cold=False, env=env)
+            samples[name].append((sample.wall, sample.cpu))
     shutil.rmtree(args.work, ignore_errors=True)
 
     medians = {name: (statistics.median(w for w, _ in s), statistics.median(c for _, c in s))
