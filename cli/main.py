@@ -6,15 +6,12 @@ import argparse
 import os
 import signal
 import sys
-import threading
-import time
 from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
 DEFAULT_CONFIG = "/etc/pibackup-async/config.toml"
-_WORKERS_STOP_S = 2.0
 
 
 def _jobs(text: str) -> int:
@@ -152,24 +149,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _exit_now_if_stuck(code: int) -> None:
-    """Exit at once when a worker thread is stuck on a dying disk (SPEC §2: abandoned).
-
-    Python waits for every non-daemon thread at exit; one blocked in the
-    kernel would hold the process, and the lock-free exit code, forever. The
-    report is written and delivered by now.
-    """
-    workers = [t for t in threading.enumerate()
-               if t is not threading.main_thread() and not t.daemon]
-    # Idle workers of the event loop are stopping by themselves: a moment.
-    deadline = time.monotonic() + _WORKERS_STOP_S
-    for thread in workers:
-        thread.join(max(0.0, deadline - time.monotonic()))
-    if any(t.is_alive() for t in workers):
-        sys.stderr.flush()
-        os._exit(code)
-
-
 def _structlog_without_rich() -> None:
     """Import structlog without rich, which it would load (0.1 s) for tracebacks we never show.
 
@@ -213,7 +192,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         code = dispatch(args, args.config or os.environ.get("PIBACKUP_CONFIG") or DEFAULT_CONFIG)
         sys.stdout.flush()
-        _exit_now_if_stuck(code)
         return code
     except BrokenPipeError:
         # stdout closed early (`list | head`): stop quietly. Python would
@@ -231,8 +209,9 @@ def entry() -> NoReturn:
     """The command: ``main``, then an exit that skips the interpreter's teardown.
 
     Everything that matters is on disk and flushed by then (the report is
-    fsynced, no child is left, stuck workers are already abandoned); tearing
-    down a few hundred modules would cost every run about 35 ms.
+    fsynced, no child is left); tearing down a few hundred modules would cost
+    every run about 35 ms, and a worker thread stuck on a dying disk (SPEC §2:
+    abandoned) would hold a normal exit, and the exit code, forever.
     """
     code = main()
     try:
