@@ -26,16 +26,13 @@ from typing import TYPE_CHECKING, Any
 
 from .config import SOURCE_NAME, BtrfsSource, load_config
 from .errors import ConfigError, PibackupError
-from .filesystems import is_subvolume, is_within, on_mounted_filesystem
+from .filesystems import is_subvolume, is_within
 from .sources.btrfs import source_problems
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
 
 SAMPLE = "sample-config.toml"
-# Where a backup disk is usually mounted: require_mountpoint is the safe
-# choice there even while the disk is not mounted yet.
-_MOUNT_PLACES = ("/mnt", "/media", "/run/media")
 
 
 class InitRefused(PibackupError):
@@ -272,18 +269,14 @@ def _replaced(block: list[str], old: str, new: str) -> list[str]:
     return [*block[:at], new, *block[at + 1:]]
 
 
-def _require_mountpoint(destination: str) -> bool:
-    return on_mounted_filesystem(destination) or any(is_within(destination, p)
-                                                     for p in _MOUNT_PLACES)
-
-
 def _top_level(destination: str, *, defaulted: bool) -> dict[str, str]:
     """The sample's top-level lines that ``init`` writes its own way."""
     note = ("  # init's default (no --destination given): change it to your backup disk"
             if defaulted else "")
-    mountpoint = "true" if _require_mountpoint(destination) else "false"
+    # Always true, whatever init sees now: without it, the night the backup disk
+    # is not mounted (a forgotten or failed mount hook) the run fills the root disk.
     values = {"destination": f"destination = {_toml(destination)}{note}",
-              "require_mountpoint": f"require_mountpoint = {mountpoint}"}
+              "require_mountpoint": "require_mountpoint = true"}
     if os.geteuid() != 0:
         # The sample's system paths need root; `check` would fail on them.
         state = os.path.join(os.path.expanduser("~"), ".local", "state", "pibackup-async")

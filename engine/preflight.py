@@ -12,7 +12,7 @@ import shutil
 import stat
 
 from .config import BtrfsSource, Config, Hook
-from .filesystems import filesystem_type, on_mounted_filesystem
+from .filesystems import filesystem_type, on_mounted_filesystem, same_filesystem
 from .sources import btrfs
 
 __all__ = ["on_mounted_filesystem", "preflight", "state_problems"]
@@ -46,13 +46,25 @@ def preflight(config: Config) -> tuple[list[str], list[str]]:
 
 def _destination_warnings(config: Config) -> list[str]:
     dest = config.destination
+    # Only a backup hook's pre runs before the destination is looked at: say
+    # that one may mount it only when there is one.
+    can_mount = any(hook.pre is not None for hook in config.backup_hooks)
     if not os.path.isdir(dest):
-        return [f"destination: {dest} does not exist (yet); a backup hook may mount it"]
+        if can_mount:
+            return [f"destination: {dest} does not exist (yet); a backup hook may mount it"]
+        return [f"destination: {dest} does not exist; a run fails until it does "
+                "(it is never created)"]
     warnings = []
     if config.require_mountpoint and not on_mounted_filesystem(dest):
+        until = "unless a backup hook mounts it" if can_mount else "until it is mounted"
         warnings.append(
             f"destination: {dest} is not on a mounted filesystem other than the root one "
-            "(require_mountpoint = true): a run fails unless a backup hook mounts it")
+            f"(require_mountpoint = true): a run fails {until}")
+    elif not config.require_mountpoint and same_filesystem(dest, "/"):
+        warnings.append(
+            f"destination: {dest} is on the root filesystem and require_mountpoint is not "
+            "set: if the backup disk is not mounted one night, the run fills the root disk; "
+            "set require_mountpoint = true")
     fstype = filesystem_type(dest)
     poor = [s.name for s in config.sources
             if not ("--no-A" in s.rsync_args and "--no-X" in s.rsync_args)]

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from conftest import Workspace
 
 NOBODY = 65534
+MOUNT_HOOK = table("[[backup_hooks]]", name="mount", pre=["true"], post=["true"])
 
 
 @pytest.fixture
@@ -72,8 +73,13 @@ def assert_unusable(result: subprocess.CompletedProcess[str], *texts: str) -> No
 # --- warnings ----------------------------------------------------------------------------
 
 
-def test_a_clean_config_has_no_warning(ws: Workspace) -> None:
-    write(ws)
+@needs_root
+def test_a_clean_config_has_no_warning(ws: Workspace, tmpfs: Path) -> None:
+    # Off the root filesystem, require_mountpoint is not needed to keep it safe.
+    dest = tmpfs / "backups"
+    dest.mkdir()
+    ws.config_path.write_text(f'destination = "{dest}"\nstate_dir = "{ws.state}"\n'
+                              + rsync_source("data", ws.make_source("data")))
     result = check(ws)
     assert result.returncode == 0, result.stderr
     assert "[warning" not in result.stderr, result.stderr
@@ -85,7 +91,45 @@ def test_warns_when_require_mountpoint_and_the_destination_is_on_the_root_disk(
 
     assert not on_mounted_filesystem(str(ws.dest)), "the test needs tmp on the root filesystem"
     write(ws, header="require_mountpoint = true")
-    assert_ok_with_warning(check(ws), f"destination: {ws.dest} is not on a mounted filesystem")
+    result = check(ws)
+    assert_ok_with_warning(result, f"destination: {ws.dest} is not on a mounted filesystem")
+    assert "backup hook" not in result.stderr, "no backup hook could mount it"
+    assert "root filesystem" not in result.stderr, "require_mountpoint keeps the root disk safe"
+
+    write(ws, MOUNT_HOOK + rsync_source("data", ws.src / "data"),
+          header="require_mountpoint = true")
+    assert_ok_with_warning(check(ws), "a run fails unless a backup hook mounts it")
+
+
+def test_warns_when_the_destination_is_on_the_root_disk_without_require_mountpoint(
+        ws: Workspace) -> None:
+    # The night the mount hook is forgotten or fails, the run fills the root disk.
+    write(ws)
+    assert_ok_with_warning(check(ws), f"destination: {ws.dest} is on the root filesystem "
+                           "and require_mountpoint is not set")
+
+
+@pytest.mark.parametrize("hooks", [
+    "",
+    table("[[snapshot_hooks]]", name="db", pre=["true"]),
+    table("[[backup_hooks]]", name="only post", post=["true"]),
+], ids=["no hooks", "a snapshot hook", "a backup hook without pre"])
+def test_no_mount_hint_for_a_missing_destination_without_a_backup_pre(
+        ws: Workspace, hooks: str) -> None:
+    missing = ws.root / "disk" / "backups"
+    ws.config_path.write_text(f'destination = "{missing}"\nstate_dir = "{ws.state}"\n'
+                              + hooks + rsync_source("data", ws.make_source("data")))
+    result = check(ws)
+    assert_ok_with_warning(result, f"destination: {missing} does not exist")
+    assert "backup hook" not in result.stderr, result.stderr
+
+
+def test_mount_hint_for_a_missing_destination_with_a_backup_pre(ws: Workspace) -> None:
+    missing = ws.root / "disk" / "backups"
+    ws.config_path.write_text(f'destination = "{missing}"\nstate_dir = "{ws.state}"\n'
+                              + MOUNT_HOOK + rsync_source("data", ws.make_source("data")))
+    assert_ok_with_warning(check(ws), f"destination: {missing} does not exist (yet); "
+                           "a backup hook may mount it")
 
 
 @needs_root

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from btrfskit import needs_btrfs
 from conftest import CLI
+from pibackup_async.engine.config import load_config
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -95,6 +96,28 @@ def test_every_option_of_the_sample_is_shown(ws: Workspace, tmp_path: Path) -> N
     assert "no --destination given" in written
     checked = check(tmp_path / "c.toml")
     assert checked.returncode == 0, checked.stderr
+
+
+def test_require_mountpoint_is_always_written_true(ws: Workspace) -> None:
+    # An unmounted backup disk's folder on the root disk: the night its mount
+    # hook is forgotten, only require_mountpoint stops the run filling the root disk.
+    result = init(ws, "--destination", str(ws.dest), "--source", str(ws.make_source("data")))
+    assert result.returncode == 0, result.stderr
+    with open(ws.config_path, "rb") as f:
+        assert tomllib.load(f)["require_mountpoint"] is True
+    checked = check(ws.config_path)
+    assert checked.returncode == 0, checked.stderr
+    assert f"{ws.dest} is not on a mounted filesystem" in checked.stderr
+
+
+def test_the_sample_and_init_keep_the_lock_in_state_dir(ws: Workspace) -> None:
+    # A lock in a folder every user can write (/run/lock) lets anyone stop every backup.
+    sample = load_config(os.path.join(REPO, "sample-config.toml"))
+    assert sample.lock_path == os.path.join(sample.state_dir, "lock")
+    result = init(ws, "--destination", str(ws.dest), "--source", str(ws.make_source("data")))
+    assert result.returncode == 0, result.stderr
+    written = load_config(str(ws.config_path))
+    assert written.lock_path == os.path.join(written.state_dir, "lock")
 
 
 def test_slash_is_named_root_and_nested_sources_are_left_out_of_it(ws: Workspace) -> None:
