@@ -15,6 +15,7 @@ them (NOTES: import cost). aiosmtplib is asyncio-only (NOTES pitfall 4).
 from __future__ import annotations
 
 import socket
+import sys
 from datetime import datetime
 from typing import TYPE_CHECKING, TypeVar
 
@@ -34,6 +35,7 @@ from .secret_env import secret
 if TYPE_CHECKING:
     import ssl
     from email.message import EmailMessage
+    from email.policy import Policy
 
     import aiosmtplib
 
@@ -79,7 +81,7 @@ def _envelope(settings: ReportSettings, subject: str, body: str, host: str) -> E
     from email.utils import format_datetime, make_msgid
 
     message = EmailMessage()
-    message["Subject"] = subject
+    message["Subject"] = _Subject(subject)
     message["From"] = settings.sender
     message["To"] = ", ".join(settings.to)
     message["Date"] = format_datetime(datetime.now().astimezone())
@@ -92,6 +94,67 @@ def _envelope(settings: ReportSettings, subject: str, body: str, host: str) -> E
         '<html><body><pre style="font-family: monospace; white-space: pre-wrap">'
         f"{html.escape(body)}</pre></body></html>\n", subtype="html")
     return message
+
+
+# RFC 2047: an encoded word holds at most 75 characters.
+_WORD_CAP = 75
+
+
+class _Subject(str):
+    """The Subject header, encoded and folded here rather than by the email package.
+
+    The email package's folding (CPython 3.11) writes an empty encoded word
+    (``=?utf-8?q??=``) when a non-ASCII character falls just before a line's
+    end: an invalid header that some mail clients show raw. An email policy
+    folds a header object (a value with ``name`` and ``fold``) by calling its
+    ``fold``; this one keeps plain ASCII words as they are, writes each run of
+    other words as encoded words, and folds only between them.
+    """
+
+    name = "Subject"
+
+    def fold(self, *, policy: Policy) -> str:
+        limit = policy.max_line_length or sys.maxsize
+        head = f"{self.name}:"
+        lines = [head]
+        for atom in _atoms(str(self)):
+            if lines[-1] != head and len(lines[-1]) + 1 + len(atom) > limit:
+                lines.append("")
+            lines[-1] += " " + atom
+        return policy.linesep.join(lines) + policy.linesep
+
+
+def _atoms(text: str) -> list[str]:
+    """The words of ``text``, each run of words that are not plain ASCII as encoded words.
+
+    A run is encoded as one text: the space between two encoded words is
+    dropped by the reader, the one inside an encoded word is not.
+    """
+    atoms: list[str] = []
+    run: list[str] = []
+    for word in text.split():
+        if word.isascii() and word.isprintable() and "=?" not in word:
+            atoms += _encoded(" ".join(run)) if run else []
+            run = []
+            atoms.append(word)
+        else:
+            run.append(word)
+    return atoms + (_encoded(" ".join(run)) if run else [])
+
+
+def _encoded(text: str) -> list[str]:
+    """``text`` as UTF-8 encoded words of at most _WORD_CAP characters, cut between characters."""
+    from email.charset import Charset
+
+    utf8 = Charset("utf-8")
+    words: list[str] = []
+    chunk = ""
+    for char in text:
+        if chunk and len(utf8.header_encode(chunk + char)) > _WORD_CAP:
+            words.append(utf8.header_encode(chunk))
+            chunk = ""
+        chunk += char
+    return [*words, utf8.header_encode(chunk)]
 
 
 # --- delivery --------------------------------------------------------------------------------

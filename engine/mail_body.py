@@ -42,25 +42,26 @@ def should_send(settings: ReportSettings | None, status: str, no_report: bool) -
 
 
 def render_subject(report: Report, *, host: str) -> str:
-    """``[pibackup] OK <name> on <host> — 4 sources, 3m12s``, ``FAILED … — <failure>``, …
+    """``[pibackup] OK <host>: 4 sources, 3m12s (<name>)``, ``FAILED <host>: <failure> (…)``, …
 
-    ``host`` is the machine's short name, so that several machines can share
-    one mailbox.
+    What happened comes first, so a phone's one line shows it; the backup's
+    name last. ``host`` is shortened to the machine's short name, so that
+    several machines can share one mailbox.
     """
-    where = f"{report.name} on {short_host(host)}"
+    who = f"{short_host(host)}:"
     if report.status == "ok":
         count = len(report.sources)
         what = f"{count} source{'' if count == 1 else 's'}, {_duration(report.duration_s)}"
-        return f"[pibackup] OK {where} — {what}"
+        return f"[pibackup] OK {who} {what} ({report.name})"
     if report.status == "interrupted":
         saved = "backup saved" if report.saved else "no backup saved"
-        return (f"[pibackup] INTERRUPTED {where} — after "
-                f"{_duration(report.duration_s)}, {saved}")
+        return (f"[pibackup] INTERRUPTED {who} after {_duration(report.duration_s)}, "
+                f"{saved} ({report.name})")
     failure = gist(report.failure or "failed")
     if len(failure) > SUBJECT_FAILURE_CAP:
         cut = failure[:SUBJECT_FAILURE_CAP].rsplit(" ", 1)[0]
         failure = cut.rstrip(" ,;:") + "…"
-    return f"[pibackup] FAILED {where} — {failure}"
+    return f"[pibackup] FAILED {who} {failure} ({report.name})"
 
 
 def short_host(host: str) -> str:
@@ -248,7 +249,7 @@ def _space(report: Report) -> list[str]:
     d = report.destination
     if d is None:
         return ["Destination: not visible after the run; free space unknown"]
-    share = f" ({d.free_bytes * 100 // d.total_bytes}%)" if d.total_bytes else ""
+    share = f" ({d.free_bytes * 100 // d.total_bytes}% free)" if d.total_bytes else ""
     lines = [f"Destination: {human_bytes(d.free_bytes)} free of "
              f"{human_bytes(d.total_bytes)}{share}"]
     if _space_is_short(report):

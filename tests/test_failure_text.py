@@ -200,8 +200,8 @@ def test_subject_names_the_cause_when_the_line_is_too_long() -> None:
     failure = 'source "data" snapshot failed: ' + with_hint(
         f"rsync exit code 11: {RSYNC_31_ENOSPC[0]}")
     subject = render_subject(_failed_report(failure, RSYNC_31_ENOSPC), host="piserver")
-    assert subject == ("[pibackup] FAILED 2021-04-03t07-00-05+0200 on piserver — "
-                       'source "data" snapshot failed: No space left on device')
+    assert subject == ('[pibackup] FAILED piserver: source "data" snapshot failed: '
+                       "No space left on device (2021-04-03t07-00-05+0200)")
     short = 'hook "disk" pre failed: exit code 32: mount: /mnt/b: special device /dev/x'
     assert gist(short) == short
 

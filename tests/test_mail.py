@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import time
@@ -249,22 +250,22 @@ def test_nothing_is_sent_without_a_report_table() -> None:
 # --- what a person reads -----------------------------------------------------------------------
 
 
-def test_subjects_say_status_name_and_the_gist() -> None:
+def test_subjects_put_the_cause_first_and_the_name_last() -> None:
+    # A phone shows one line: the host and what happened come first, the name last.
     assert render_subject(ok_report(), host=HOST) == (
-        "[pibackup] OK 2021-04-02t07-00-12+0200 on piserver — 4 sources, 3m12s")
+        "[pibackup] OK piserver: 4 sources, 3m12s (2021-04-02t07-00-12+0200)")
     failed = render_subject(failed_report(), host=HOST)
     assert failed.startswith(
-        '[pibackup] FAILED 2021-04-03t07-00-05+0200 on piserver — source "data" snapshot '
-        "failed: rsync exited 23")
-    assert failed.endswith("…") and len(failed) < 130, failed
+        '[pibackup] FAILED piserver: source "data" snapshot failed: rsync exited 23')
+    assert failed.endswith("… (2021-04-03t07-00-05+0200)") and len(failed) < 130, failed
     assert render_subject(interrupted_report(), host=HOST) == (
-        "[pibackup] INTERRUPTED 2021-04-03t07-00-05+0200 on piserver — after 12s, "
-        "no backup saved")
+        "[pibackup] INTERRUPTED piserver: after 12s, no backup saved "
+        "(2021-04-03t07-00-05+0200)")
     one = ok_report()
     one.sources = {"data": one.sources["data"]}
-    assert render_subject(one, host=HOST).endswith("— 1 source, 3m12s")
+    assert render_subject(one, host=HOST).endswith(": 1 source, 3m12s (2021-04-02t07-00-12+0200)")
     # The short host name: several machines share one mailbox.
-    assert " on pi — " in render_subject(ok_report(), host="pi.home.arpa")
+    assert render_subject(ok_report(), host="pi.home.arpa").startswith("[pibackup] OK pi: ")
 
 
 @pytest.mark.parametrize(("builder", "golden"), [
@@ -295,7 +296,7 @@ def test_ok_body_reads_as_a_person_would() -> None:
     assert "Retention: kept 3, deleted 1" in lines
     assert "  deleted  2021-03-21t07-00-10+0100" in lines
     assert "  kept     2021-04-02t07-00-12+0200  newest, keep_last, keep_daily" in lines
-    assert "Destination: 120 GiB free of 916 GiB (13%)" in lines
+    assert "Destination: 120 GiB free of 916 GiB (13% free)" in lines
     assert not any("WARNING" in line or "Failures" in line for line in lines)
     # Narrow enough for a phone held upright (names and dates are what they are).
     assert max(len(line) for line in lines) <= 72
@@ -323,7 +324,7 @@ def test_failed_body_shows_each_failure_with_command_and_capped_stderr() -> None
     assert "  cancelled    15s        0 B  boot" in lines
     assert "  skipped        -        0 B  www" in lines
     assert "Retention: not applied (no backup was saved)" in lines
-    assert "Destination: 512 MiB free of 29.0 GiB (1%)" in lines
+    assert "Destination: 512 MiB free of 29.0 GiB (1% free)" in lines
     assert ("WARNING: less free space than this backup wrote (700 MiB)." in lines)
     assert ("The next run may not fit, and a full disk fails every run until someone acts."
             in lines)
@@ -335,6 +336,24 @@ def test_human_bytes() -> None:
 
 
 # --- delivery ------------------------------------------------------------------------------------
+
+
+# RFC 2047: an encoded word, and one with nothing in it (which some clients show raw).
+_ENCODED_WORD = re.compile(rb"=\?([^?\s]*)\?([^?\s]*)\?([^?\s]*)\?=")
+
+
+def assert_valid_headers(received: Received) -> None:
+    """Every header line on the wire is ASCII, at most 78 characters, and every encoded
+    word in it is well formed, at most 75 characters and not empty (RFC 5322, RFC 2047)."""
+    data = received.data.replace(b"\r\n", b"\n")
+    head = data.split(b"\n\n", 1)[0]
+    assert head.isascii(), head
+    for line in head.split(b"\n"):
+        assert len(line) <= 78, line
+        for word in _ENCODED_WORD.finditer(line):
+            charset, encoding, text = word.groups()
+            assert charset.lower() == b"utf-8" and encoding.lower() in (b"q", b"b"), line
+            assert text and len(word.group(0)) <= 75, line
 
 
 def _only_message(server: MailServer) -> Received:
@@ -356,9 +375,9 @@ async def test_report_is_delivered_with_subject_body_and_attachment(
     assert received.mail_from == SENDER
     assert received.rcpt_tos == RECIPIENTS
     assert received.login == USER and received.tls
+    assert_valid_headers(received)
     got = parts(received)
-    # A long subject is folded and its em dash encoded; unfolding may double a space.
-    assert " ".join(got.subject.split()) == render_subject(report, host=HOST)
+    assert got.subject == render_subject(report, host=HOST)
     assert got.sender == SENDER and got.to == ", ".join(RECIPIENTS)
     assert got.text == render_body(report, host=HOST)
     assert got.html is not None and "monospace" in got.html and report.name in got.html
@@ -366,6 +385,33 @@ async def test_report_is_delivered_with_subject_body_and_attachment(
     attached = json.loads(got.attachments[f"{report.name}.json"])
     assert attached == json.loads(encode_report(report))
     assert attached["delivery"] == {"status": "skipped", "error": None}  # not final yet
+
+
+def _non_ascii_report() -> Report:
+    """A failure naming a hook and a file whose names are not ASCII."""
+    report = failed_report()
+    report.failure = ('hook "Sicherung prüfen" pre failed: exit code 1: „Fotos/Ärger.jpg“ '
+                      "fehlt — noch einmal versuchen")
+    return report
+
+
+async def test_every_header_on_the_wire_is_valid(pki: Pki, password_file: Path) -> None:
+    # Host names of every length move each non-ASCII character (the cut's "…",
+    # a name's "ä") across the place where a header line is folded.
+    hosts = ["vm", "pi"] + [f"host-{'x' * n}" for n in range(12)]
+    builders = [ok_report, failed_report, interrupted_report, _non_ascii_report]
+    with MailServer(pki, security="none") as server:
+        settings = settings_for(server.port, security="none", password_file=password_file)
+        for host in hosts:
+            for builder in builders:
+                delivery = await deliver_report(settings, builder(), host=host)
+                assert delivery.status == "sent", delivery.error
+        received = list(server.messages)
+    assert len(received) == len(hosts) * len(builders)
+    expected = [render_subject(b(), host=h) for h in hosts for b in builders]
+    for message, subject in zip(received, expected, strict=True):
+        assert_valid_headers(message)
+        assert parts(message).subject == subject
 
 
 async def test_421_once_then_one_retry_delivers(pki: Pki, password_file: Path,
@@ -588,10 +634,12 @@ def test_cli_ok_run_mails_one_report(ws: Workspace, server: MailServer, pki: Pki
     assert result.returncode == 0, result.stderr
     report = _report_file_matches_attachment(ws, _only_message(server))
     assert report["delivery"] == {"status": "sent", "error": None}
+    assert_valid_headers(server.messages[0])
     got = parts(server.messages[0])
     assert server.messages[0].rcpt_tos == RECIPIENTS
     assert got.subject.startswith(
-        f"[pibackup] OK {report['name']} on {short_host(socket.gethostname())} — 1 source, ")
+        f"[pibackup] OK {short_host(socket.gethostname())}: 1 source, ")
+    assert got.subject.endswith(f" ({report['name']})")
     lines = got.text.splitlines()
     assert lines[0] == "OK — the backup was saved"
     assert f"Host      {socket.gethostname()}" in lines
@@ -616,9 +664,10 @@ pre = "echo 'disk not found' >&2; exit 3"
     assert report["status"] == "failed" and report["delivery"]["status"] == "sent"
     failure = report["failure"]
     assert failure.startswith('hook "b1" pre failed: exit code 3')
+    assert_valid_headers(server.messages[0])
     got = parts(server.messages[0])
-    assert got.subject == (f'[pibackup] FAILED {report["name"]} on '
-                           f'{short_host(socket.gethostname())} — {failure}')
+    assert got.subject == (f"[pibackup] FAILED {short_host(socket.gethostname())}: "
+                           f'{failure} ({report["name"]})')
     lines = got.text.splitlines()
     assert lines[:2] == ["FAILED — no backup was saved", failure]
     failures = lines[lines.index("Failures"):]
@@ -642,8 +691,8 @@ critical = true
     report = _report_file_matches_attachment(ws, _only_message(server))
     assert report["failure"].startswith('hook "mount" pre failed: exit code 4')
     assert parts(server.messages[0]).subject == (
-        f'[pibackup] FAILED {report["name"]} on {short_host(socket.gethostname())} — '
-        f'{report["failure"]}')
+        f'[pibackup] FAILED {short_host(socket.gethostname())}: {report["failure"]} '
+        f'({report["name"]})')
 
 
 @needs_rsync
@@ -669,10 +718,11 @@ pre = 'touch "{started}"; while [ ! -e "{release}" ]; do sleep 0.05; done'
     assert processes_mentioning(str(ws.root)) == []
     report = _report_file_matches_attachment(ws, _only_message(server))
     assert report["status"] == "interrupted" and report["delivery"]["status"] == "sent"
+    assert_valid_headers(server.messages[0])
     got = parts(server.messages[0])
-    assert got.subject.startswith(f"[pibackup] INTERRUPTED {report['name']} on "
-                                  f"{short_host(socket.gethostname())} — after ")
-    assert got.subject.endswith(", no backup saved")
+    assert got.subject.startswith(
+        f"[pibackup] INTERRUPTED {short_host(socket.gethostname())}: after ")
+    assert got.subject.endswith(f", no backup saved ({report['name']})")
     assert got.text.startswith("INTERRUPTED — no backup was saved\n")
 
 
