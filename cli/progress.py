@@ -96,12 +96,15 @@ def step_line(beat: Beat, rate: float | None, now: float) -> str:
 
 
 def run_line(command: str, beats: list[Beat], started: float, now: float) -> str:
-    """The whole run: time so far, steps running and done, bytes so far."""
+    """The whole run: time so far, steps running and done, files (where counted) and bytes
+    so far."""
     done = heartbeat.finished
     written = done.bytes + sum(b.bytes or 0 for b in beats)
-    files = done.files + sum(b.files or 0 for b in beats)
+    counts = [n for n in (done.files, *(b.files for b in beats)) if n is not None]
+    # No step that counts files (rsync copies, hooks): say nothing rather than "0 files".
+    files = f"{sum(counts):,} {_files(sum(counts))}, " if counts else ""
     return (f"{command} {format_duration(now - started)}: {len(beats)} running, "
-            f"{done.steps} done, {files:,} {_files(files)}, {human_bytes(written)}")
+            f"{done.steps} done, {files}{human_bytes(written)}")
 
 
 def _files(count: int) -> str:

@@ -76,7 +76,9 @@ class Finished:
 
     steps: int = 0
     bytes: int = 0
-    files: int = 0
+    # None until a step that counts its files has ended: an rsync copy knows its
+    # bytes (from /proc), not its files.
+    files: int | None = None
 
 
 finished = Finished()
@@ -96,7 +98,8 @@ def beating(what: str, **fields: Any) -> Iterator[Beat]:
         del _running[key]
         finished.steps += 1
         finished.bytes += beat.bytes or 0
-        finished.files += beat.files or 0
+        if beat.files is not None:
+            finished.files = (finished.files or 0) + beat.files
 
 
 def beat_now(period: float = PERIOD_S) -> int:
