@@ -43,11 +43,31 @@ def summary_table(report: Report) -> str:
                      f"{human_bytes(source.bytes):>10} {took(source.waited_s):>7}")
     lines.append(f"  snapshot window {took(report.snapshot_window_s)}")
     if report.duration_s:
-        lines.append(f"  sources took {took(report.source_seconds_total)} in all, the run "
-                     f"{took(report.duration_s)} at concurrency {report.concurrency} "
-                     f"({report.source_seconds_total / report.duration_s:.1f}× in parallel)")
+        lines.append(f"  {_concurrency_bought(report, report.duration_s)}")
     if report.destination is not None:
         space = report.destination
         lines.append(f"  destination: {human_bytes(space.free_bytes)} free of "
                      f"{human_bytes(space.total_bytes)}")
     return "\n".join(lines)
+
+
+def _concurrency_bought(report: Report, duration: float) -> str:
+    """The sources' time against the run's, in words (SPEC §8).
+
+    A multiplier is shown only where it means a gain: more source time than
+    run time can only come from sources working side by side. Less says
+    nothing about concurrency (hooks, retention or one long source took the
+    rest), so it is not dressed up as a slow-down.
+    """
+    from pibackup_async.engine.durations import format_duration
+
+    work = report.source_seconds_total
+    said = f"source time {format_duration(work)} in a run of {format_duration(duration)}"
+    if report.concurrency == 1:
+        return f"{said} (sources ran one at a time: concurrency 1)"
+    if len(report.sources) < 2:
+        return f"{said} (one source: nothing ran side by side)"
+    at_once = f"up to {report.concurrency} at once"
+    if work > duration:
+        return f"{said} ({work / duration:.1f}× through concurrency, {at_once})"
+    return f"{said} (no gain from concurrency to show, {at_once})"

@@ -50,7 +50,7 @@ def test_a_run_on_a_terminal_ends_with_the_summary(ws: Workspace) -> None:
     assert "SOURCE" in text and "WAITED" in text
     assert "alpha" in text and "beta" in text
     assert "snapshot window" in text
-    assert "in parallel" in text
+    assert "source time" in text
     assert "free of" in text
     # Not on a terminal: no summary.
     result = ws.run("run")
