@@ -98,7 +98,7 @@ def _run(args: argparse.Namespace, config: Config) -> int:
         return EXIT_OK
     options = RunOptions(jobs=args.jobs, no_report=args.no_report)
     show = (args.log_format == "console" and not args.quiet and sys.stderr.isatty())
-    return under_signals(lambda interruption: run_backup(config, options, interruption),
+    return under_signals("run", lambda interruption: run_backup(config, options, interruption),
                          after=_print_summary if show else None,
                          progress="run" if wanted(args) else None)
 
@@ -108,16 +108,16 @@ def _print_summary(report: Report) -> None:
     print(summary_table(report), file=sys.stderr)
 
 
-def under_signals(work: Callable[[Interruption], Awaitable[Report]],
+def under_signals(command: str, work: Callable[[Interruption], Awaitable[Report]],
                   after: Callable[[Report], None] | None = None,
                   progress: str | None = None) -> int:
-    """Run ``work`` with SIGINT/SIGTERM/SIGHUP turned into a cancel; map its outcome to an
-    exit code.
+    """Run ``work`` with SIGINT/SIGTERM/SIGHUP turned into a cancel of ``command``; map its
+    outcome to an exit code.
 
     Meanwhile live progress is drawn, named ``progress``, or else long steps
     log a heartbeat.
     """
-    interruption = Interruption()
+    interruption = Interruption(command)
     bridge = SignalBridge()
     bridge.install()
 
@@ -184,7 +184,7 @@ def _list(args: argparse.Namespace, config: Config) -> int:
 
 def _prune(args: argparse.Namespace, config: Config) -> int:
     if not args.dry_run:
-        return under_signals(lambda interruption: prune_backups(config, interruption))
+        return under_signals("prune", lambda interruption: prune_backups(config, interruption))
     rows = _read_backups(config)
     if rows is None:
         return EXIT_FAILED

@@ -41,9 +41,10 @@ if TYPE_CHECKING:
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-def _under_signals(work: Callable[[], Awaitable[int]]) -> int:
-    """Run ``work`` with SIGINT/SIGTERM/SIGHUP turned into a cancel (exit 128+n)."""
-    interruption = Interruption()
+def _under_signals(command: str, work: Callable[[], Awaitable[int]]) -> int:
+    """Run ``work`` with SIGINT/SIGTERM/SIGHUP turned into a cancel of ``command`` (exit
+    128+n)."""
+    interruption = Interruption(command)
     bridge = SignalBridge()
     bridge.install()
 
@@ -159,7 +160,7 @@ def diff_command(args: argparse.Namespace, config: Config) -> int:
             return _failed(e, config)
         return EXIT_OK
 
-    return _under_signals(work)
+    return _under_signals("diff", work)
 
 
 # --- du --------------------------------------------------------------------------------
@@ -192,5 +193,5 @@ def du_command(args: argparse.Namespace, config: Config) -> int:
             print(usage_table(usage))
         return EXIT_OK
 
-    return _under_signals(work)
+    return _under_signals("du", work)
 

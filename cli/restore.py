@@ -26,7 +26,8 @@ def restore_command(args: argparse.Namespace, config: Config) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     if not args.dry_run:
-        return under_signals(lambda interruption: restore(config, request, interruption),
+        return under_signals("restore",
+                             lambda interruption: restore(config, request, interruption),
                              progress="restore" if wanted(args) else None)
     try:
         anyio.run(plan_restore, config, request, print, backend="asyncio")

@@ -27,7 +27,8 @@ def verify_command(args: argparse.Namespace, config: Config) -> int:
         return EXIT_USAGE
     request = VerifyRequest(args.backup, args.source, args.against_source)
     out = _Stdout()
-    return under_signals(lambda interruption: verify_backup(config, interruption, request,
+    return under_signals("verify",
+                         lambda interruption: verify_backup(config, interruption, request,
                                                             out.line),
                          progress="verify" if wanted(args) else None)
 

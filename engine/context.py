@@ -58,7 +58,9 @@ class Interruption:
     one that interrupted the run) cuts the delivery short.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, command: str) -> None:
+        # What the signal cancels, as its log line says: "run", "restore", "verify"…
+        self.command = command
         self.signum: int | None = None
         self.count = 0
         self._scope: anyio.CancelScope | None = None
@@ -91,7 +93,7 @@ class Interruption:
             log.warning("signal received again; still cleaning up", signal=name)
             return
         self.signum = signum
-        log.warning("signal received; cancelling the run", signal=name)
+        log.warning(f"signal received; cancelling the {self.command}", signal=name)
         if self._scope is not None:
             self._scope.cancel()
 
