@@ -25,6 +25,9 @@ _CLOSING = re.compile(
         r"^\[\d+ earlier lines cut\]$",         # the mark of a cut tail (processes.Tail)
     ))
 )
+# Where a child got to, not what went wrong: `btrfs receive` names each
+# subvolume it starts on, before the error that ends it.
+_CHATTER = re.compile(r"^At (subvol|snapshot) ")
 # Lines that follow from a failure told elsewhere: better than a closing
 # line, worse than anything else.
 _FALLOUT = re.compile(
@@ -83,12 +86,14 @@ def telling_line(lines: Sequence[str]) -> str | None:
     A line naming a root cause (``CAUSES``) wins, the most telling cause
     first and, among equals, the earliest (what follows is its fallout).
     Otherwise the last line of the child's own words; else the last line of
-    fallout (a broken pipe); else the last closing line ("rsync error: …").
+    fallout (a broken pipe); else the last closing line ("rsync error: …") or
+    line of chatter ("At subvol …").
     """
     meaningful = [line.strip() for line in lines if line.strip()]
     if not meaningful:
         return None
-    said = [line for line in meaningful if not _CLOSING.search(line)]
+    said = [line for line in meaningful
+            if not _CLOSING.search(line) and not _CHATTER.search(line)]
     best: tuple[int, str] | None = None
     for line in said:
         cause = root_cause(line)
@@ -112,8 +117,25 @@ def hint_for(problem: str) -> str | None:
     return None
 
 
+def one_line(text: str) -> str:
+    """``text`` on one line, as the report's ``failure`` is (SPEC §6).
+
+    A message built around a child's whole output (``btrfs receive exited 1:
+    At subvol vol`` and the lines after it) keeps its first line, which says
+    who failed, and the most telling of the rest after `` … `` when that is
+    another line.
+    """
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else text.strip()
+    telling = telling_line(lines)
+    return lines[0] if telling in (None, lines[0]) else f"{lines[0]} … {telling}"
+
+
 def with_hint(problem: str) -> str:
-    """``problem``, followed by its hint when one applies and is not there yet (idempotent)."""
+    """``problem`` on one line (``one_line``), followed by its hint when one applies and is
+    not there yet (idempotent)."""
+    problem = one_line(problem)
     hint = hint_for(problem)
     if hint is None or hint in problem:
         return problem

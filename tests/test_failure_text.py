@@ -12,6 +12,7 @@ import subprocess
 from typing import TYPE_CHECKING
 
 import pytest
+from btrfskit import btrfs_source, fill_random, needs_btrfs
 from conftest import needs_root, needs_rsync
 from diskkit import MiB, ext4_filesystems
 from pibackup_async.engine.failure_text import (
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
     from pathlib import Path
 
+    from btrfskit import Btrfs
+    from conftest import Workspace
     from diskkit import Ext4
 
 
@@ -182,6 +185,59 @@ def test_with_hint_is_idempotent_and_reversible() -> None:
     assert with_hint(once) == once
     assert without_hint(once) == problem
     assert with_hint("exit code 3: disk not found") == "exit code 3: disk not found"
+
+
+# What a real `btrfs receive` printed when its destination filled up (issue 17).
+RECEIVE_ENOSPC = [
+    "At subvol vol",
+    "ERROR: writing to blob03.bin failed: No space left on device",
+]
+
+
+def test_btrfs_receive_chatter_is_not_the_cause() -> None:
+    assert telling_line(RECEIVE_ENOSPC) == RECEIVE_ENOSPC[1]
+    # "At subvol …" says where receive is, not what went wrong, wherever it comes.
+    assert telling_line(["ERROR: cannot find parent subvolume", "At snapshot vol"]) == (
+        "ERROR: cannot find parent subvolume")
+    assert telling_line(["At subvol vol"]) == "At subvol vol"  # better than nothing
+
+
+def test_a_failure_is_one_line_whatever_it_is_built_from() -> None:
+    failure = with_hint('source "vol" save failed: btrfs receive exited 1: '
+                        + "\n".join(RECEIVE_ENOSPC))
+    assert "\n" not in failure and "\r" not in failure
+    assert failure.startswith('source "vol" save failed: btrfs receive exited 1: ')
+    assert "ERROR: writing to blob03.bin failed: No space left on device" in failure
+    assert "pibackup-async prune" in failure  # the hint still applies
+    assert with_hint(failure) == failure
+    assert with_hint("cannot open x:\r\n  Permission denied\n\n") == (
+        "cannot open x: … Permission denied")
+    assert with_hint("exit code 3: disk not found\n") == "exit code 3: disk not found"
+
+
+@needs_btrfs
+@pytest.mark.root
+def test_a_receive_into_a_full_destination_fails_the_run_in_one_line(
+    ws: Workspace, btrfs_fs: Callable[..., Btrfs]
+) -> None:
+    source = btrfs_fs(ws.src / "vol").subvolume("vol")
+    fill_random(source, 24)
+    btrfs_fs(ws.dest, 130)
+    # Something else on the disk (the destination may hold other things)
+    # leaves less room than the source needs: receive fails early, cheaply.
+    room = os.statvfs(ws.dest)
+    subprocess.run(["fallocate", "-l", str(room.f_bavail * room.f_frsize - 8 * MiB),
+                    str(ws.dest / "other-things.img")], check=True)
+    ws.write_config(btrfs_source("vol", source))
+    result = ws.run("run", timeout=120)
+    assert result.returncode == 1, result.stderr
+    report = ws.report()
+    failure = str(report["failure"])
+    assert "\n" not in failure, failure
+    assert failure.startswith('source "vol" save failed: btrfs receive '), failure
+    assert "No space left on device" in failure and "At subvol" not in failure, failure
+    # The step keeps receive's whole output, for the mail's "Failures" section.
+    assert "At subvol" in report["sources"]["vol"]["save"]["stderr_tail"]
 
 
 # --- the mail ----------------------------------------------------------------------------

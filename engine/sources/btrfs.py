@@ -16,6 +16,7 @@ import anyio
 import structlog
 
 from ..destination import Entry, newest_holding, remove_tree
+from ..failure_text import telling_line
 from ..filesystems import is_subvolume, same_filesystem, subvolume_info
 from ..heartbeat import current
 from ..names import parse_name
@@ -96,7 +97,7 @@ class Site:
             return
         finished = await self.run(["mkdir", "-p", path])
         if finished.exit_code != 0:
-            raise SourceError(f"mkdir {path}: {finished.stderr.text() or 'failed'}")
+            raise SourceError(f"mkdir {path}: {telling_line(finished.stderr.lines) or 'failed'}")
 
     async def delete_snapshot(self, path: str) -> None:
         """Delete a snapshot subvolume, then its backup-name folder once empty."""
@@ -146,7 +147,8 @@ async def subvolume_show(path: str, site: Site | None = None) -> dict[str, str]:
             return info
     finished = await (site or _HERE).run(["btrfs", "subvolume", "show", path])
     if finished.exit_code != 0:
-        raise SourceError(f"btrfs subvolume show {path}: {finished.stderr.text() or 'failed'}")
+        raise SourceError(f"btrfs subvolume show {path}: "
+                          f"{telling_line(finished.stderr.lines) or 'failed'}")
     fields = {}
     for line in finished.stdout.lines:
         key, sep, value = line.strip().partition(":")
@@ -170,7 +172,7 @@ async def take_snapshot(site: Site, source: BtrfsSource, name: str, step: Step) 
     step.stderr_tail = finished.stderr.text()
     if finished.exit_code != 0:
         raise SourceError(f"btrfs snapshot {describe_exit(finished.exit_code)}: "
-                          f"{finished.stderr.text() or 'no error output'}")
+                          f"{telling_line(finished.stderr.lines) or 'no error output'}")
     return target
 
 
@@ -249,9 +251,11 @@ async def send_receive(site: Site, snapshot: str, parent: str | None, folder: st
     problem = None
     # A send that died of a broken pipe is a symptom: receive's error says why.
     if send_code != 0 and not (receive_code != 0 and send_code in _PIPE_DEATHS):
-        problem = f"btrfs send {describe_exit(send_code)}: {send_err or 'no error output'}"
+        said = telling_line(send_err.splitlines()) or "no error output"
+        problem = f"btrfs send {describe_exit(send_code)}: {said}"
     elif receive_code != 0:
-        problem = f"btrfs receive {describe_exit(receive_code)}: {receive_err or 'no error output'}"
+        said = telling_line(receive_err.splitlines()) or "no error output"
+        problem = f"btrfs receive {describe_exit(receive_code)}: {said}"
     else:
         info = await subvolume_show(received)
         if "readonly" not in info.get("Flags", "") or info.get("Received UUID", "-") == "-":
