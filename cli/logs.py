@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import warnings
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Literal, TextIO
 
@@ -72,6 +74,66 @@ def quiet_stderr() -> None:
         sys.stderr = QuietStream(sys.stderr)
 
 
+class _Warnings:
+    """Python warnings, as log events rather than raw text on stderr (issue 17).
+
+    A dependency's deprecation notice (cryptography's ``DSA is deprecated``
+    when asyncssh is imported) is not the user's business and would break
+    JSON lines: each warning becomes one debug event naming the library it
+    came from, shown with ``-v`` only. Warnings raised before logging is
+    configured are held and logged once it is.
+    """
+
+    def __init__(self) -> None:
+        self.held: list[tuple[Warning | str, type[Warning], str]] = []
+        self.configured = False
+
+    def show(self, message: Warning | str, category: type[Warning], filename: str,
+             lineno: int, file: TextIO | None = None, line: str | None = None) -> None:
+        if not self.configured:
+            self.held.append((message, category, filename))
+            return
+        structlog.get_logger().debug(
+            "library warning", library=library_of(filename),
+            category=f"{category.__module__}.{category.__qualname__}", warning=str(message))
+
+    def replay(self) -> None:
+        self.configured = True
+        held, self.held = self.held, []
+        for message, category, filename in held:
+            self.show(message, category, filename, 0)
+
+
+_warnings = _Warnings()
+
+
+def hold_warnings() -> None:
+    """Route Python warnings to the log from now on (held until logging is configured)."""
+    warnings.showwarning = _warnings.show
+
+
+def every_warning_once() -> None:
+    """Let every warning through once per place, deprecations of libraries included.
+
+    Python hides a library's DeprecationWarning but shows a UserWarning; both
+    go to the log now, where ``-v`` decides. For the command's own process only
+    (a test suite keeps its own filters); ``-W`` or PYTHONWARNINGS still win.
+    """
+    if not sys.warnoptions:
+        warnings.simplefilter("default")
+
+
+def library_of(filename: str) -> str:
+    """The top-level package a source file belongs to: ``asyncssh`` for
+    ``…/site-packages/asyncssh/crypto/misc.py``; the file's own name elsewhere."""
+    path = os.path.abspath(filename)
+    for entry in sorted((os.path.abspath(p) for p in sys.path if p), key=len, reverse=True):
+        if path.startswith(entry + os.sep):
+            first = path[len(entry) + 1:].split(os.sep, 1)[0]
+            return first.removesuffix(".py")
+    return os.path.basename(path).removesuffix(".py")
+
+
 _NAMED_EVENTS = ("run started", "run finished")
 
 
@@ -138,3 +200,5 @@ def configure_logging(fmt: LogFormat, verbosity: int) -> None:
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(logging.INFO if verbosity > 0 else logging.WARNING)
+    hold_warnings()
+    _warnings.replay()

@@ -187,6 +187,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         _structlog_without_rich()
+        from .logs import hold_warnings
+
+        hold_warnings()
         _children_without_threads()
         from .commands import dispatch  # deferred: `--help` stays fast
 
@@ -213,6 +216,9 @@ def entry() -> NoReturn:
     every run about 35 ms, and a worker thread stuck on a dying disk (SPEC §2:
     abandoned) would hold a normal exit, and the exit code, forever.
     """
+    from .logs import every_warning_once
+
+    every_warning_once()
     code = main()
     try:
         sys.stdout.flush()

@@ -51,18 +51,24 @@ async def test_a_connection_cut_under_a_running_command_is_a_remote_error(
     server = new_sshd()
     remote = RemoteHost("h1", _host(server), str(tmp_path))
     errors: list[BaseException] = []
+    ended = anyio.Event()
 
     async def run_it() -> None:
         try:
             await remote.run(f"{program} 1000", {})
         except Exception as error:  # the test wants to see any type that escapes
             errors.append(error)
+        finally:
+            ended.set()
 
     try:
         with anyio.fail_after(60):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(run_it)
-                while not processes_mentioning(program):  # noqa: ASYNC110
+                # A command that fails before it starts (an import error, say) must fail
+                # the test at once, not after the bound.
+                while not processes_mentioning(program):
+                    assert not ended.is_set(), f"the command ended before it ran: {errors!r}"
                     await anyio.sleep(0.02)
                 assert cut_connections(server) > 0
         assert len(errors) == 1, errors
