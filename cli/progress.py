@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from collections import deque
 from contextlib import contextmanager
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from pibackup_async.engine.heartbeat import Beat
+    from rich.live import Live
 
 log = structlog.get_logger("pibackup")
 
@@ -111,6 +113,45 @@ def _files(count: int) -> str:
     return "file" if count == 1 else "files"
 
 
+class _Drawn:
+    """The progress on the screen now, and the lock that keeps a redraw off it meanwhile."""
+
+    def __init__(self, live: Live) -> None:
+        self.live = live
+        self.lock = threading.Lock()
+
+
+# Set while progress is drawn. One drawer a process: commands write their
+# results (from any thread) through ``cleared`` without being handed it.
+_drawn: _Drawn | None = None
+
+
+@contextmanager
+def cleared() -> Iterator[None]:
+    """Erase the progress, if drawn, and keep it off the screen while the block writes.
+
+    What the block writes to stdout then starts a line of its own and is
+    followed by no frame when stdout is the same terminal; in a file it is
+    unchanged. The progress comes back at the next redraw. Blocks only other
+    writers of results, never the drawing: a stdout that does not drain
+    stalls only the thread writing to it.
+    """
+    drawn = _drawn
+    if drawn is None:
+        yield
+        return
+    from rich.console import Group
+
+    with drawn.lock:
+        try:
+            # Nothing to draw is drawn as nothing: the old frame is erased, the
+            # cursor left at the start of its first line.
+            drawn.live.update(Group(), refresh=True)
+        except Exception:  # a drawing bug must not cost a result
+            log.debug("erasing live progress failed", exc_info=True)
+        yield
+
+
 @contextmanager
 def _logs_above(console: object, stream: QuietStream) -> Iterator[None]:
     """Log lines go through rich while it draws, so they print above the progress."""
@@ -156,11 +197,23 @@ async def _draw(command: str, stream: QuietStream) -> None:
         lines += ["  " + step_line(b, rate[id(b)], now) for b in beats]
         return Group(*(Text(line, no_wrap=True, overflow="ellipsis") for line in lines))
 
+    global _drawn
     # auto_refresh off: no drawing thread; this task redraws, between the
     # engine's own events.
     with Live(frame(), console=console, auto_refresh=False, transient=True,
               redirect_stdout=False, redirect_stderr=False) as live, \
             _logs_above(console, stream):
-        while True:
-            await anyio.sleep(REFRESH_S)
-            live.update(frame(), refresh=True)
+        drawn = _drawn = _Drawn(live)
+        try:
+            while True:
+                await anyio.sleep(REFRESH_S)
+                shown = frame()
+                # A result being written: skip this redraw rather than wait, on the
+                # event loop, for a stdout that may not drain.
+                if drawn.lock.acquire(blocking=False):
+                    try:
+                        live.update(shown, refresh=True)
+                    finally:
+                        drawn.lock.release()
+        finally:
+            _drawn = None

@@ -10,7 +10,7 @@ from pibackup_async.engine.lookup import UsageProblem, check_backup_arg
 from pibackup_async.engine.verify import VerifyRequest, check_source_name, verify_backup
 
 from .commands import EXIT_USAGE, under_signals
-from .progress import wanted
+from .progress import cleared, wanted
 
 if TYPE_CHECKING:
     import argparse
@@ -43,7 +43,8 @@ class _Stdout:
         if self.closed:
             return
         try:
-            print(text, flush=True)
+            with cleared():
+                print(text, flush=True)
         except BrokenPipeError:
             # stdout closed early (`verify | head`): the verify goes on quietly and
             # its exit code still tells; Python must not complain at exit either.
