@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import anyio
 import structlog
 from pibackup_async.engine import Config, preflight
-from pibackup_async.engine.preflight import state_problems
+from pibackup_async.engine.preflight import state_problems, writable_by_others
 
 if TYPE_CHECKING:
     import argparse
@@ -20,7 +20,8 @@ log = structlog.get_logger("pibackup")
 
 def check_command(args: argparse.Namespace, config: Config) -> int:
     problems, warnings = preflight(config)
-    unusable = state_problems(config)
+    # Unusable, or open to other users (`run` only warns about those): either way an error.
+    unusable = state_problems(config) + writable_by_others(config)
     for warning in warnings:
         log.warning(warning)
     for problem in problems:

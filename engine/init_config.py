@@ -281,7 +281,6 @@ def _top_level(destination: str, *, defaulted: bool) -> dict[str, str]:
         # The sample's system paths need root; `check` would fail on them.
         state = os.path.join(os.path.expanduser("~"), ".local", "state", "pibackup-async")
         values["state_dir"] = f"state_dir = {_toml(state)}  # init: not run as root"
-        values["lock_file"] = "# lock_file: the default, <state_dir>/lock"
     return values
 
 

@@ -9,13 +9,17 @@ import stat
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+import structlog
+
 from .errors import LockHeld, PibackupError
-from .preflight import state_problems
+from .preflight import state_problems, writable_by_others
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from .config import Config
+
+log = structlog.get_logger("pibackup")
 
 
 class StateUnusable(PibackupError):
@@ -87,11 +91,13 @@ def run_lock(lock_path: str) -> Iterator[None]:
 
 
 @contextmanager
-def private_state(config: Config) -> Iterator[None]:
+def private_state(config: Config) -> Iterator[list[str]]:
     """Step 0: check ``state_dir`` and ``lock_file``, create ``state_dir`` (0700), hold the lock.
 
     Raises StateUnusable (one line naming the path) before anything else
-    happens, LockHeld if another run holds the lock.
+    happens, LockHeld if another run holds the lock. Yields (and logs) the
+    warnings about folders on their way that other users can write (the
+    paths are still used while usable: a warning costs no night's backup).
     """
     problems = state_problems(config)
     if problems:
@@ -102,4 +108,7 @@ def private_state(config: Config) -> Iterator[None]:
         raise StateUnusable(f"state_dir {config.state_dir} cannot be created: "
                             f"{e.strerror or e}") from None
     with run_lock(config.lock_path):
-        yield
+        warnings = writable_by_others(config)
+        for warning in warnings:
+            log.warning(warning)
+        yield warnings

@@ -96,6 +96,7 @@ def render_body(report: Report, *, host: str) -> str:
         _source_table(report),
         _failures(report),
         _abandoned(report),
+        _warnings(report),
         _timing(report),
         _retention(report),
         _space(report),
@@ -149,6 +150,12 @@ def _abandoned(report: Report) -> list[str]:
         return []
     return ["Left behind (did not die after SIGKILL; a dying disk?)",
             *(f"  {line}" for line in report.abandoned)]
+
+
+def _warnings(report: Report) -> list[str]:
+    if not report.warnings:
+        return []
+    return ["Warnings (the run went on; fix them)", *(f"  {line}" for line in report.warnings)]
 
 
 def _failures(report: Report) -> list[str]:

@@ -73,7 +73,8 @@ async def run_backup(config: Config, options: RunOptions, interruption: Interrup
             type=source.kind, save=None if isinstance(source, RsyncSource) else Step())
     ctx = RunContext(config, options, name, interruption, report)
     ctx.started = started
-    with private_state(config), bound_contextvars(backup=name):  # step 0
+    with private_state(config) as warnings, bound_contextvars(backup=name):  # step 0
+        report.warnings = warnings
         if interruption.happened:
             raise Interrupted(interruption.signum)
         log.info("run started", destination=config.destination, concurrency=ctx.concurrency)

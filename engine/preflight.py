@@ -1,11 +1,13 @@
 """What ``check`` can tell about the machine beyond the file: paths, filesystems, programs.
 
 Also what ``run`` and ``prune`` ask before any hook: whether ``state_dir`` and
-the lock file can be used at all (``state_problems``).
+the lock file can be used at all (``state_problems``), and whether other users
+can write a folder on their way (``writable_by_others``).
 """
 
 from __future__ import annotations
 
+import grp
 import os
 import pwd
 import shutil
@@ -15,7 +17,7 @@ from .config import BtrfsSource, Config, Hook
 from .filesystems import filesystem_type, on_mounted_filesystem, same_filesystem
 from .sources import btrfs
 
-__all__ = ["on_mounted_filesystem", "preflight", "state_problems"]
+__all__ = ["on_mounted_filesystem", "preflight", "state_problems", "writable_by_others"]
 
 # Filesystems that cannot keep owners, ACLs or xattrs (NOTES pitfall 13).
 _POOR_FILESYSTEMS = {"vfat", "msdos", "exfat", "fat", "ntfs", "ntfs3", "fuseblk"}
@@ -166,6 +168,76 @@ def _lock_problems(config: Config) -> list[str]:
     return []
 
 
+# --- folders on the way that other users can write ---------------------------------------
+
+
+def writable_by_others(config: Config) -> list[str]:
+    """Folders on the way to ``state_dir``, the lock file or a local ``snapshot_dir`` that a
+    user other than root and the engine's own can write, one line each (SPEC §5).
+
+    Whoever can write such a folder can squat the lock and stop every backup,
+    or plant links. ``check`` fails on them; the commands that take the lock
+    use the paths while they are usable and warn. Only folders that exist
+    are judged: the missing ones are the engine's to create.
+    """
+    # (key, configured path, the deepest folder on its way)
+    ways = [("state_dir", config.state_dir, config.state_dir)]
+    if config.lock_file is not None:  # the default lies in state_dir, judged just above
+        ways.append(("lock_file", config.lock_path, os.path.dirname(config.lock_path)))
+    for i, source in enumerate(config.sources):
+        if isinstance(source, BtrfsSource) and source.host is None:
+            root = btrfs.snapshot_root(source)
+            ways.append((f"sources[{i}].snapshot_dir", root, root))
+    # One line per folder, naming every configured path it lies on.
+    found: dict[tuple[int, int], tuple[str, str, list[str]]] = {}
+    for label, path, deepest in ways:
+        for folder, st in _folders_on_the_way(deepest):
+            why = _others_can_write(st)
+            if why is not None:
+                found.setdefault((st.st_dev, st.st_ino), (folder, why, []))[2].append(
+                    f"{label} {path}")
+    who = "root" if os.geteuid() == 0 else f"root and {_user(os.geteuid())}"
+    return [f"{' and '.join(labels)}: {folder} can be written by users other than {who} "
+            f"({why}); anyone there could squat the lock and stop every backup, or plant "
+            f"links: choose a folder that only {who} can write"
+            for folder, why, labels in found.values()]
+
+
+def _folders_on_the_way(path: str) -> list[tuple[str, os.stat_result]]:
+    """Every existing folder from ``/`` down to ``path``, as written and as links resolve it."""
+    seen: dict[tuple[int, int], tuple[str, os.stat_result]] = {}
+    for way in (os.path.abspath(path), os.path.realpath(path)):
+        chain = [way]
+        while chain[-1] != "/":
+            chain.append(os.path.dirname(chain[-1]))
+        for folder in reversed(chain):
+            try:
+                st = os.lstat(folder)
+            except OSError:
+                continue
+            # A link's own mode says nothing; where it leads is on the resolved way.
+            if stat.S_ISDIR(st.st_mode):
+                seen.setdefault((st.st_dev, st.st_ino), (folder, st))
+    return list(seen.values())
+
+
+def _others_can_write(st: os.stat_result) -> str | None:
+    """Why a user other than root and the engine's own can write this folder, or None.
+
+    The sticky bit (/tmp) does not help: it keeps others from removing what
+    is there, not from creating the name first.
+    """
+    mode = stat.S_IMODE(st.st_mode)
+    reasons = []
+    if st.st_uid not in (0, os.geteuid()):
+        reasons.append(f"owned by {_user(st.st_uid)}")
+    if mode & stat.S_IWOTH:
+        reasons.append(f"world-writable, mode {mode:04o}")
+    elif mode & stat.S_IWGRP and st.st_gid not in (0, os.getegid()):
+        reasons.append(f"group-writable by {_group(st.st_gid)}, mode {mode:04o}")
+    return ", ".join(reasons) or None
+
+
 def _creation_problems(label: str, path: str) -> list[str]:
     """A missing ``path`` is made later: its nearest existing ancestor must allow that."""
     ancestor = os.path.dirname(os.path.abspath(path))
@@ -205,6 +277,13 @@ def _kind_of_mode(mode: int) -> str:
     if stat.S_ISSOCK(mode):
         return "a socket"
     return "a device"
+
+
+def _group(gid: int) -> str:
+    try:
+        return f"group {grp.getgrgid(gid).gr_name} (gid {gid})"
+    except KeyError:
+        return f"gid {gid}"
 
 
 def _user(uid: int) -> str:

@@ -99,6 +99,8 @@ class Report(Struct, kw_only=True):
     source_seconds_total: float = 0.0
     destination: DestinationSpace | None = None
     retention: RetentionResult = msgspec.field(default_factory=RetentionResult)
+    # What the user should fix that did not stop the run, one line each.
+    warnings: list[str] = []
     delivery: Delivery = msgspec.field(default_factory=Delivery)
     # The dead man's switch's final ping (SPEC §8); skipped without a ping_url.
     monitor: Delivery = msgspec.field(default_factory=Delivery)

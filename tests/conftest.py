@@ -23,6 +23,24 @@ if TYPE_CHECKING:
 CLI = [sys.executable, "-m", "pibackup_async.cli"]
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+
+
+def _private_temproot() -> str:
+    """Where pytest makes every tmp_path: a folder of the tester's own, not /tmp.
+
+    The engine refuses (``check``) or warns about (``run``) a ``state_dir`` on a
+    path that other users can write (SPEC §5), and /tmp is world-writable: under
+    it, every test's ``state_dir`` would be one.
+    """
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    root = os.path.join(cache, "pibackup-async-tests")
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    return root
+
+
+# pytest's own root for tmp_path (documented); it keeps its numbered, per-user
+# folders below it, safe for sessions running side by side, which --basetemp is not.
+os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", _private_temproot())
 needs_rsync = pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync is not installed")
 
 

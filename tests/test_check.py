@@ -15,15 +15,16 @@ import subprocess
 from typing import TYPE_CHECKING
 
 import pytest
-from btrfskit import mount_points
+from btrfskit import btrfs_source, mount_points, needs_btrfs
 from conftest import CLI, needs_root
 from datakit import rsync_source, table
 from pibackup_async.engine.config import load_config
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
     from pathlib import Path
 
+    from btrfskit import Btrfs
     from conftest import Workspace
 
 NOBODY = 65534
@@ -354,6 +355,95 @@ def test_state_problems_is_empty_for_a_usable_state(ws: Workspace) -> None:
     (ws.state / "lock").chmod(stat.S_IRUSR | stat.S_IWUSR)
     write(ws)
     assert state_problems(load_config(str(ws.config_path))) == []
+
+
+# --- folders on the way to state_dir, lock_file and snapshot_dir that others can write -----
+
+
+def shared_folder(ws: Workspace, mode: int) -> Path:
+    """A folder any local user could write (as /tmp, /run/lock), under the test's own one."""
+    shared = ws.root / "shared"
+    shared.mkdir()
+    shared.chmod(mode)
+    return shared
+
+
+OTHERS_CAN_WRITE = "can be written by users other than root"
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o1777], ids=["world-writable", "sticky like /tmp"])
+def test_state_dir_under_a_folder_others_can_write_fails(ws: Workspace, mode: int) -> None:
+    shared = shared_folder(ws, mode)
+    state = shared / "pibackup"
+    ws.config_path.write_text(f'destination = "{ws.dest}"\nstate_dir = "{state}"\n'
+                              + rsync_source("data", ws.make_source("data")))
+    result = check(ws)
+    assert_unusable(result, f"state_dir {state}", f"{shared} {OTHERS_CAN_WRITE}")
+    assert not state.exists(), "check creates nothing"
+
+
+def test_a_state_dir_others_can_write_fails(ws: Workspace) -> None:
+    ws.state.mkdir()
+    ws.state.chmod(0o777)
+    write(ws)
+    assert_unusable(check(ws), f"{ws.state} {OTHERS_CAN_WRITE}")
+
+
+def test_lock_file_in_a_folder_others_can_write_fails(ws: Workspace) -> None:
+    lock = shared_folder(ws, 0o1777) / "pibackup.lock"
+    write(ws, header=f'lock_file = "{lock}"')
+    result = check(ws)
+    assert_unusable(result, f"lock_file {lock}")
+    assert "state_dir" not in result.stderr, "state_dir itself is private"
+
+
+@needs_root
+def test_a_folder_writable_by_another_group_fails_and_by_root_s_group_does_not(
+        ws: Workspace) -> None:
+    shared = shared_folder(ws, 0o775)
+    state = shared / "pibackup"
+    ws.config_path.write_text(f'destination = "{ws.dest}"\nstate_dir = "{state}"\n'
+                              + rsync_source("data", ws.make_source("data")))
+    os.chown(shared, 0, 0)
+    assert check(ws).returncode == 0, "only root is in root's group"
+    os.chown(shared, 0, NOBODY)
+    assert_unusable(check(ws), f"{shared} {OTHERS_CAN_WRITE}", "group-writable")
+
+
+@needs_root
+def test_a_folder_owned_by_another_user_on_the_way_fails(ws: Workspace) -> None:
+    theirs = ws.root / "theirs"
+    theirs.mkdir(mode=0o755)
+    os.chown(theirs, NOBODY, NOBODY)
+    state = theirs / "pibackup"
+    ws.config_path.write_text(f'destination = "{ws.dest}"\nstate_dir = "{state}"\n'
+                              + rsync_source("data", ws.make_source("data")))
+    assert_unusable(check(ws), f"{theirs} {OTHERS_CAN_WRITE}", "owned by nobody")
+
+
+def test_a_link_on_the_way_is_judged_where_it_leads(ws: Workspace) -> None:
+    shared = shared_folder(ws, 0o1777)
+    (shared / "real").mkdir(mode=0o700)
+    (ws.root / "private").symlink_to(shared / "real")
+    state = ws.root / "private" / "pibackup"
+    ws.config_path.write_text(f'destination = "{ws.dest}"\nstate_dir = "{state}"\n'
+                              + rsync_source("data", ws.make_source("data")))
+    assert_unusable(check(ws), f"{shared} {OTHERS_CAN_WRITE}")
+
+
+@needs_btrfs
+@pytest.mark.root
+def test_snapshot_dir_under_a_folder_others_can_write_fails(
+        ws: Workspace, btrfs_fs: Callable[..., Btrfs]) -> None:
+    fs = btrfs_fs(ws.src / "vol")
+    db = fs.subvolume("db")
+    shared = fs.mount / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    write(ws, btrfs_source("db", db, snapshot_dir=str(shared / "snapshots")))
+    assert_unusable(check(ws), "sources[0].snapshot_dir", f"{shared} {OTHERS_CAN_WRITE}")
+    write(ws, btrfs_source("db", db))
+    assert check(ws).returncode == 0, "the default snapshot_dir is beside the subvolume"
 
 
 # --- on_mounted_filesystem, as require_mountpoint judges --------------------------------------
