@@ -85,22 +85,28 @@ async def ping(url: str, suffix: str, body: bytes | None = None) -> Delivery:
             problem = f"cannot reach it: {getattr(e, 'reason', None) or e}"
         else:
             if 200 <= code < 300:
-                log.info("monitor pinged", url=_shown(target), attempt=attempt)
+                log.info("monitor pinged", url=redact(url, suffix), attempt=attempt)
                 return Delivery(status="sent")
             problem = f"HTTP {code}"
             if 400 <= code < 500:
                 break
         if attempt < PING_TRIES:
             await anyio.sleep(_RETRY_WAIT_S * attempt)
-    error = f"ping {_shown(target)} failed: {problem}"
+    error = f"ping {redact(url, suffix)} failed: {problem}"
     log.error("monitor not pinged", error=error)
     return Delivery(status="failed", error=error)
 
 
-def _shown(url: str) -> str:
-    # A ping URL is a secret of sorts (anyone holding it can ping): show its host.
+def redact(url: str, suffix: str = "") -> str:
+    """``url`` (with ``suffix``) as logs and plans show it: ``http://127.0.0.1:8000/…/fail``.
+
+    A ping URL is a secret of sorts (anyone holding it can ping): its path,
+    query and userinfo are hidden. Scheme, host and port stay, since a wrong
+    one is what a user most needs to see.
+    """
     parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.hostname}/…"
+    where = parts.netloc.rpartition("@")[2].lower()
+    return f"{parts.scheme}://{where}/…{suffix}{'?…' if parts.query else ''}"
 
 
 async def check_ping_server(url: str) -> str | None:

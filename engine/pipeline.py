@@ -122,11 +122,11 @@ async def deliver(ctx: RunContext) -> None:
         if "ping" not in done and _ping_url(ctx) is not None:
             report.monitor = cut
     if written and (report.delivery.status, report.monitor.status) != ("skipped", "skipped"):
-        _write_report(ctx)
+        _write_report(ctx, again=True)
     await anyio.to_thread.run_sync(_write_metrics, ctx)
 
 
-def _write_report(ctx: RunContext) -> bool:
+def _write_report(ctx: RunContext, *, again: bool = False) -> bool:
     try:
         path = write_report(ctx.report, ctx.config.reports_dir)
     except OSError as e:
@@ -134,7 +134,10 @@ def _write_report(ctx: RunContext) -> bool:
         log.error(f"report not written{carried}", folder=ctx.config.reports_dir,
                   error=e.strerror or str(e))
         return False
-    log.info("report written", report=path)
+    # Said once: the second write only adds what the log already told (the
+    # delivery's outcome).
+    if not again:
+        log.info("report written", report=path)
     return True
 
 

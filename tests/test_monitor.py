@@ -6,6 +6,7 @@ recording what it was sent and answering as the test says.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -15,11 +16,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from conftest import needs_rsync
 from hookkit import HookSpec, source_toml, start, started_marker, wait_marker, write_config
+from pibackup_async.engine.monitor import redact
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -156,19 +158,49 @@ def test_a_5xx_is_tried_three_times_then_fails_the_exit_code_not_the_status(
 
 
 def test_a_dead_server_fails_the_exit_code_not_the_status_and_is_bounded(ws: Workspace) -> None:
-    # A port nobody listens on: every try is refused at once.
+    # A port nobody listens on (a mistyped one, say): every try is refused at once.
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    _config(ws, f"http://127.0.0.1:{port}/ping/abc")
+    _config(ws, f"http://127.0.0.1:{port}/ping/s3cret-uuid?rid=7")
     t0 = time.monotonic()
-    result = ws.run("run", timeout=90)
+    result = ws.run("run", "--log-format", "json", timeout=90)
     assert result.returncode == 1, result.stderr
     assert time.monotonic() - t0 < 60  # tries and their back-off are bounded
     report = ws.report()
     assert report["status"] == "ok" and report["saved"] is True
     assert report["monitor"]["status"] == "failed"
-    assert report["monitor"]["error"]
+    # Where it went is kept (scheme, host, port); the secret path and query are not.
+    error = report["monitor"]["error"]
+    assert error.startswith(f"ping http://127.0.0.1:{port}/…?… failed: "), error
+    logged = [e for e in _events(result.stderr) if e["event"] == "monitor not pinged"]
+    assert [e["error"] for e in logged] == [f"ping http://127.0.0.1:{port}/…/start?… failed: "
+                                            + error.partition(" failed: ")[2], error]
+    assert "s3cret" not in result.stderr and "rid=7" not in result.stderr
+    assert "s3cret" not in error
+
+
+def test_a_ping_url_is_shown_without_its_secrets() -> None:
+    assert redact("https://hc-ping.com/0b2f-uuid") == "https://hc-ping.com/…"
+    assert redact("http://127.0.0.1:8000/ping/abc?rid=7", "/fail") == (
+        "http://127.0.0.1:8000/…/fail?…")
+    assert redact("https://user:pass@hc.example:8443/p/x") == "https://hc.example:8443/…"
+    assert redact("http://[::1]:9/ping") == "http://[::1]:9/…"
+    assert redact("https://HC.example") == "https://hc.example/…"
+
+
+def _events(stderr: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+
+
+def test_the_report_written_is_logged_once(ws: Workspace, ping_server: PingServer) -> None:
+    # The ping's outcome makes the report be written twice; the log says it once.
+    _config(ws, ping_server.url())
+    result = ws.run("run", "--log-format", "json")
+    assert result.returncode == 0, result.stderr
+    written = [e for e in _events(result.stderr) if e["event"] == "report written"]
+    assert [e["report"] for e in written] == [str(ws.reports()[-1])], result.stderr
+    assert ws.report()["monitor"]["status"] == "sent"
 
 
 def test_a_4xx_fails_at_once_and_a_failed_start_is_only_logged(
