@@ -75,7 +75,7 @@ async def test_a_connection_cut_under_a_running_command_is_a_remote_error(
         [error] = errors
         assert isinstance(error, RemoteError), repr(error)
         assert "connection to host h1 (127.0.0.1:" in str(error)
-        assert "lost while running '/tmp/" in str(error), str(error)
+        assert "lost while running '/" in str(error), str(error)
         # The next command gets a new connection.
         with anyio.fail_after(30):
             again = await remote.run("echo again", {})
