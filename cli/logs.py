@@ -87,15 +87,23 @@ class _Warnings:
     def __init__(self) -> None:
         self.held: list[tuple[Warning | str, type[Warning], str]] = []
         self.configured = False
+        # One event per library and warning: cryptography's DSA notice fires at
+        # each of the five places asyncssh touches DSA.
+        self.said: set[tuple[str, str, str]] = set()
 
     def show(self, message: Warning | str, category: type[Warning], filename: str,
              lineno: int, file: TextIO | None = None, line: str | None = None) -> None:
         if not self.configured:
             self.held.append((message, category, filename))
             return
-        structlog.get_logger().debug(
-            "library warning", library=library_of(filename),
-            category=f"{category.__module__}.{category.__qualname__}", warning=str(message))
+        what = (library_of(filename), f"{category.__module__}.{category.__qualname__}",
+                str(message))
+        if what in self.said:
+            return
+        self.said.add(what)
+        library, kind, text = what
+        structlog.get_logger().debug("library warning", library=library, category=kind,
+                                     warning=text)
 
     def replay(self) -> None:
         self.configured = True
