@@ -94,7 +94,8 @@ def _verify(args: argparse.Namespace, config: Config) -> int:
 
 def _run(args: argparse.Namespace, config: Config) -> int:
     if args.dry_run:
-        print("\n".join(anyio.run(plan_run, config, args.jobs, backend="asyncio")))
+        print("\n".join(anyio.run(plan_run, config, args.jobs, args.no_report,
+                                   backend="asyncio")))
         return EXIT_OK
     options = RunOptions(jobs=args.jobs, no_report=args.no_report)
     show = (args.log_format == "console" and not args.quiet and sys.stderr.isatty())

@@ -14,6 +14,8 @@ from .config import Config, Hook, RsyncSource
 from .destination import complete, name_is_free, newest_holding, scan
 from .filesystems import is_btrfs
 from .hooks import hook_argv
+from .mail import DEFAULT_PORTS
+from .monitor import redact
 from .names import DELETING, IN_PROGRESS, format_name
 from .remote import Transport, transport
 from .retention import plan_retention
@@ -40,8 +42,9 @@ def _hooks(lines: list[str], hooks: list[Hook], phase: str) -> None:
                      f"{', critical' if hook.critical else ''}): {shlex.join(hook_argv(command))}")
 
 
-async def plan_run(config: Config, jobs: int | None = None) -> list[str]:
-    """The lines of the plan of ``run`` with this configuration."""
+async def plan_run(config: Config, jobs: int | None = None, no_report: bool = False
+                   ) -> list[str]:
+    """The lines of the plan of ``run`` with this configuration (``no_report``: --no-report)."""
     dest = config.destination
     visible = os.path.isdir(dest)
     moment = datetime.now().astimezone()
@@ -56,8 +59,11 @@ async def plan_run(config: Config, jobs: int | None = None) -> list[str]:
         f"Plan of a run (dry run: nothing is changed). Backup name: {name} "
         "(fixed again when the run starts)",
         f"0. take the lock {config.lock_path}",
-        "1. backup hooks, pre, in order:",
     ]
+    ping_url = config.monitor.ping_url if config.monitor is not None else None
+    if ping_url is not None:
+        lines.append(f"   then ping {redact(ping_url, '/start')} (a failure is only logged)")
+    lines.append("1. backup hooks, pre, in order:")
     _hooks(lines, config.backup_hooks, "pre")
     if not visible:
         lines.append(f"   then check that {dest} exists (it does not now: a backup hook may "
@@ -128,4 +134,35 @@ async def plan_run(config: Config, jobs: int | None = None) -> list[str]:
     lines.append("7. backup hooks, post, in reverse order:")
     _hooks(lines, config.backup_hooks, "post")
     lines.append(f"then write the report {os.path.join(config.reports_dir, name + '.json')}")
+    lines.extend(_deliveries(config, no_report))
+    return lines
+
+
+def _deliveries(config: Config, no_report: bool) -> list[str]:
+    """What follows the report's first write, in SPEC §2's order: mail, ping, report, metrics."""
+    lines: list[str] = []
+    settings = config.report
+    mailed = settings is not None and not no_report and settings.when != "never"
+    if settings is not None and not mailed:
+        why = "--no-report" if no_report else 'report.when = "never"'
+        lines.append(f"then no mail ({why})")
+    elif settings is not None:
+        smtp = settings.smtp
+        security = {"starttls": "STARTTLS", "tls": "TLS", "none": "unencrypted"}[smtp.security]
+        when = ("whatever the outcome" if settings.when == "always"
+                else "if the run fails or is interrupted")
+        lines.append(f"then mail the report to {', '.join(settings.to)} through "
+                     f"{smtp.host}:{smtp.port or DEFAULT_PORTS[smtp.security]} ({security}), "
+                     f"{when}")
+    monitor = config.monitor
+    url = monitor.ping_url if monitor is not None else None
+    if url is not None:
+        lines.append(f"then ping {redact(url)} if the run is ok, else {redact(url, '/fail')}, "
+                     "with the mail's text")
+    told = " and ".join(what for what, due in (("the mail", mailed), ("the ping", url is not None))
+                        if due)
+    if told:
+        lines.append(f"then write the report again, with how {told} went")
+    if monitor is not None and monitor.metrics_file is not None:
+        lines.append(f"then replace the metrics file {monitor.metrics_file}")
     return lines

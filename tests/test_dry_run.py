@@ -157,3 +157,54 @@ def test_plan_when_the_destination_is_not_there_yet(ws: Workspace) -> None:
     assert not missing.exists()
     assert not ws.state.exists()
     assert not ws.events.exists()
+
+
+def configure_deliveries(ws: Workspace, *, when: str, metrics: Path) -> None:
+    """A run that mails its report, pings a dead man's switch and writes metrics."""
+    configure(ws, ws.dest, "alpha")
+    text = ws.config_path.read_text()
+    text += table("[report]", **{"from": "pi@example.com", "to": ["admin@example.com",
+                                                                   "oncall@example.com"],
+                                 "when": when})
+    text += table("[report.smtp]", host="smtp.example.com", port=2525, security="starttls")
+    text += table("[monitor]", ping_url="https://hc.example:8443/ping/s3cret-uuid",
+                  metrics_file=str(metrics))
+    write_raw_config(ws, text)
+
+
+def test_plan_lists_the_deliveries_in_order_after_the_steps(ws: Workspace) -> None:
+    ws.make_source("alpha")
+    metrics = ws.root / "textfile" / "pibackup.prom"
+    metrics.parent.mkdir()
+    configure_deliveries(ws, when="failure", metrics=metrics)
+
+    plan = cli_ok(ws, "run", "--dry-run").stdout
+
+    # SPEC §2: /start once the lock is taken; after step 7 the report, the
+    # mail, the final ping, the report again, the metrics file.
+    assert_in_order(
+        plan, "0. take the lock", "ping https://hc.example:8443/…/start", "1. backup hooks",
+        "7. backup hooks", "bh.post", "write the report ",
+        "mail the report to admin@example.com, oncall@example.com through "
+        "smtp.example.com:2525 (STARTTLS)", "if the run fails or is interrupted",
+        "ping https://hc.example:8443/… if the run is ok, else "
+        "https://hc.example:8443/…/fail", "write the report again",
+        f"replace the metrics file {metrics}")
+    assert "s3cret" not in plan  # a ping URL is a secret of sorts
+    assert not ws.state.exists() and list(metrics.parent.iterdir()) == []
+    assert not ws.events.exists()
+
+
+def test_plan_says_when_no_mail_would_go(ws: Workspace) -> None:
+    ws.make_source("alpha")
+    metrics = ws.root / "pibackup.prom"
+    configure_deliveries(ws, when="always", metrics=metrics)
+    plan = cli_ok(ws, "run", "--dry-run").stdout
+    assert "smtp.example.com:2525 (STARTTLS), whatever the outcome" in plan
+    plan = cli_ok(ws, "run", "--dry-run", "--no-report").stdout
+    assert "mail the report" not in plan
+    assert "no mail (--no-report)" in plan
+    assert_in_order(plan, "write the report ", "no mail", "ping ", "write the report again")
+    configure_deliveries(ws, when="never", metrics=metrics)
+    plan = cli_ok(ws, "run", "--dry-run").stdout
+    assert "mail the report" not in plan and 'no mail (report.when = "never")' in plan
