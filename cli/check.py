@@ -13,6 +13,8 @@ from pibackup_async.engine.preflight import state_problems, writable_by_others
 if TYPE_CHECKING:
     import argparse
 
+    from pibackup_async.engine.config import Smtp
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 log = structlog.get_logger("pibackup")
@@ -72,10 +74,21 @@ async def _connect(config: Config, send_test: bool) -> int:
     from pibackup_async.engine.mail import check_smtp
 
     problem = await check_smtp(config.report, send_test=send_test)
-    what = "test message sent" if send_test else "connected, TLS and login ok"
+    what = _smtp_tried(config.report.smtp)
+    if send_test:
+        what += ", test message sent"
     if problem is None:
         print(f"mail server {config.report.smtp.host}: {what}", file=sys.stderr)
     else:
         print(f"error: mail server {config.report.smtp.host}: {problem}", file=sys.stderr)
         failed += 1
     return failed
+
+
+def _smtp_tried(smtp: Smtp) -> str:
+    """What ``check --connect`` did with the mail server: only what it tried is called ok."""
+    login = smtp.username is not None
+    if smtp.security == "none":
+        return "connected (no TLS), login ok" if login else "connected (no TLS, no login)"
+    tls = "STARTTLS" if smtp.security == "starttls" else "TLS"
+    return f"connected, {tls} and login ok" if login else f"connected, {tls} ok, no login"

@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING
 import pytest
 from btrfskit import btrfs_source, mount_points, needs_btrfs
 from conftest import CLI, needs_root
-from datakit import rsync_source, table
+from datakit import rsync_source, table, toml_value
 from pibackup_async.engine.config import load_config
+from smtpkit import PASSWORD, USER, MailServer, Pki
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 
     from btrfskit import Btrfs
     from conftest import Workspace
+    from smtpkit import Security
 
 NOBODY = 65534
 MOUNT_HOOK = table("[[backup_hooks]]", name="mount", pre=["true"], post=["true"])
@@ -444,6 +446,44 @@ def test_snapshot_dir_under_a_folder_others_can_write_fails(
     assert_unusable(check(ws), "sources[0].snapshot_dir", f"{shared} {OTHERS_CAN_WRITE}")
     write(ws, btrfs_source("db", db))
     assert check(ws).returncode == 0, "the default snapshot_dir is beside the subvolume"
+
+
+# --- check --connect: the mail server, saying what was tried -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return Pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.mark.parametrize(("security", "login", "said"), [
+    ("none", False, "connected (no TLS, no login)"),
+    ("none", True, "connected (no TLS), login ok"),
+    ("starttls", False, "connected, STARTTLS ok, no login"),
+    ("starttls", True, "connected, STARTTLS and login ok"),
+    ("tls", False, "connected, TLS ok, no login"),
+    ("tls", True, "connected, TLS and login ok"),
+])
+def test_check_connect_says_what_it_tried_with_the_mail_server(
+        ws: Workspace, pki: Pki, tmp_path: Path, security: Security, login: bool,
+        said: str) -> None:
+    smtp: dict[str, str] = {}
+    if security != "none":
+        smtp["ca_file"] = toml_value(str(pki.ca_file))
+    if login:
+        password = tmp_path / "smtp-password"
+        password.write_text(PASSWORD + "\n")
+        smtp.update(username=toml_value(USER), password_file=toml_value(str(password)))
+    with MailServer(None if security == "none" else pki, security=security,
+                    require_auth=login) as server:
+        write(ws, rsync_source("data", ws.make_source("data"))
+              + table("[report]", **{"from": "pibackup@test.local"}, to=["admin@test.local"])
+              + server.smtp_table(**smtp))
+        result = ws.run("check", "--connect")
+        logins = list(server.logins)
+    assert result.returncode == 0, result.stderr
+    assert f"mail server 127.0.0.1: {said}\n" in result.stderr, result.stderr
+    assert logins == ([(USER, True)] if login else [])
 
 
 # --- on_mounted_filesystem, as require_mountpoint judges --------------------------------------
