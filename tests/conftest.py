@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 CLI = [sys.executable, "-m", "pibackup_async.cli"]
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+needs_rsync = pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync is not installed")
 
 
 def _private_temproot() -> str:
@@ -41,7 +42,6 @@ def _private_temproot() -> str:
 # pytest's own root for tmp_path (documented); it keeps its numbered, per-user
 # folders below it, safe for sessions running side by side, which --basetemp is not.
 os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", _private_temproot())
-needs_rsync = pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync is not installed")
 
 
 def processes_mentioning(text: str) -> list[tuple[int, str]]:
