@@ -362,9 +362,11 @@ async def _rsync(ctx: RunContext, source: Source, step: Step, *,
         host = ctx.remotes[source.host]
         await host.ensure_master()
         remote = host.transport
-    argv = rsync.rsync_argv(ctx.config, source, os.path.join(ctx.in_progress_dir, source.name),
-                            link_dest, from_path=from_path, remote=remote)
-    return await rsync.copy(argv, source.rsync_ok_codes, step)
+    target = os.path.join(ctx.in_progress_dir, source.name)
+    argv = rsync.rsync_argv(ctx.config, source, target, link_dest, from_path=from_path,
+                            remote=remote)
+    await rsync.copy(argv, source.rsync_ok_codes, step)
+    return await rsync.written(target, link_dest)
 
 
 def _btrfs_sources(ctx: RunContext) -> list[BtrfsSource]:

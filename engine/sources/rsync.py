@@ -7,9 +7,12 @@ import os
 import re
 from typing import TYPE_CHECKING
 
+import anyio.from_thread
 import structlog
 
+from ..allocated import written_bytes
 from ..config import BtrfsSource, Config, RsyncSource
+from ..destination import in_worker
 from ..failure_text import telling_line, with_hint
 from ..filesystems import is_within
 from ..heartbeat import current
@@ -29,9 +32,11 @@ log = structlog.get_logger("pibackup.rsync")
 # Everything a restore needs: archive mode (permissions, times, symlinks,
 # devices and owners when root), hard links, ACLs, xattrs, numeric owners so
 # a restore onto a fresh system does not remap ids by name, sparse files.
-# --stats gives the transferred size for the report. Progress comes from the
-# kernel's counters (proc_io), not from rsync: --info=progress2 cost rsync 6.5%
-# on small files.
+# --stats gives the transferred size, which a restore logs; a backup's report
+# counts what its copy takes on disk instead (allocated.py: a sparse file's
+# holes are transferred, not written). Progress comes from the kernel's
+# counters (proc_io), not from rsync: --info=progress2 cost rsync 6.5% on
+# small files.
 RSYNC_BASE = ("rsync", "-aHAX", "--numeric-ids", "--sparse", "--stats")
 
 _TRANSFERRED = re.compile(r"Total transferred file size: ([\d,.]+)")
@@ -108,10 +113,10 @@ def transferred_bytes(stdout: str) -> int:
     return int(re.sub(r"[,.]", "", match.group(1))) if match else 0
 
 
-async def copy(argv: list[str], ok_codes: list[int], step: Step) -> int:
-    """Run one rsync; return the bytes it transferred; raise SourceError if it failed."""
+async def copy(argv: list[str], ok_codes: list[int], step: Step) -> None:
+    """Run one rsync; raise SourceError if it failed."""
     step.begin(argv)
-    finished, transferred = await run_rsync(argv)
+    finished, _ = await run_rsync(argv)
     step.exit_code = finished.exit_code
     step.stderr_tail = finished.stderr.text()
     if finished.exit_code not in ok_codes:
@@ -123,7 +128,23 @@ async def copy(argv: list[str], ok_codes: list[int], step: Step) -> int:
         # rsync_ok_codes let it pass (24: files vanished while copying); say so.
         log.warning("rsync reported a problem, accepted by rsync_ok_codes",
                     exit_code=finished.exit_code, stderr=finished.stderr.text())
-    return transferred
+
+
+async def written(target: str, link_dest: str | None) -> int:
+    """The bytes a finished copy into ``target`` wrote: what its new files take on disk.
+
+    Not rsync's transferred size, which counts a sparse file's holes and
+    knows nothing of the disk: ``allocated.written_bytes`` against
+    ``link_dest`` (the copy's ``--link-dest`` folder), in a worker thread
+    that stops on cancel. Raises OSError if the copy cannot be read.
+    """
+    total = await in_worker(written_bytes, target, link_dest,
+                            anyio.from_thread.check_cancelled)
+    beat = current()
+    if beat is not None:
+        # Live progress and the run's total end on the figure the report gives.
+        beat.bytes = total
+    return total
 
 
 async def run_rsync(argv: list[str]) -> tuple[Finished, int]:
