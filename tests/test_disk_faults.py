@@ -100,8 +100,9 @@ def test_full_destination_is_told_as_enospc_with_the_hint(
     assert in_progress(ws) == [] and _backups(ws.dest) == []
     # What the mail's subject says, from the report as written.
     decoded = msgspec.json.decode(ws.reports()[-1].read_bytes(), type=Report)
-    assert render_subject(decoded, host="piserver").endswith(
-        '— source "data" snapshot failed: No space left on device')
+    assert render_subject(decoded, host="piserver") == (
+        '[pibackup] FAILED piserver: source "data" snapshot failed: No space left on device '
+        f"({decoded.name})")
 
     ballast.unlink()  # the user frees space
     again = ws.run("run")
