@@ -91,15 +91,20 @@ def _known_hosts(host: Host) -> str:
 
 
 def wrap_command(command: str, env: Mapping[str, str], *, sudo: bool) -> str:
-    """The remote command line: variables set on it, in a session of its own.
+    """The remote command line: variables set on it, in a process group of its own.
 
     sshd drops most environment requests, hence ``env`` on the command line.
-    ``setsid --wait`` gives the command its own process group, whose id it
-    reports first on stderr, so a cancel can end the whole group remotely.
+    The group's id comes first on stderr, so a cancel can end the whole group
+    remotely. A command killed by a signal ends the same way over SSH (an
+    exit signal, not an exit code), so it reads as cut short, as locally.
     """
     assignments = [f"{k}={v}" for k, v in env.items()]
-    inner = f'echo "{_PGID_MARK}$$" >&2; exec /bin/sh -c "$1"'
-    argv = ["env", *assignments, "setsid", "--wait", "/bin/sh", "-c", inner, "pibackup", command]
+    # coreutils' ``timeout`` (0: never times out) leads a process group of
+    # its own and, when its child dies of a signal, dies of that signal too
+    # (so does sudo). ``setsid --wait`` exited with the raw wait status
+    # instead: SIGKILL read as "exit code 9", a failure, not a cut.
+    inner = f'echo "{_PGID_MARK}$PPID" >&2; exec /bin/sh -c "$1"'
+    argv = ["env", *assignments, "timeout", "0", "/bin/sh", "-c", inner, "pibackup", command]
     if sudo:
         argv = ["sudo", "-n", *argv]
     return "exec " + shlex.join(argv)
@@ -304,12 +309,13 @@ class RemoteHost:
                 # Its background jobs hold the channel open: let go of it
                 # (sshd closes their output) without signalling them.
                 process.close()
-        code = process.exit_status
+        # The negative signal number for a command killed by one (NOTES 14).
+        code = process.returncode
         if code is None:
-            if process.exit_signal is None and connection.is_closed():
+            if connection.is_closed():
                 # The channel closed without a word: the connection went away.
                 raise EOFError("the connection closed before the command's exit status")
-            code = -15 if process.exit_signal is not None else -1
+            code = -1
         return Finished(exit_code=code, stdout=out, stderr=err)
 
     @staticmethod

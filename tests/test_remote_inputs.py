@@ -1,0 +1,149 @@
+"""Remote hosts and what goes to them (issue 18): how a remote command ended, host names,
+paths with spaces, IPv6 addresses.
+
+Against the real OpenSSH sshd of tests/sshkit.py (NOTES pitfall 6): the
+"remote" host is this machine, so a remote source's path is a folder of the
+test's workspace.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+import anyio
+import pytest
+from btrfskit import btrfs_source, fill_random, needs_btrfs, sync
+from conftest import needs_root, needs_rsync
+from datakit import toml_value
+from hookkit import HookSpec, hook_script, hook_toml, order, report_hooks, source_toml, statuses
+from pibackup_async.engine.config import Host
+from pibackup_async.engine.remote import RemoteHost
+from sshkit import SSHD
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable
+
+    from btrfskit import Btrfs
+    from conftest import Workspace
+    from sshkit import Sshd
+
+pytestmark = [
+    needs_rsync,
+    needs_root,  # the test sshd logs in as root: the only user whose files the tests own
+    pytest.mark.skipif(not os.path.exists(SSHD), reason="OpenSSH sshd is not installed"),
+    pytest.mark.skipif(shutil.which("ssh") is None, reason="the OpenSSH client is not installed"),
+]
+
+
+def host_of(server: Sshd, address: str = "127.0.0.1") -> Host:
+    return Host(address=address, port=server.port, user="root",
+                identity_file=str(server.client.path), known_hosts=str(server.known_hosts))
+
+
+@asynccontextmanager
+async def remote_host(host: Host) -> AsyncIterator[RemoteHost]:
+    """A RemoteHost as a run has it: its control socket in a short folder of its own."""
+    # A socket path is short (108 bytes): tmp_path is too deep for it.
+    control = tempfile.mkdtemp(prefix="pibackup-test-ssh-")
+    remote = RemoteHost("h1", host, control)
+    try:
+        yield remote
+    finally:
+        await remote.aclose()
+        shutil.rmtree(control, ignore_errors=True)
+
+
+# --- how a remote command ended (SPEC §2 Failures) ------------------------------------
+
+
+@pytest.mark.parametrize("sudo", [False, True], ids=["plain", "sudo"])
+def test_a_remote_pre_killed_by_a_signal_is_cut_short_and_its_post_runs(
+    ws: Workspace, sshd: Sshd, sudo: bool
+) -> None:
+    if sudo and shutil.which("sudo") is None:
+        pytest.skip("sudo is not installed")
+    r1 = HookSpec("r1")
+    # The hook's own shell is killed, as the OOM killer would: it did not end on its own.
+    pre = hook_script(ws, r1, "pre") + "\nkill -KILL $$\n"
+    hook = (
+        '[[backup_hooks]]\nname = "r1"\nhost = "h1"\n'
+        f"pre = {toml_value(pre)}\npost = {toml_value(hook_script(ws, r1, 'post'))}\n"
+    )
+    ws.write_config(
+        sshd.host_toml("h1", sudo=sudo) + hook_toml(ws, HookSpec("b1")) + hook
+        + source_toml("local", ws.make_source("local"))
+    )
+
+    result = ws.run("run", timeout=60)
+
+    assert result.returncode == 1, result.stderr
+    # Cut short, not failed on its own: its post runs (SPEC §2), the run stops there.
+    assert order(ws) == ["b1.pre", "r1.pre", "r1.post", "b1.post"]
+    assert statuses(ws)["r1.post"] == "failed"
+    report = ws.report()
+    assert report["status"] == "failed"
+    assert report_hooks(report)[:2] == [("b1", "pre", "ok"), ("r1", "pre", "failed")]
+    [r1_pre] = [h for h in report["hooks"] if (h["hook"], h["phase"]) == ("r1", "pre")]
+    assert r1_pre["exit_code"] == -9, r1_pre
+    failure = str(report["failure"])
+    assert "killed by SIGKILL" in failure, failure
+    assert "setsid" not in failure and "No such file" not in failure, failure
+
+
+async def test_a_remote_stream_killed_by_sigpipe_ends_as_ssh_says_a_signal(sshd: Sshd) -> None:
+    """A remote sender whose reader went away dies of SIGPIPE: ssh says so with its 255
+    (the master still up, so not a lost connection), never as an ordinary exit code."""
+    async with remote_host(host_of(sshd)) as remote:
+        argv = await remote.command_argv("exec yes")
+        # A pipe of our own: the reader closes its end for real, as a failed receive does.
+        reader, writer = os.pipe()
+        with anyio.fail_after(30):
+            try:
+                async with await anyio.open_process(argv, stdin=subprocess.DEVNULL,
+                                                    stdout=writer) as ssh:
+                    os.close(writer)
+                    writer = -1
+                    assert await anyio.to_thread.run_sync(os.read, reader, 1) == b"y"
+                    os.close(reader)
+                    reader = -1
+                    assert ssh.stderr is not None
+                    said = b""
+                    async for chunk in ssh.stderr:
+                        said += chunk
+                    code = await ssh.wait()
+            finally:
+                for fd in (reader, writer):
+                    if fd >= 0:
+                        os.close(fd)
+            said_text = said.decode(errors="replace")
+            assert await remote.lost(said_text) is None
+    assert "setsid" not in said_text, said_text
+    assert code == 255, f"ssh exited {code}: {said_text}"
+
+
+@needs_btrfs
+@pytest.mark.slow
+def test_a_remote_send_ended_by_a_failing_receive_reports_the_receive(
+    ws: Workspace, btrfs_fs: Callable[..., Btrfs], new_sshd: Callable[[], Sshd]
+) -> None:
+    """The same on a real run: receive fails (more incompressible data than the
+    destination holds), the send on the host dies of the broken pipe, a symptom only."""
+    src_fs = btrfs_fs(ws.src / "vol", 512)
+    source = src_fs.subvolume("data")
+    fill_random(source, 250)
+    sync(src_fs)
+    server = new_sshd()  # after the mount: the server's namespace has it
+    btrfs_fs(ws.dest, 130)
+    ws.write_config(server.host_toml("h1") + btrfs_source("data", source, host="h1"))
+
+    result = ws.run("run", timeout=120)
+
+    assert result.returncode == 1, result.stderr
+    failure = str(ws.report()["failure"])
+    assert "btrfs receive" in failure and "No space left on device" in failure, failure
+    assert "btrfs send" not in failure, failure
