@@ -31,6 +31,11 @@ NonNegative = Annotated[int, Meta(ge=0)]
 Command = str | list[str]
 
 SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# A host's name is part of its ssh control socket's path, which OpenSSH splits
+# at spaces, expands at `%` and which must stay in its folder and under the
+# 108 bytes of a socket's address.
+HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+HOST_NAME_MAX = 32
 DEFAULT_STATE_DIR = "/var/lib/pibackup-async"
 
 
@@ -340,9 +345,12 @@ def _path_problems(raw: Mapping[str, Any]) -> Iterator[str]:
 
 def _host_table_problems(hosts: Mapping[str, Any]) -> Iterator[str]:
     for name, host in hosts.items():
+        where = _join("hosts", name)
+        if not HOST_NAME.fullmatch(name) or len(name) > HOST_NAME_MAX:
+            yield (f"{where}: expected a host name of at most {HOST_NAME_MAX} characters "
+                   f"([A-Za-z0-9][A-Za-z0-9._-]*), got {name!r}")
         if not isinstance(host, Mapping):
             continue
-        where = _join("hosts", name)
         yield from _absolute(f"{where}.identity_file", _text(host, "identity_file"))
         yield from _absolute(f"{where}.known_hosts", _text(host, "known_hosts"))
         for key in ("address", "user"):

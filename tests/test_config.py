@@ -146,6 +146,19 @@ REFUSED: list[tuple[str, str, list[str]]] = [
      ["hosts.nas.address"]),
     ("host-user-option",
      HEAD + SOURCE + '[hosts.nas]\naddress = "nas.lan"\nuser = "-lroot"\n', ["hosts.nas.user"]),
+    # A host's name is part of its ssh control socket's path (SPEC §4).
+    ("host-name-with-space",
+     HEAD + SOURCE + '[hosts."my nas"]\naddress = "nas.lan"\n', ['hosts."my nas"']),
+    ("host-name-with-ssh-token",
+     HEAD + SOURCE + '[hosts."nas%h"]\naddress = "nas.lan"\n', ['hosts."nas%h"']),
+    ("host-name-with-slash",
+     HEAD + SOURCE + '[hosts."../nas"]\naddress = "nas.lan"\n', ['hosts."../nas"']),
+    ("host-name-dot-dot",
+     HEAD + SOURCE + '[hosts.".."]\naddress = "nas.lan"\n', ['hosts.".."']),
+    ("host-name-starting-with-dash",
+     HEAD + SOURCE + '[hosts.-nas]\naddress = "nas.lan"\n', ["hosts.-nas"]),
+    ("host-name-too-long",
+     HEAD + SOURCE + f'[hosts.{"n" * 33}]\naddress = "nas.lan"\n', [f"hosts.{'n' * 33}"]),
 ]
 
 
@@ -279,6 +292,30 @@ def test_check_lists_every_rule_problem_at_once(ws: Workspace) -> None:
         "destination", "snapshot_hooks[0]", "sources[0].timeout", "sources[1].name",
         "sources[1].path", "sources[2].name", "sources[2].host", "retention",
     ])
+
+
+def test_a_host_name_is_refused_saying_what_is_expected(ws: Workspace) -> None:
+    ws.make_source("data")
+    write_raw_config(ws, fill(ws, HEAD + SOURCE + '[hosts."nas %h"]\naddress = "nas.lan"\n'))
+
+    result = ws.run("check")
+
+    assert_refused(ws, result.returncode, result.stderr, ['hosts."nas %h"'])
+    [line] = error_lines(ws, result.stderr)
+    assert "[A-Za-z0-9][A-Za-z0-9._-]*" in line and "32 characters" in line, line
+    assert "'nas %h'" in line, line
+
+
+def test_a_host_name_of_32_characters_with_dots_and_dashes_is_accepted(ws: Workspace) -> None:
+    name = "nas-1.lan_" + "x" * 22
+    assert len(name) == 32
+    write_raw_config(ws, fill(ws, HEAD + SOURCE + f'host = "{name}"\n'
+                              + f'[hosts."{name}"]\naddress = "nas.lan"\n'))
+
+    config = load_config(str(ws.config_path))
+
+    assert list(config.hosts) == [name]
+    assert config.sources[0].host == name
 
 
 def test_missing_and_unparsable_files(ws: Workspace, tmp_path: Path) -> None:
