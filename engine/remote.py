@@ -90,6 +90,17 @@ def _known_hosts(host: Host) -> str:
     return host.known_hosts or os.path.expanduser("~/.ssh/known_hosts")
 
 
+def _option_path(path: str) -> str:
+    """``path`` as the value of an OpenSSH ``-o`` file option, read whole and literally.
+
+    ssh splits an option's value at whitespace (UserKnownHostsFile is a list
+    of files) unless it is double-quoted, where a backslash escapes ``"`` and
+    ``\\``; then it expands ``%`` tokens in it, ``%%`` being a percent sign.
+    """
+    escaped = path.replace("%", "%%").replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
 def wrap_command(command: str, env: Mapping[str, str], *, sudo: bool) -> str:
     """The remote command line: variables set on it, in a process group of its own.
 
@@ -125,13 +136,13 @@ def ssh_options(host: Host, control_path: str) -> list[str]:
     if host.identity_file:
         options += ["-i", host.identity_file, "-o", "IdentitiesOnly=yes"]
     options += [
-        "-o", f"UserKnownHostsFile={_known_hosts(host)}",
+        "-o", f"UserKnownHostsFile={_option_path(_known_hosts(host))}",
         "-o", "StrictHostKeyChecking=yes",
         "-o", "BatchMode=yes",
         "-o", f"ConnectTimeout={int(CONNECT_TIMEOUT_S)}",
         "-o", f"ServerAliveInterval={int(KEEPALIVE_S)}",
         "-o", "ServerAliveCountMax=4",
-        "-o", f"ControlPath={control_path}",
+        "-o", f"ControlPath={_option_path(control_path)}",
         # The master's cipher is every multiplexed stream's: a btrfs send
         # runs ~30% faster with AES-GCM than with OpenSSH's default ChaCha20.
         "-o", f"Ciphers={','.join(_CIPHERS)}",

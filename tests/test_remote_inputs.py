@@ -126,6 +126,30 @@ async def test_a_remote_stream_killed_by_sigpipe_ends_as_ssh_says_a_signal(sshd:
     assert code == 255, f"ssh exited {code}: {said_text}"
 
 
+# --- what OpenSSH reads in its options ---------------------------------------------------
+
+
+def test_a_known_hosts_path_with_a_space_and_a_percent_is_used_whole(
+    ws: Workspace, sshd: Sshd
+) -> None:
+    # OpenSSH splits UserKnownHostsFile at whitespace (a list of files) and
+    # expands %-tokens in it: the host key must still be found in this file.
+    folder = ws.root / "ssh files %h"
+    folder.mkdir()
+    known = folder / "known hosts"
+    shutil.copy(sshd.known_hosts, known)
+    src = ws.make_source("data", {"file.txt": "over ssh\n"})
+    hook = '[[backup_hooks]]\nname = "r1"\nhost = "h1"\npre = "true"\n'
+    ws.write_config(sshd.host_toml("h1", known_hosts=known) + hook
+                    + source_toml("data", src, host="h1"))
+
+    result = ws.run("run", timeout=60)
+
+    assert result.returncode == 0, result.stderr
+    report = ws.report()
+    assert (ws.dest / report["name"] / "data" / "file.txt").read_text() == "over ssh\n"
+
+
 @needs_btrfs
 @pytest.mark.slow
 def test_a_remote_send_ended_by_a_failing_receive_reports_the_receive(
