@@ -123,7 +123,8 @@ def wrap_command(command: str, env: Mapping[str, str], *, sudo: bool) -> str:
 
 @dataclass(frozen=True)
 class Transport:
-    """How rsync reaches a host: ``user@address``, the ``-e`` shell, sudo or not."""
+    """How rsync reaches a host: ``user@address`` as rsync reads it before ``:PATH``
+    (``rsync_target``), the ``-e`` shell, sudo or not."""
 
     target: str
     shell: str
@@ -151,12 +152,20 @@ def ssh_options(host: Host, control_path: str) -> list[str]:
 
 
 def ssh_target(host: Host) -> str:
+    """``user@address`` as ssh's own argument takes it: an IPv6 address bare."""
     return f"{host.user}@{host.address}" if host.user else host.address
+
+
+def rsync_target(host: Host) -> str:
+    """``user@address`` to put before ``:PATH``: an IPv6 address in brackets, which rsync
+    strips before calling ssh (``root@fe80::1:/srv`` reads as a daemon's ``HOST::MODULE``)."""
+    address = f"[{host.address}]" if ":" in host.address else host.address
+    return f"{host.user}@{address}" if host.user else address
 
 
 def transport(host: Host, control_path: str) -> Transport:
     shell = shlex.join(["ssh", *ssh_options(host, control_path), "-o", "ControlMaster=no"])
-    return Transport(ssh_target(host), shell, host.sudo)
+    return Transport(rsync_target(host), shell, host.sudo)
 
 
 async def _until_exited(process: Any) -> None:

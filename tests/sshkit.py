@@ -1,4 +1,4 @@
-"""A real OpenSSH ``sshd`` on 127.0.0.1 for the remote-host tests (NOTES pitfall 6).
+"""A real OpenSSH ``sshd`` on 127.0.0.1 (or ``::1``) for the remote-host tests (NOTES pitfall 6).
 
 Each `Sshd` has a folder of its own (outside the test's workspace, so the
 workspace's /proc scan never finds the server itself, only what runs through
@@ -50,10 +50,11 @@ USER = "root"
 ADDRESS = "127.0.0.1"
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 where nothing listens (a connection is refused)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((ADDRESS, 0))
+def free_port(address: str = ADDRESS) -> int:
+    """A TCP port on ``address`` where nothing listens (a connection is refused)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((address, 0))
         return int(s.getsockname()[1])
 
 
@@ -66,9 +67,9 @@ def keygen(path: Path, comment: str) -> str:
     return path.with_name(path.name + ".pub").read_text().strip()
 
 
-def known_hosts_line(port: int, public_key: str) -> str:
+def known_hosts_line(port: int, public_key: str, address: str = ADDRESS) -> str:
     key_type, key = public_key.split()[:2]
-    return f"[{ADDRESS}]:{port} {key_type} {key}\n"
+    return f"[{address}]:{port} {key_type} {key}\n"
 
 
 @functools.cache
@@ -155,10 +156,11 @@ class ClientKey:
 
 
 class Sshd:
-    """One OpenSSH server on 127.0.0.1, a free port, with its own host key."""
+    """One OpenSSH server on 127.0.0.1 (or ``address``: ``::1``), a free port, its own host key."""
 
-    def __init__(self, folder: Path, client: ClientKey) -> None:
+    def __init__(self, folder: Path, client: ClientKey, address: str = ADDRESS) -> None:
         self.folder = folder
+        self.address = address
         folder.mkdir(parents=True, exist_ok=True)
         self.client = client
         self.host_key = folder / "host_key"
@@ -178,7 +180,7 @@ class Sshd:
     def _write_config(self) -> None:
         self.config.write_text(
             f"Port {self.port}\n"
-            f"ListenAddress {ADDRESS}\n"
+            f"ListenAddress {self.address}\n"
             f"HostKey {self.host_key}\n"
             f"AuthorizedKeysFile {self.authorized_keys}\n"
             "PidFile none\n"
@@ -192,7 +194,7 @@ class Sshd:
             "MaxSessions 20\n"
             "MaxStartups 50\n"
         )
-        self.known_hosts.write_text(known_hosts_line(self.port, self.host_public))
+        self.known_hosts.write_text(known_hosts_line(self.port, self.host_public, self.address))
 
     def _argv(self) -> list[str]:
         sshd = [SSHD, "-D", "-f", str(self.config), "-E", str(self.log)]
@@ -214,7 +216,7 @@ class Sshd:
         """Start on a fresh free port; return once the server listens."""
         problem = ""
         for _ in range(3):  # another process may take the free port in between
-            self.port = free_port()
+            self.port = free_port(self.address)
             self._write_config()
             self.log.write_text("")
             # unshare and sh exec into sshd, so this PID is the server's.
@@ -233,7 +235,7 @@ class Sshd:
     def _wait_ready(self) -> str:
         """Empty once the log says the server listens, else what went wrong."""
         assert self.proc is not None
-        ready = f"Server listening on {ADDRESS} port {self.port}"
+        ready = f"Server listening on {self.address} port {self.port}"
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
             if ready in self.log_text():
@@ -286,7 +288,7 @@ class Sshd:
             keygen(other, "impostor")
         path = self.folder / "wrong_known_hosts"
         public = other.with_name(other.name + ".pub").read_text()
-        path.write_text(known_hosts_line(self.port, public))
+        path.write_text(known_hosts_line(self.port, public, self.address))
         return path
 
     def ssh_argv(self) -> list[str]:
@@ -302,7 +304,7 @@ class Sshd:
         """A ``[hosts.NAME]`` table for this server."""
         lines = [
             f"[hosts.{name}]",
-            f'address = "{ADDRESS}"',
+            f'address = "{self.address}"',
             f"port = {port if port is not None else self.port}",
             f'user = "{USER}"',
             f'identity_file = "{self.client.path}"',
