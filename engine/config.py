@@ -26,6 +26,7 @@ from msgspec import Meta, Struct, field
 from .durations import DURATION_HINT, parse_duration
 from .errors import ConfigError
 from .filesystems import is_within
+from .sources.kind import SourceConfig, kinds
 
 NonNegative = Annotated[int, Meta(ge=0)]
 Command = str | list[str]
@@ -65,39 +66,6 @@ class Hook(_Model, frozen=True, kw_only=True):
     @property
     def timeout_s(self) -> float:
         return parse_duration(self.timeout)
-
-
-class _SourceBase(_Model, frozen=True, kw_only=True, tag_field="type"):
-    name: str
-    path: str
-    host: str | None = None
-    rsync_args: list[str] = []
-    rsync_ok_codes: list[int] = field(default_factory=lambda: [0, 24])
-    timeout: str | None = None
-    optional: bool = False
-
-    @property
-    def timeout_s(self) -> float | None:
-        return None if self.timeout is None else parse_duration(self.timeout)
-
-
-class RsyncSource(_SourceBase, frozen=True, kw_only=True, tag="rsync"):
-    exclude: list[str] = []
-
-    @property
-    def kind(self) -> str:
-        return "rsync"
-
-
-class BtrfsSource(_SourceBase, frozen=True, kw_only=True, tag="btrfs"):
-    snapshot_dir: str | None = None
-
-    @property
-    def kind(self) -> str:
-        return "btrfs"
-
-
-Source = RsyncSource | BtrfsSource
 
 
 class Retention(_Model, frozen=True, kw_only=True):
@@ -143,7 +111,8 @@ class Config(_Model, frozen=True, kw_only=True):
     hosts: dict[str, Host] = {}
     backup_hooks: list[Hook] = []
     snapshot_hooks: list[Hook] = []
-    sources: list[Source] = []
+    # Each a kind's own struct (engine/sources), chosen by its ``type`` at load.
+    sources: list[SourceConfig] = []
     report: ReportSettings | None = None
     monitor: Monitor | None = None
 
@@ -177,7 +146,11 @@ def load_config(path: str) -> Config:
     if problems:
         raise ConfigError(path, problems)
     try:
-        return msgspec.convert(raw, Config)
+        # One struct per kind, not a union fixed here: the kinds are found at run time.
+        sources = [msgspec.convert(item, kinds()[item["type"]].config)
+                   for item in raw.get("sources", [])]
+        return msgspec.structs.replace(msgspec.convert({**raw, "sources": []}, Config),
+                                       sources=sources)
     except msgspec.ValidationError as e:  # the shape pass should have said it; never a traceback
         raise ConfigError(path, [str(e)]) from None
 
@@ -185,8 +158,6 @@ def load_config(path: str) -> Config:
 # --- shape: every key against the struct definitions ---------------------------------
 
 _FRIENDLY_UNKNOWN = {
-    ("RsyncSource", "snapshot_dir"): "snapshot_dir is only for btrfs sources",
-    ("BtrfsSource", "exclude"): "a btrfs snapshot is whole; exclude is only for rsync sources",
     ("Smtp", "password"): "a password is never written in the file; use password_file or "
     "password_env",
 }
@@ -222,7 +193,7 @@ def _shape_problems(cls: type[Struct], data: Any, path: str) -> Iterator[str]:
     tag_field = cls.__struct_config__.tag_field
     for key in data:
         if key not in fields and key != tag_field:
-            hint = _FRIENDLY_UNKNOWN.get((cls.__name__, key), "unknown key")
+            hint = _FRIENDLY_UNKNOWN.get((cls.__name__, key)) or _source_key_hint(cls, key)
             yield f"{_join(path, key)}: {hint}"
     for f in fields.values():
         if f.required and f.encode_name not in data:
@@ -232,22 +203,42 @@ def _shape_problems(cls: type[Struct], data: Any, path: str) -> Iterator[str]:
             yield from _value_problems(fields[key].type, value, _join(path, key))
 
 
+def _source_key_hint(cls: type[Struct], key: str) -> str:
+    """Why a source's key is unknown: the kind's own hint, or the kinds that have it."""
+    if not issubclass(cls, SourceConfig):
+        return "unknown key"
+    known = kinds()
+    kind = known.get(str(cls.__struct_config__.tag))
+    if kind is not None and key in kind.key_hints:
+        return kind.key_hints[key]
+    owners = []
+    for tag, other in known.items():
+        struct: type[Struct] = other.config
+        if key in _fields_of(struct):
+            owners.append(tag)
+    return f"{key} is only for {' and '.join(owners)} sources" if owners else "unknown key"
+
+
 def _value_problems(tp: Any, value: Any, path: str) -> Iterator[str]:
     origin = get_origin(tp)
     args = get_args(tp)
     union = origin in (Union, types.UnionType)
-    if union and set(args) == {RsyncSource, BtrfsSource}:
-        kind = value.get("type") if isinstance(value, Mapping) else None
-        if kind not in ("rsync", "btrfs"):
-            yield f'{_join(path, "type")}: expected "rsync" or "btrfs", got {kind!r}'
+    if tp is SourceConfig:
+        # A source table's struct is the one its ``type`` names.
+        tag = value.get("type") if isinstance(value, Mapping) else None
+        kind = kinds().get(tag) if isinstance(tag, str) else None
+        if kind is None:
+            tags = [f'"{t}"' for t in kinds()]
+            expected = " or ".join([", ".join(tags[:-1]), tags[-1]] if len(tags) > 1 else tags)
+            yield f'{_join(path, "type")}: expected {expected}, got {tag!r}'
             return
-        yield from _shape_problems(RsyncSource if kind == "rsync" else BtrfsSource, value, path)
+        yield from _shape_problems(kind.config, value, path)
         return
     struct = _struct_of(tp)
     if struct is not None:
         yield from _shape_problems(struct, value, path)
         return
-    if origin is list and (_struct_of(args[0]) or args[0] is Source):
+    if origin is list and _struct_of(args[0]):
         if not isinstance(value, list):
             yield f"{path}: expected an array of tables, got {type(value).__name__}"
             return
@@ -425,16 +416,20 @@ def _source_problems(raw: Mapping[str, Any], hosts: set[str] | None) -> Iterator
         for key in ("rsync_args", "exclude"):
             yield from _nul_problems(f"{where}.{key}", source.get(key))
         yield from _timeout(f"{where}.timeout", _text(source, "timeout"))
-        btrfs = source.get("type") == "btrfs"
+        tag = source.get("type")
+        kind = kinds().get(tag) if isinstance(tag, str) else None
+        # A copy that cannot leave the destination out must not hold it.
+        whole = kind.tag if kind is not None and not kind.leaves_out_own_folders else None
         if "host" in source:
             yield from _host_problems(hosts, f"{where}.host", _text(source, "host"))
         elif path is not None and destination is not None:
-            yield from _nesting_problems(f"{where}.path", path, destination, btrfs=btrfs)
-        if btrfs:
-            yield from _absolute(f"{where}.snapshot_dir", _text(source, "snapshot_dir"))
+            yield from _nesting_problems(f"{where}.path", path, destination, whole=whole)
+        for key in kind.path_keys if kind is not None else ():
+            yield from _absolute(f"{where}.{key}", _text(source, key))
 
 
-def _nesting_problems(where: str, source: str, destination: str, *, btrfs: bool) -> Iterator[str]:
+def _nesting_problems(where: str, source: str, destination: str, *,
+                      whole: str | None) -> Iterator[str]:
     """Backups must never nest: compare where the paths lead, not how they are written."""
     if not all(os.path.isabs(p) and "\0" not in p for p in (source, destination)):
         return  # _absolute has said so
@@ -447,8 +442,8 @@ def _nesting_problems(where: str, source: str, destination: str, *, btrfs: bool)
         yield f"{where}: the destination cannot also be a source{resolved}"
     elif is_within(real_source, real_dest):
         yield f"{where}: a source cannot lie inside the destination{resolved}"
-    elif btrfs and is_within(real_dest, real_source):
-        yield f"{where}: the destination cannot lie inside a btrfs source{resolved}"
+    elif whole is not None and is_within(real_dest, real_source):
+        yield f"{where}: the destination cannot lie inside a {whole} source{resolved}"
 
 
 def _duration(where: str, text: str | None) -> Iterator[str]:

@@ -6,7 +6,7 @@ import os
 import signal
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import structlog
 
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .config import Config
     from .destination import Entry
     from .report import Report
+    from .sources.kind import SourceWork
 
 log = structlog.get_logger("pibackup")
 
@@ -120,8 +121,8 @@ class RunContext:
         # The complete backups found at step 1, newest first (link-dest, parents).
         self.previous: list[Entry] = []
         self.dest_is_btrfs = False
-        # Local btrfs snapshots taken by this run: source name -> path.
-        self.snapshots: dict[str, str] = {}
+        # Each source's work in this run, by source name (what it took, to save or discard).
+        self.source_work: dict[str, SourceWork[Any]] = {}
         self.remotes = Remotes({})
         self.halted = False
         # The destination as step 1 found it (st_dev, st_ino): a later stat

@@ -24,10 +24,12 @@ from datetime import datetime
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-from .config import SOURCE_NAME, BtrfsSource, load_config
+import msgspec
+
+from .config import SOURCE_NAME, load_config
 from .errors import ConfigError, PibackupError
-from .filesystems import is_subvolume, is_within
-from .sources.btrfs import source_problems
+from .filesystems import is_within
+from .sources.kind import kinds
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -46,7 +48,7 @@ class InitRefused(PibackupError):
 @dataclass(frozen=True)
 class PlannedSource:
     name: str
-    kind: str  # "rsync" | "btrfs"
+    kind: str  # its type tag
     path: str
     # (pattern, why) pairs; why is an end-of-line comment or None
     exclude: list[tuple[str, str | None]] = field(default_factory=list)
@@ -123,12 +125,12 @@ def plan_sources(paths: Sequence[str], destination: str,
     names = unique_names([path for path, _, _ in found])
     planned = []
     for (path, kind, note), name in zip(found, names, strict=True):
-        exclude = _system_excludes() if path == "/" else []
-        if kind == "rsync":
+        exclude: list[tuple[str, str | None]] = []
+        if _takes_excludes(kind):
+            exclude += _system_excludes() if path == "/" else []
             exclude += _nested_excludes(path, [(n, p) for (p, _, _), n in zip(found, names,
                                                                                 strict=True)])
-        shown = path if kind == "btrfs" or path == "/" else path.rstrip("/") + "/"
-        planned.append(PlannedSource(name, kind, shown, exclude, note))
+        planned.append(PlannedSource(name, kind, kinds()[kind].init_path(path), exclude, note))
     return planned
 
 
@@ -166,19 +168,23 @@ def _folder_problem(given: str, path: str) -> str | None:
 
 
 def _kind(path: str, destination: str) -> tuple[str, str | None]:
-    """``btrfs`` for a subvolume the engine can snapshot here, else ``rsync`` (and why)."""
-    if not is_subvolume(path):
-        return "rsync", None
-    if is_within(os.path.realpath(destination), os.path.realpath(path)):
-        return "rsync", (f"{path} is a btrfs subvolume, but the destination lies inside it "
-                         "(refused for a btrfs source): copied with rsync, which leaves the "
-                         "destination out")
-    problems = source_problems(BtrfsSource(name="probe", path=path))
-    if problems:
-        return "rsync", (f"{path} is a btrfs subvolume, but {problems[0]}: copied with rsync; "
-                         'for snapshots, set type = "btrfs" and a snapshot_dir on its '
-                         "filesystem")
-    return "btrfs", None
+    """The first kind, by rank, that fits the folder (a btrfs snapshot before a copy), and
+    why a kind before it did not, if one says."""
+    ranked = sorted((k for k in kinds().values() if k.init_rank is not None),
+                    key=lambda k: -(k.init_rank or 0))
+    notes: list[str] = []
+    for kind in ranked:
+        choice = kind.init_choice(path, destination)
+        if choice.fits:
+            return kind.tag, notes[0] if notes else None
+        if choice.note is not None:
+            notes.append(choice.note)
+    raise InitRefused([f"--source {path}: no kind of source can back it up"])
+
+
+def _takes_excludes(tag: str) -> bool:
+    """The kind leaves patterns out (``exclude``): a nested source is not copied twice."""
+    return any(f.encode_name == "exclude" for f in msgspec.structs.fields(kinds()[tag].config))
 
 
 def _sample() -> dict[str, Any]:

@@ -9,12 +9,12 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import anyio
 import structlog
 from structlog.contextvars import bound_contextvars
 
-from .config import BtrfsSource, Config, Hook, RsyncSource, Source
 from .context import CriticalStop, Interruption, RunContext, RunOptions, StepFailed
 from .destination import (
     choose_name,
@@ -22,7 +22,6 @@ from .destination import (
     complete,
     destination_problem_async,
     name_is_free,
-    newest_holding,
     remove_tree,
     scan_async,
     space,
@@ -46,8 +45,11 @@ from .report import (
     stamp,
     write_report,
 )
-from .sources import btrfs, rsync
 from .sources.errors import SourceError
+from .sources.kind import SourceConfig, kind_of
+
+if TYPE_CHECKING:
+    from .config import Config, Hook
 
 log = structlog.get_logger("pibackup")
 
@@ -68,10 +70,12 @@ async def run_backup(config: Config, options: RunOptions, interruption: Interrup
     name, started = await choose_name(config.destination)
     report = Report(name=name, start=stamp(started),
                     concurrency=options.jobs or config.concurrency)
-    for source in config.sources:
-        report.sources[source.name] = SourceReport(
-            type=source.kind, save=None if isinstance(source, RsyncSource) else Step())
     ctx = RunContext(config, options, name, interruption, report)
+    for source in config.sources:
+        kind = kind_of(source)
+        report.sources[source.name] = SourceReport(
+            type=source.kind, save=Step() if kind.has_save else None)
+        ctx.source_work[source.name] = kind.work(ctx, source)
     ctx.started = started
     with private_state(config) as warnings, bound_contextvars(backup=name):  # step 0
         report.warnings = warnings
@@ -236,8 +240,8 @@ async def _open_destination(ctx: RunContext) -> None:
     await clean_stale(dest, entries)
     ctx.previous = done
     ctx.dest_is_btrfs = is_btrfs(dest)
-    for source in _btrfs_sources(ctx):
-        await _drop_stale_snapshots(ctx, source)
+    for work in ctx.source_work.values():
+        await work.clean_stale()
     try:
         os.mkdir(ctx.in_progress_dir)
     except OSError as e:
@@ -249,7 +253,7 @@ async def _open_destination(ctx: RunContext) -> None:
 
 # --- steps 3 and 5 ------------------------------------------------------------------
 
-Work = Callable[[RunContext, Source, Step], Awaitable[int]]
+Work = Callable[[RunContext, SourceConfig, Step], Awaitable[int]]
 _NO_LIMIT = contextlib.nullcontext()
 
 
@@ -263,7 +267,7 @@ async def _for_each_source(ctx: RunContext, work: Work) -> None:
     limiter = anyio.CapacityLimiter(ctx.concurrency)
     failed_required = False
 
-    async def one(source: Source) -> None:
+    async def one(source: SourceConfig) -> None:
         nonlocal failed_required
         record = ctx.report.sources[source.name]
         step = record.snapshot if work is _snapshot else record.save
@@ -299,7 +303,7 @@ async def _for_each_source(ctx: RunContext, work: Work) -> None:
         raise StepFailed("a source failed")
 
 
-async def _run_step(ctx: RunContext, source: Source, step: Step, work: Work,
+async def _run_step(ctx: RunContext, source: SourceConfig, step: Step, work: Work,
                     record: SourceReport) -> str | None:
     """Run one source's step with its timeout; return what went wrong, or None."""
     kind = "snapshot" if work is _snapshot else "save"
@@ -334,62 +338,12 @@ async def _run_step(ctx: RunContext, source: Source, step: Step, work: Work,
     return problem
 
 
-async def _snapshot(ctx: RunContext, source: Source, step: Step) -> int:
-    if isinstance(source, BtrfsSource):
-        snapshot = await btrfs.take_snapshot(_site(ctx, source), source, ctx.name, step)
-        ctx.snapshots[source.name] = snapshot
-        return 0
-    return await _rsync(ctx, source, step)
+async def _snapshot(ctx: RunContext, source: SourceConfig, step: Step) -> int:
+    return await ctx.source_work[source.name].snapshot(step)
 
 
-async def _save(ctx: RunContext, source: Source, step: Step) -> int:
-    assert isinstance(source, BtrfsSource)  # rsync sources have no save step
-    snapshot = ctx.snapshots[source.name]
-    if not ctx.dest_is_btrfs:
-        return await _rsync(ctx, source, step, from_path=snapshot)
-    site = _site(ctx, source)
-    parent = await btrfs.find_parent(site, source, ctx.destination, ctx.previous)
-    log.info("incremental send" if parent else "full send", parent=parent)
-    return await btrfs.send_receive(site, snapshot, parent, ctx.in_progress_dir, step)
-
-
-async def _rsync(ctx: RunContext, source: Source, step: Step, *,
-                 from_path: str | None = None) -> int:
-    """Copy a source (or a btrfs source's snapshot) into the in-progress folder."""
-    link_dest = newest_holding(ctx.destination, ctx.previous, source.name)
-    remote = None
-    if source.host is not None:
-        host = ctx.remotes[source.host]
-        await host.ensure_master()
-        remote = host.transport
-    target = os.path.join(ctx.in_progress_dir, source.name)
-    argv = rsync.rsync_argv(ctx.config, source, target, link_dest, from_path=from_path,
-                            remote=remote)
-    await rsync.copy(argv, source.rsync_ok_codes, step)
-    return await rsync.written(target, link_dest)
-
-
-def _btrfs_sources(ctx: RunContext) -> list[BtrfsSource]:
-    return [s for s in ctx.config.sources if isinstance(s, BtrfsSource)]
-
-
-def _site(ctx: RunContext, source: BtrfsSource) -> btrfs.Site:
-    return btrfs.Site(ctx.remotes[source.host] if source.host else None)
-
-
-async def _drop_stale_snapshots(ctx: RunContext, source: BtrfsSource) -> None:
-    """Snapshots of crashed runs go; only the newest with a copy in the destination stays.
-
-    An unreachable host only logs here: its source fails on its own later.
-    """
-    site = _site(ctx, source)
-    done = {e.name for e in ctx.previous}
-    try:
-        names = await site.snapshot_names(source)
-        keep = next((n for n in names if n in done), None) if ctx.dest_is_btrfs else None
-        await btrfs.drop_snapshots(site, source, keep)
-    except (RemoteError, SourceError) as e:
-        log.warning("stale snapshots not checked", source=source.name, problem=str(e))
+async def _save(ctx: RunContext, source: SourceConfig, step: Step) -> int:
+    return await ctx.source_work[source.name].save(step)
 
 
 @contextmanager
@@ -415,20 +369,9 @@ async def _finish_backup(ctx: RunContext) -> None:
     ctx.report.saved = True
     t0 = time.monotonic()
     log.info("backup saved", folder=ctx.final_dir)
-    for source in _btrfs_sources(ctx):
-        # Only now, with the new copy under its final name, may the old
-        # parent go: a failure before the rename keeps it for the next run.
-        if source.name not in ctx.snapshots:
-            continue
-        site = _site(ctx, source)
-        try:
-            if ctx.report.sources[source.name].status == "failed":  # an optional source
-                await btrfs.drop_snapshot(site, source, ctx.name)
-            else:
-                await btrfs.drop_snapshots(site, source, ctx.name if ctx.dest_is_btrfs else None)
-        except (RemoteError, SourceError, OSError) as e:
-            # The backup is saved; a leftover snapshot is cleaned by the next run.
-            log.warning("old snapshots not deleted", source=source.name, problem=str(e))
+    for source_name, work in ctx.source_work.items():
+        # Only now, with the new copy under its final name (a parent for the next run).
+        await work.finish(failed=ctx.report.sources[source_name].status == "failed")
     retention = ctx.report.retention
     await prune(ctx.config, retention, protect=ctx.name)
     log.info("retention applied", deleted=len(retention.deleted), kept=len(retention.kept),
@@ -449,12 +392,8 @@ async def _discard_unfinished(ctx: RunContext) -> None:
         return
     bound = _DISCARD_BOUND_S if ctx.interruption.happened else math.inf
     with anyio.move_on_after(bound, shield=ctx.interruption.happened) as scope:
-        for source in _btrfs_sources(ctx):
-            if source.name in ctx.snapshots:
-                try:
-                    await btrfs.drop_snapshot(_site(ctx, source), source, ctx.name)
-                except (RemoteError, SourceError, OSError) as e:
-                    log.warning("snapshot not deleted", source=source.name, problem=str(e))
+        for work in ctx.source_work.values():
+            await work.discard()
         if ctx.in_progress_created:
             log.info("removing the unfinished backup", folder=ctx.in_progress_dir)
             try:

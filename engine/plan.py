@@ -6,12 +6,13 @@ hook, no folder, no report.
 
 from __future__ import annotations
 
+import functools
 import os
 import shlex
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
-from .config import Config, Hook, RsyncSource
-from .destination import complete, name_is_free, newest_holding, scan
+from .destination import complete, name_is_free, scan
 from .filesystems import is_btrfs
 from .hooks import hook_argv
 from .mail import DEFAULT_PORTS
@@ -19,7 +20,10 @@ from .monitor import redact
 from .names import DELETING, IN_PROGRESS, format_name
 from .remote import Transport, transport
 from .retention import plan_retention
-from .sources import btrfs, rsync
+from .sources.kind import DryRun, kind_of
+
+if TYPE_CHECKING:
+    from .config import Config, Hook
 
 
 def _transport(config: Config, host: str | None) -> Transport | None:
@@ -83,34 +87,15 @@ async def plan_run(config: Config, jobs: int | None = None, no_report: bool = Fa
     _hooks(lines, config.snapshot_hooks, "pre")
     concurrency = jobs or config.concurrency
     lines.append(f"3. snapshots, concurrently, at most {concurrency} at a time:")
-    link_note = "" if visible else "  (--link-dest decided at run time)"
+    # Each source's lines come from its kind, decided by the code its run would use.
+    dry = DryRun(config, name, dest, in_progress, previous, visible and is_btrfs(dest),
+                 known=visible, transport=functools.partial(_transport, config))
     saves: list[str] = []
     for source in config.sources:
-        target = os.path.join(in_progress, source.name)
-        link_dest = newest_holding(dest, previous, source.name) if visible else None
-        if isinstance(source, RsyncSource):
-            argv = rsync.rsync_argv(config, source, target, link_dest,
-                                    remote=_transport(config, source.host))
-            lines.append(f"   - {source.name}: {shlex.join(argv)}{link_note}")
-            continue
-        snapshot = btrfs.snapshot_path(source, name)
-        lines.append(f"   - {source.name}: mkdir -p {shlex.quote(os.path.dirname(snapshot))}; "
-                     f"{shlex.join(btrfs.snapshot_argv(source, name))}")
-        if not visible:
-            saves.append(f"   - {source.name}: btrfs send | btrfs receive into {in_progress} if "
-                         "the destination is btrfs, else rsync from the snapshot (decided at "
-                         "run time, with the parent or --link-dest)")
-        elif is_btrfs(dest):
-            # A remote host is not contacted by a dry run: full send shown.
-            parent = None if source.host else await btrfs.find_parent(
-                btrfs.Site(), source, dest, previous)
-            saves.append(f"   - {source.name}: {shlex.join(btrfs.send_argv(snapshot, parent))} | "
-                         f"{shlex.join(btrfs.receive_argv(in_progress))}"
-                         f"{'' if parent else '  (full send: no parent)'}")
-        else:
-            argv = rsync.rsync_argv(config, source, target, link_dest, from_path=snapshot,
-                                    remote=_transport(config, source.host))
-            saves.append(f"   - {source.name}: {shlex.join(argv)}")
+        planned = await kind_of(source).work(dry, source).plan(dry)
+        lines.append(f"   - {source.name}: {planned.snapshot}")
+        if planned.save is not None:
+            saves.append(f"   - {source.name}: {planned.save}")
     lines.append("4. snapshot hooks, post, in reverse order:")
     _hooks(lines, config.snapshot_hooks, "post")
     if saves:

@@ -12,10 +12,13 @@ import os
 import pwd
 import shutil
 import stat
+from typing import TYPE_CHECKING
 
-from .config import BtrfsSource, Config, Hook
 from .filesystems import filesystem_type, on_mounted_filesystem, same_filesystem
-from .sources import btrfs
+from .sources.kind import kind_of
+
+if TYPE_CHECKING:
+    from .config import Config, Hook
 
 __all__ = ["on_mounted_filesystem", "preflight", "state_problems", "writable_by_others"]
 
@@ -36,8 +39,10 @@ def preflight(config: Config) -> tuple[list[str], list[str]]:
             continue
         if not os.path.exists(source.path):
             warnings.append(f"sources[{i}].path: {source.path} does not exist (yet)")
-        elif isinstance(source, BtrfsSource):
-            problems += [f"sources[{i}].path: {p}" for p in btrfs.source_problems(source)]
+            continue
+        found, warned = kind_of(source).check(source)
+        problems += [f"sources[{i}].{line}" for line in found]
+        warnings += [f"sources[{i}].{line}" for line in warned]
     warnings += _hook_warnings(config)
     if os.geteuid() != 0:
         warnings.append(
@@ -68,8 +73,7 @@ def _destination_warnings(config: Config) -> list[str]:
             "set: if the backup disk is not mounted one night, the run fills the root disk; "
             "set require_mountpoint = true")
     fstype = filesystem_type(dest)
-    poor = [s.name for s in config.sources
-            if not ("--no-A" in s.rsync_args and "--no-X" in s.rsync_args)]
+    poor = [s.name for s in config.sources if kind_of(s).asks_for_metadata(s)]
     if fstype in _POOR_FILESYSTEMS and poor:
         warnings.append(
             f"destination: its filesystem ({fstype}) cannot keep owners, ACLs or xattrs; "
@@ -172,8 +176,9 @@ def _lock_problems(config: Config) -> list[str]:
 
 
 def writable_by_others(config: Config) -> list[str]:
-    """Folders on the way to ``state_dir``, the lock file or a local ``snapshot_dir`` that a
-    user other than root and the engine's own can write, one line each (SPEC §5).
+    """Folders on the way to ``state_dir``, the lock file or a folder a source's kind writes
+    here (a local ``snapshot_dir``) that a user other than root and the engine's own can
+    write, one line each (SPEC §5).
 
     Whoever can write such a folder can squat the lock and stop every backup,
     or plant links. ``check`` fails on them; the commands that take the lock
@@ -185,9 +190,8 @@ def writable_by_others(config: Config) -> list[str]:
     if config.lock_file is not None:  # the default lies in state_dir, judged just above
         ways.append(("lock_file", config.lock_path, os.path.dirname(config.lock_path)))
     for i, source in enumerate(config.sources):
-        if isinstance(source, BtrfsSource) and source.host is None:
-            root = btrfs.snapshot_root(source)
-            ways.append((f"sources[{i}].snapshot_dir", root, root))
+        for key, folder in kind_of(source).own_folders(source):
+            ways.append((f"sources[{i}].{key}", folder, folder))
     # One line per folder, naming every configured path it lies on.
     found: dict[tuple[int, int], tuple[str, str, list[str]]] = {}
     for label, path, deepest in ways:

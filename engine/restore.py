@@ -26,7 +26,7 @@ import anyio
 import structlog
 
 from .command_stage import find_and_use, under_hooks
-from .config import SOURCE_NAME, BtrfsSource, RsyncSource
+from .config import SOURCE_NAME
 from .destination import destination_problem_async
 from .errors import DestinationUnavailable
 from .failure_text import telling_line
@@ -37,7 +37,8 @@ from .pathtext import parse_path, show_path
 from .processes import Tail, describe_exit, drain, managed_process
 from .remote import RemoteError, open_remotes
 from .restore_filters import Rule, covered, parse_rules, relative_to
-from .sources.rsync import RSYNC_BASE, auto_excludes, run_rsync
+from .sources.kind import kind_of
+from .sources.rsync import RSYNC_BASE, run_rsync
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -113,11 +114,8 @@ def _split_target(config: Config, to: str) -> tuple[str | None, str]:
 def protect_rules(config: Config, source: str, inner: bytes) -> list[Rule]:
     """What ``--delete`` must keep, relative to the folder rsync sends the item from."""
     configured = next((s for s in config.sources if s.name == source), None)
-    patterns: list[str] = []
-    if isinstance(configured, RsyncSource):
-        patterns += configured.exclude
-    if isinstance(configured, RsyncSource | BtrfsSource) and configured.host is None:
-        patterns += [e.removeprefix("--exclude=") for e in auto_excludes(config, configured.path)]
+    patterns = [] if configured is None else kind_of(configured).kept_by_restore(config,
+                                                                                 configured)
     prefix = os.fsdecode(os.path.dirname(inner))
     rules: list[Rule] = []
     for pattern in patterns:

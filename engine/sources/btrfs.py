@@ -10,25 +10,35 @@ from __future__ import annotations
 
 import os
 import shlex
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import anyio
 import structlog
 
 from ..destination import Entry, newest_holding, remove_tree
 from ..failure_text import telling_line
-from ..filesystems import is_subvolume, same_filesystem, subvolume_info
+from ..filesystems import is_subvolume, is_within, same_filesystem, subvolume_info
 from ..heartbeat import current
 from ..names import parse_name
 from ..processes import Finished, Tail, describe_exit, drain, managed_process, run_process
 from ..remote import RemoteError, drain_marked
 from .errors import SourceError
+from .kind import InitChoice, SourceKind, SourcePlan, SourceWork, register
+from .rsync import RsyncOptions, asks_for_metadata, copy_argv, copy_into, left_out
 
 if TYPE_CHECKING:
-    from ..config import BtrfsSource
+    from collections.abc import Mapping
+
+    from ..config import Config
     from ..heartbeat import Beat
     from ..remote import RemoteHost
     from ..report import Step
+    from .kind import DryRun, Run
+
+
+class BtrfsSource(RsyncOptions, frozen=True, kw_only=True, tag="btrfs"):
+    snapshot_dir: str | None = None
+
 
 log = structlog.get_logger("pibackup.btrfs")
 
@@ -360,3 +370,138 @@ async def drop_snapshot(site: Site, source: BtrfsSource, name: str) -> None:
 
 
 _HERE = Site()
+
+
+# --- the btrfs kind -------------------------------------------------------------------
+
+
+class BtrfsWork(SourceWork[BtrfsSource]):
+    """A snapshot in the window, its copy after it; the snapshot goes or stays as a parent.
+
+    ``bytes``: the send stream's size into a btrfs destination (the snapshot
+    itself writes nothing into the backup), else what rsync's new files
+    take on disk.
+    """
+
+    def __init__(self, run: Run, source: BtrfsSource) -> None:
+        super().__init__(run, source)
+        # The snapshot this run took, once taken: saved, then kept or deleted.
+        self.taken: str | None = None
+
+    @property
+    def site(self) -> Site:
+        # Looked up when used: the run opens its hosts after the work is built.
+        host = self.source.host
+        return Site(self.run.remotes[host] if host is not None else None)
+
+    async def clean_stale(self) -> None:
+        """Snapshots of crashed runs go; only the newest with a copy in the destination stays."""
+        run, site = self.run, self.site
+        done = {e.name for e in run.previous}
+        try:
+            names = await site.snapshot_names(self.source)
+            keep = next((n for n in names if n in done), None) if run.dest_is_btrfs else None
+            await drop_snapshots(site, self.source, keep)
+        except (RemoteError, SourceError) as e:
+            # An unreachable host fails its source later, in its own step.
+            log.warning("stale snapshots not checked", source=self.source.name, problem=str(e))
+
+    async def snapshot(self, step: Step) -> int:
+        self.taken = await take_snapshot(self.site, self.source, self.run.name, step)
+        return 0
+
+    async def save(self, step: Step) -> int:
+        assert self.taken is not None, "a save follows its snapshot"
+        run = self.run
+        if not run.dest_is_btrfs:
+            return await copy_into(run, self.source, step, from_path=self.taken)
+        site = self.site
+        parent = await find_parent(site, self.source, run.destination, run.previous)
+        log.info("incremental send" if parent else "full send", parent=parent)
+        return await send_receive(site, self.taken, parent, run.in_progress_dir, step)
+
+    async def finish(self, *, failed: bool) -> None:
+        """This run's snapshot stays as the next run's parent, and only now may the old one go.
+
+        A failure before the rename keeps the old parent for the next run.
+        """
+        if self.taken is None:
+            return
+        run, site = self.run, self.site
+        try:
+            if failed:
+                await drop_snapshot(site, self.source, run.name)
+            else:
+                await drop_snapshots(site, self.source, run.name if run.dest_is_btrfs else None)
+        except (RemoteError, SourceError, OSError) as e:
+            # The backup is saved; a leftover snapshot is cleaned by the next run.
+            log.warning("old snapshots not deleted", source=self.source.name, problem=str(e))
+
+    async def discard(self) -> None:
+        if self.taken is None:
+            return
+        try:
+            await drop_snapshot(self.site, self.source, self.run.name)
+        except (RemoteError, SourceError, OSError) as e:
+            log.warning("snapshot not deleted", source=self.source.name, problem=str(e))
+
+    async def plan(self, dry: DryRun) -> SourcePlan:
+        source = self.source
+        snapshot = snapshot_path(source, dry.name)
+        taken = (f"mkdir -p {shlex.quote(os.path.dirname(snapshot))}; "
+                 f"{shlex.join(snapshot_argv(source, dry.name))}")
+        if not dry.known:
+            return SourcePlan(taken, f"btrfs send | btrfs receive into {dry.in_progress_dir} if "
+                              "the destination is btrfs, else rsync from the snapshot (decided "
+                              "at run time, with the parent or --link-dest)")
+        if not dry.dest_is_btrfs:
+            argv, _ = copy_argv(dry, source, dry.transport(source.host), from_path=snapshot)
+            return SourcePlan(taken, shlex.join(argv))
+        # A remote host is not contacted by a dry run: full send shown.
+        parent = None if source.host else await find_parent(
+            _HERE, source, dry.destination, dry.previous)
+        return SourcePlan(taken, f"{shlex.join(send_argv(snapshot, parent))} | "
+                          f"{shlex.join(receive_argv(dry.in_progress_dir))}"
+                          f"{'' if parent else '  (full send: no parent)'}")
+
+
+class BtrfsKind(SourceKind[BtrfsSource]):
+    config = BtrfsSource
+    path_keys = ("snapshot_dir",)
+    key_hints: ClassVar[Mapping[str, str]] = {
+        "exclude": "a btrfs snapshot is whole; exclude is only for rsync sources"}
+    init_rank = 10  # a snapshot keeps the snapshot hooks' window short: before a copy
+
+    def work(self, run: Run, source: BtrfsSource) -> BtrfsWork:
+        return BtrfsWork(run, source)
+
+    def check(self, source: BtrfsSource) -> tuple[list[str], list[str]]:
+        return [f"path: {p}" for p in source_problems(source)], []
+
+    def own_folders(self, source: BtrfsSource) -> list[tuple[str, str]]:
+        # A remote source's snapshots are on its host, out of every local copy.
+        return [] if source.host is not None else [("snapshot_dir", snapshot_root(source))]
+
+    def asks_for_metadata(self, source: BtrfsSource) -> bool:
+        # Into a destination that is not btrfs (vfat, say) rsync copies the snapshot.
+        return asks_for_metadata(source)
+
+    def kept_by_restore(self, config: Config, source: BtrfsSource) -> list[str]:
+        return left_out(config, source)
+
+    def init_choice(self, path: str, destination: str) -> InitChoice:
+        if not is_subvolume(path):
+            return InitChoice(fits=False)
+        if is_within(os.path.realpath(destination), os.path.realpath(path)):
+            return InitChoice(False, f"{path} is a btrfs subvolume, but the destination lies "
+                              "inside it (refused for a btrfs source): copied with rsync, "
+                              "which leaves the destination out")
+        problems = source_problems(BtrfsSource(name="probe", path=path))
+        if problems:
+            return InitChoice(False, f"{path} is a btrfs subvolume, but {problems[0]}: copied "
+                              'with rsync; for snapshots, set type = "btrfs" and a '
+                              "snapshot_dir on its filesystem")
+        return InitChoice(fits=True)
+
+
+KIND = register(BtrfsKind())

@@ -1,31 +1,60 @@
-"""rsync sources: one copy into the in-progress folder, hard-linked against the last backup."""
+"""rsync sources: one copy into the in-progress folder, hard-linked against the last backup.
+
+Also the copy every kind that rsync copies shares (``copy_into``: a btrfs
+snapshot into a destination that is not btrfs), and rsync's command line.
+"""
 
 from __future__ import annotations
 
 import functools
 import os
 import re
+import shlex
 from typing import TYPE_CHECKING
 
 import anyio.from_thread
 import structlog
+from msgspec import field
 
 from ..allocated import written_bytes
-from ..config import BtrfsSource, Config, RsyncSource
-from ..destination import in_worker
+from ..destination import in_worker, newest_holding
 from ..failure_text import telling_line, with_hint
 from ..filesystems import is_within
 from ..heartbeat import current
 from ..proc_io import most_written
 from ..processes import describe_exit, run_process
-from .btrfs import snapshot_root
 from .errors import SourceError
+from .kind import (
+    InitChoice,
+    SourceConfig,
+    SourceKind,
+    SourcePlan,
+    SourceWork,
+    own_folders,
+    register,
+)
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from ..config import Config
     from ..heartbeat import Beat
     from ..processes import Finished
     from ..remote import Transport
     from ..report import Step
+    from .kind import DryRun, Run
+
+
+class RsyncOptions(SourceConfig, frozen=True, kw_only=True):
+    """The keys of every source that rsync copies, whatever made what it copies."""
+
+    rsync_args: list[str] = field(default_factory=list)
+    rsync_ok_codes: list[int] = field(default_factory=lambda: [0, 24])
+
+
+class RsyncSource(RsyncOptions, frozen=True, kw_only=True, tag="rsync"):
+    exclude: list[str] = field(default_factory=list)
+
 
 log = structlog.get_logger("pibackup.rsync")
 
@@ -58,12 +87,9 @@ def auto_excludes(config: Config, source_path: str) -> list[str]:
     walks, and the pattern is relative to that tree (rsync follows the
     source's own top-level link, as the path ends in ``/``, and no other).
     """
-    own = [config.destination, config.state_dir, config.lock_path]
-    own += [snapshot_root(s) for s in config.sources
-            if isinstance(s, BtrfsSource) and s.host is None]
     walked = os.path.realpath(source_path)
     excludes: list[str] = []
-    for real in _real_paths(tuple(own)):
+    for real in _real_paths(tuple(own_folders(config))):
         if is_within(real, walked) and not is_within(walked, real):
             pattern = f"--exclude=/{_escape(os.path.relpath(real, walked))}"
             if pattern not in excludes:
@@ -77,14 +103,14 @@ def _real_paths(paths: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(os.path.realpath(p) for p in paths)
 
 
-def rsync_argv(config: Config, source: RsyncSource | BtrfsSource, target: str,
-               link_dest: str | None, *, from_path: str | None = None,
+def rsync_argv(config: Config, source: RsyncOptions, target: str, link_dest: str | None, *,
+               excludes: Sequence[str] = (), from_path: str | None = None,
                remote: Transport | None = None) -> list[str]:
     """The exact rsync command that copies a source into ``target``.
 
     ``from_path`` copies from elsewhere (a btrfs source's read-only
-    snapshot) with the source's own excludes and arguments; ``remote`` pulls
-    from that host over ssh.
+    snapshot) with the source's own arguments; ``remote`` pulls from that
+    host over ssh.
     """
     argv = list(RSYNC_BASE)
     if remote is None:
@@ -93,8 +119,7 @@ def rsync_argv(config: Config, source: RsyncSource | BtrfsSource, target: str,
         argv += ["-e", remote.shell]
         if remote.sudo:
             argv.append("--rsync-path=sudo -n rsync")
-    if isinstance(source, RsyncSource):
-        argv += [f"--exclude={pattern}" for pattern in source.exclude]
+    argv += [f"--exclude={pattern}" for pattern in excludes]
     if link_dest is not None:
         argv.append(f"--link-dest={link_dest}")
     argv += source.rsync_args
@@ -173,3 +198,90 @@ def _follow(beat: Beat, pid: int) -> None:
     written = most_written(pid)
     if written is not None:
         beat.bytes = written
+
+
+# --- the copy of a run, and the rsync kind -------------------------------------------
+
+
+def copy_argv(run: Run, source: RsyncOptions, remote: Transport | None, *,
+              excludes: Sequence[str] = (), from_path: str | None = None
+              ) -> tuple[list[str], str | None]:
+    """The command that copies ``source`` into its folder of the backup, and its link-dest.
+
+    The run and its dry-run decide here alike: ``--link-dest`` is the newest
+    complete backup holding the source (none before the first).
+    """
+    link_dest = newest_holding(run.destination, run.previous, source.name)
+    target = os.path.join(run.in_progress_dir, source.name)
+    argv = rsync_argv(run.config, source, target, link_dest, excludes=excludes,
+                      from_path=from_path, remote=remote)
+    return argv, link_dest
+
+
+async def copy_into(run: Run, source: RsyncOptions, step: Step, *,
+                    excludes: Sequence[str] = (), from_path: str | None = None) -> int:
+    """Copy a source (or ``from_path``: what its kind made of it) into the backup.
+
+    Returns what the new files take on disk (``written``). Raises SourceError,
+    or RemoteError when the host cannot be reached.
+    """
+    remote = None
+    if source.host is not None:
+        host = run.remotes[source.host]
+        await host.ensure_master()
+        remote = host.transport
+    argv, link_dest = copy_argv(run, source, remote, excludes=excludes, from_path=from_path)
+    await copy(argv, source.rsync_ok_codes, step)
+    return await written(os.path.join(run.in_progress_dir, source.name), link_dest)
+
+
+def asks_for_metadata(source: RsyncOptions) -> bool:
+    """rsync keeps owners, ACLs and xattrs unless told not to (``--no-A --no-X``)."""
+    return not ("--no-A" in source.rsync_args and "--no-X" in source.rsync_args)
+
+
+def left_out(config: Config, source: RsyncOptions) -> list[str]:
+    """The patterns of the engine's own folders that a local copy of the source leaves out."""
+    if source.host is not None:
+        return []
+    return [e.removeprefix("--exclude=") for e in auto_excludes(config, source.path)]
+
+
+class RsyncWork(SourceWork[RsyncSource]):
+    """The snapshot is the copy: rsync straight into the backup, in the snapshot window."""
+
+    async def snapshot(self, step: Step) -> int:
+        """Returns what the copy's new files take on disk (``written``)."""
+        return await copy_into(self.run, self.source, step, excludes=self.source.exclude)
+
+    async def plan(self, dry: DryRun) -> SourcePlan:
+        argv, _ = copy_argv(dry, self.source, dry.transport(self.source.host),
+                            excludes=self.source.exclude)
+        decided = "" if dry.known else "  (--link-dest decided at run time)"
+        return SourcePlan(shlex.join(argv) + decided)
+
+
+class RsyncKind(SourceKind[RsyncSource]):
+    config = RsyncSource
+    has_save = False
+    leaves_out_own_folders = True
+    init_rank = 0  # any folder, the last resort
+
+    def work(self, run: Run, source: RsyncSource) -> RsyncWork:
+        return RsyncWork(run, source)
+
+    def asks_for_metadata(self, source: RsyncSource) -> bool:
+        return asks_for_metadata(source)
+
+    def kept_by_restore(self, config: Config, source: RsyncSource) -> list[str]:
+        return [*source.exclude, *left_out(config, source)]
+
+    def init_choice(self, path: str, destination: str) -> InitChoice:
+        return InitChoice(fits=True)
+
+    def init_path(self, path: str) -> str:
+        # A trailing slash says "the folder's contents", as rsync reads it.
+        return path if path == "/" else path.rstrip("/") + "/"
+
+
+KIND = register(RsyncKind())
