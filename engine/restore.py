@@ -172,7 +172,9 @@ def restore_argv(config: Config, request: Request, backup: str, *,
         argv.append("--delete")
         argv += [f"--filter=P {rule.text()}" for rule in request.protect]
     if remote is not None:
-        argv += ["-e", remote.shell]
+        # -s: TARGET travels inside rsync's protocol, not through the remote
+        # shell (which split it at spaces before rsync 3.2.4, Debian 11).
+        argv += ["-e", remote.shell, "-s"]
         if remote.sudo:
             argv.append("--rsync-path=sudo -n rsync")
     origin = os.path.join(config.destination, backup, request.source)

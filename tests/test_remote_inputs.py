@@ -150,6 +150,48 @@ def test_a_known_hosts_path_with_a_space_and_a_percent_is_used_whole(
     assert (ws.dest / report["name"] / "data" / "file.txt").read_text() == "over ssh\n"
 
 
+# --- paths through the remote shell (rsync before 3.2.4) -------------------------------
+
+# rsync before 3.2.4 (Debian 11, Raspberry Pi OS bullseye) hands a remote path
+# to the remote shell, which splits it at spaces; rsync 3.2.4 and later behave
+# so with RSYNC_OLD_ARGS=1, unless the command line asks for -s.
+OLD_RSYNC = {"RSYNC_OLD_ARGS": "1"}
+
+
+def test_a_remote_source_whose_path_has_a_space_and_a_quote_is_pulled_whole(
+    ws: Workspace, sshd: Sshd
+) -> None:
+    src = ws.make_source("it's my data", {"a file.txt": "spaced out\n", "sub/b": "b\n"})
+    ws.write_config(sshd.host_toml("h1") + source_toml("data", src, host="h1"))
+
+    result = ws.run("run", timeout=60, env=OLD_RSYNC)
+
+    assert result.returncode == 0, result.stderr
+    report = ws.report()
+    copy = ws.dest / report["name"] / "data"
+    assert sorted(str(p.relative_to(copy)) for p in copy.rglob("*")) == [
+        "a file.txt", "sub", "sub/b"]
+    assert (copy / "a file.txt").read_text() == "spaced out\n"
+    command = report["sources"]["data"]["snapshot"]["command"]
+    assert "-s" in command or "--protect-args" in command, command
+
+
+def test_a_restore_to_a_host_path_with_a_space_and_a_quote_lands_there(
+    ws: Workspace, sshd: Sshd
+) -> None:
+    src = ws.make_source("data", {"a file.txt": "spaced out\n"})
+    ws.write_config(sshd.host_toml("h1") + source_toml("data", src))
+    assert ws.run("run", timeout=60).returncode == 0
+    target = ws.root / "it's restored here"
+
+    result = ws.run("restore", "latest", "data", "--to", f"h1:{target}", timeout=60,
+                    env=OLD_RSYNC)
+
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in target.iterdir()) == ["a file.txt"]
+    assert (target / "a file.txt").read_text() == "spaced out\n"
+
+
 # --- IPv6 addresses ---------------------------------------------------------------------
 
 

@@ -116,7 +116,9 @@ def rsync_argv(config: Config, source: RsyncOptions, target: str, link_dest: str
     if remote is None:
         argv += auto_excludes(config, source.path)
     else:
-        argv += ["-e", remote.shell]
+        # -s: the paths travel inside rsync's protocol; before 3.2.4 (Debian 11)
+        # rsync gave them to the remote shell, which split them at spaces.
+        argv += ["-e", remote.shell, "-s"]
         if remote.sudo:
             argv.append("--rsync-path=sudo -n rsync")
     argv += [f"--exclude={pattern}" for pattern in excludes]
