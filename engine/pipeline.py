@@ -443,6 +443,9 @@ def _finish_report(ctx: RunContext, duration: float) -> None:
         steps = [record.snapshot] + ([record.save] if record.save is not None else [])
         total += sum(s.duration_s or 0.0 for s in steps)
         if record.status == "skipped" and steps[0].status != "skipped":
-            record.status = "ok" if all(s.status == "ok" for s in steps) else steps[0].status
+            # Started, and no step of it failed or was cut (those set the
+            # status): a later step that never started (the run cut while it
+            # waited for a slot, a critical hook) was stopped by something else.
+            record.status = "ok" if all(s.status == "ok" for s in steps) else "cancelled"
     report.source_seconds_total = round(total, 6)
 
