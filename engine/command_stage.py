@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING
 import anyio
 
 from .context import CriticalStop, RunContext, RunOptions, StepFailed
-from .destination import destination_problem_async
+from .destination import DestinationLost
 from .errors import Interrupted
 from .hooks import hook_stage
 from .lock import private_state
-from .lookup import NotHeld, find_backup
+from .lookup import NotHeld, find
 from .report import Report, stamp
 
 if TYPE_CHECKING:
@@ -54,9 +54,10 @@ async def under_hooks(config: Config, interruption: Interruption, command: str,
                 async with hook_stage(ctx, "backup", config.backup_hooks):
                     # The pres have run: the posts name the backup used, none so far.
                     ctx.hook_view = ("", "")
-                    problem = await destination_problem_async(config)
+                    problem = await ctx.dest.problem(config.require_mountpoint)
                     if problem is not None:
                         ctx.fail_step(problem)
+                    await ctx.dest.remember()
                     await work(ctx)
             except (StepFailed, CriticalStop):
                 pass
@@ -71,9 +72,10 @@ async def find_and_use(ctx: RunContext, arg: str, source: str | None = None,
     """The backup ``arg`` names (``latest`` resolved, off the event loop), now the one the
     posts see; fails the step with one line when the destination does not hold it."""
     try:
-        name = await anyio.to_thread.run_sync(
-            find_backup, ctx.destination, arg, source, inner, abandon_on_cancel=True)
+        name = await find(ctx.dest, arg, source, inner)
     except NotHeld as e:
+        ctx.fail_step(str(e))
+    except DestinationLost as e:
         ctx.fail_step(str(e))
     except OSError as e:
         ctx.fail_step(f"cannot read the destination {ctx.destination}: {e.strerror}")

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import structlog
 
+from .destination import DestinationLost, destination_of
 from .failure_text import with_hint
 from .names import IN_PROGRESS
 from .processes import take_abandoned
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     import anyio
 
     from .config import Config
-    from .destination import Entry
+    from .destination import Destination, Entry
     from .report import Report
     from .sources.kind import SourceWork
 
@@ -125,9 +126,9 @@ class RunContext:
         self.source_work: dict[str, SourceWork[Any]] = {}
         self.remotes = Remotes({})
         self.halted = False
-        # The destination as step 1 found it (st_dev, st_ino): a later stat
-        # that differs means it was unmounted or unplugged under the run.
-        self.destination_identity: tuple[int, int] | None = None
+        # Every filesystem operation on the destination goes through it; it
+        # remembers the destination as step 1 found it and whether it is lost.
+        self.dest: Destination = destination_of(config)
         # What hooks see as PIBACKUP_NAME and PIBACKUP_BACKUP_DIR when this is
         # not a run making a backup (restore, verify: the backup used, once known).
         self.hook_view: tuple[str, str] | None = None
@@ -161,28 +162,15 @@ class RunContext:
         """Record an error nobody foresaw as the failure of the step it hit, in one line.
 
         The traceback goes to the debug log only (``-v``). A destination
-        that vanished explains most OS errors on it: say that instead.
+        that vanished or stopped answering explains most OS errors on it:
+        say that instead. What is known of it, that is: nothing here reads
+        the disk, which may be the one that hangs.
         """
         log.debug("unexpected error", exc_info=error)
-        gone = self.destination_gone()
-        message = gone or f"unexpected error: {_one_line(error)}"
+        lost = _lost_in(error) or self.dest.lost
+        message = lost or f"unexpected error: {_one_line(error)}"
         log.error(message)
         self.fail(message)
-
-    def destination_gone(self) -> str | None:
-        """A line saying the destination vanished under the run, or None if it is still there."""
-        if self.destination_identity is None:
-            return None
-        try:
-            st = os.stat(self.destination)
-        except OSError as e:
-            seen = f"{e.strerror}"
-        else:
-            if (st.st_dev, st.st_ino) == self.destination_identity:
-                return None
-            seen = "another filesystem is there now"
-        return (f"destination {self.destination} vanished during the run ({seen}): "
-                "the backup disk was unmounted or unplugged")
 
     def fail_step(self, message: str) -> NoReturn:
         """Log and record ``message`` as a failure, and end the step (StepFailed)."""
@@ -222,6 +210,18 @@ class RunContext:
         else:
             env.pop("PIBACKUP_STATUS", None)
         return env
+
+
+def _lost_in(error: BaseException) -> str | None:
+    """The line of the DestinationLost that ``error`` is or (a task group's) holds, or None."""
+    if isinstance(error, DestinationLost):
+        return str(error)
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            line = _lost_in(inner)
+            if line is not None:
+                return line
+    return None
 
 
 def _one_line(error: BaseException) -> str:

@@ -1,21 +1,39 @@
-"""The destination folder: what backups it holds, crash leftovers, removal, and the run lock.
+"""The destination: every filesystem operation the engine does where the backups are kept.
+
+``Destination`` is what the engine asks of a destination (scan it, create,
+rename and remove folders there, flush it, read its free space, tell whether
+it is still the one the run started with); ``LocalDestination`` is a folder
+on this machine. A mirror's target, or a destination over SSH, is another
+implementation of the same methods: the pipeline, retention and the
+commands never call ``os`` on the destination themselves.
 
 The destination is read with ``lstat``: a symbolic link found there is never
 a backup and is never followed; one named like an in-progress or deleting
-folder is removed as a link (SPEC §1). Everything that touches the
-destination's disk and can block (scan, delete, free space) has a version
-that runs in a worker thread, so a signal is always heard (SPEC §2).
+folder is removed as a link (SPEC §1).
+
+Every operation runs off the event loop, in a worker thread abandoned on
+cancel, so a signal is always heard (SPEC §2), and nothing waits on the
+disk forever: an operation that gets no answer within ``ANSWER_BOUND_S``
+(a removal: that makes no progress for that long) raises
+``DestinationLost``, and from then on every operation of that destination
+does so at once. A dying disk then costs the run one bound, not one per
+operation, and the posts still run. An OSError that turns out to be the
+destination gone (unmounted, unplugged) is raised as ``DestinationLost``
+too, with the line the report says.
 """
 
 from __future__ import annotations
 
+import abc
+import ctypes
 import errno
 import os
 import stat
 import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, NoReturn, TypeVar
 
 import anyio
 import anyio.from_thread
@@ -23,7 +41,7 @@ import anyio.lowlevel
 import anyio.to_thread
 import structlog
 
-from .filesystems import SUBVOLUME_INODE, is_btrfs, on_mounted_filesystem
+from .filesystems import SUBVOLUME_INODE, is_btrfs, is_subvolume, on_mounted_filesystem
 from .heartbeat import beating
 from .names import DELETING, IN_PROGRESS, format_name, parse_name
 from .processes import describe_exit, run_process
@@ -39,10 +57,34 @@ State = Literal["complete", "in-progress", "deleting"]
 _SUFFIXES: tuple[tuple[str, State], ...] = ((IN_PROGRESS, "in-progress"), (DELETING, "deleting"))
 T = TypeVar("T")
 
+# How long one operation on the destination may go without an answer (a
+# removal: without progress) before the destination counts as not answering.
+# A disk spinning up from standby answers within seconds; one that is dying,
+# or a hung network or FUSE mount, never does, and the run must still end.
+ANSWER_BOUND_S = 20.0
+# A flush waits for everything written to reach the disk: on a slow USB disk
+# that is minutes of writes, not a sign of a dead one.
+FLUSH_BOUND_S = 600.0
 # How long a cancelled worker thread is waited for before it is abandoned. It
 # stops at its next check within microseconds, unless a dying disk holds it in
 # a system call: then the run must still end.
 STOP_WAIT_S = 10.0
+# How often a worker thread that makes progress pushes its deadline on.
+_PUSH_EVERY_S = 1.0
+
+
+class DestinationLost(OSError):
+    """The destination as a whole is gone (unmounted, unplugged) or does not answer.
+
+    An OSError, so that what handles a failed deletion or copy handles it
+    too; its text is the one line the report says.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EIO, message)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 @dataclass(frozen=True)
@@ -62,15 +104,25 @@ class Entry:
         return self.name + suffix
 
 
+def complete(entries: list[Entry]) -> list[Entry]:
+    return [e for e in entries if e.state == "complete" and not e.link]
+
+
+# --- a local destination, synchronously (worker threads, and the inspection commands) --------
+
+
 def destination_problem(config: Config) -> str | None:
     """Why the destination cannot be used as it is now, in one line, or None.
 
     It must be a folder (a link to one is fine); with ``require_mountpoint``
     it must also be on a mounted filesystem other than the root one: a mount
     point, or under one. Reads the disk: call it off the event loop
-    (``destination_problem_async``) where a signal must be heard.
+    (``Destination.problem``) where a signal must be heard.
     """
-    dest = config.destination
+    return _problem(config.destination, config.require_mountpoint)
+
+
+def _problem(dest: str, require_mountpoint: bool) -> str | None:
     try:
         st = os.stat(dest)
     except FileNotFoundError:
@@ -79,15 +131,10 @@ def destination_problem(config: Config) -> str | None:
         return f"destination {dest} cannot be read: {e.strerror}"
     if not stat.S_ISDIR(st.st_mode):
         return f"destination {dest} is not a folder"
-    if config.require_mountpoint and not on_mounted_filesystem(dest):
+    if require_mountpoint and not on_mounted_filesystem(dest):
         return (f"destination {dest} is not on a mounted filesystem other than the root one "
                 "(require_mountpoint = true; is the backup disk mounted?)")
     return None
-
-
-async def destination_problem_async(config: Config) -> str | None:
-    """``destination_problem`` in a worker thread (abandoned on cancel)."""
-    return await anyio.to_thread.run_sync(destination_problem, config, abandon_on_cancel=True)
 
 
 def scan(destination: str) -> list[Entry]:
@@ -118,15 +165,6 @@ def scan(destination: str) -> list[Entry]:
     return entries
 
 
-async def scan_async(destination: str) -> list[Entry]:
-    """``scan`` in a worker thread (abandoned on cancel). Raises OSError as scan does."""
-    return await anyio.to_thread.run_sync(scan, destination, abandon_on_cancel=True)
-
-
-def complete(entries: list[Entry]) -> list[Entry]:
-    return [e for e in entries if e.state == "complete" and not e.link]
-
-
 def _is_folder(path: str) -> bool:
     """True for a real folder; a symbolic link (to a folder or not) is not one."""
     try:
@@ -148,6 +186,16 @@ def newest_holding(destination: str, entries: list[Entry], source: str) -> str |
     return None
 
 
+def holds(destination: str, backup: str, source: str | None, inner: bytes | None) -> bool:
+    """The backup holds ``source`` (a folder), or ``inner``, a path inside it (anything)."""
+    if source is None:
+        return True
+    path = os.path.join(os.fsencode(destination), backup.encode(), source.encode())
+    if inner:
+        path = os.path.join(path, inner)
+    return os.path.lexists(path) and (inner is not None or os.path.isdir(path))
+
+
 def name_is_free(destination: str, name: str) -> bool:
     return not any(
         os.path.lexists(os.path.join(destination, name + suffix))
@@ -159,22 +207,6 @@ def _name_is_taken(destination: str, name: str) -> bool:
     return os.path.isdir(destination) and not name_is_free(destination, name)
 
 
-async def choose_name(destination: str) -> tuple[str, datetime]:
-    """The backup name of now; wait for the next second while it is taken (SPEC §1)."""
-    while True:
-        moment = datetime.now().astimezone()
-        name = format_name(moment)
-        if not await anyio.to_thread.run_sync(_name_is_taken, destination, name,
-                                              abandon_on_cancel=True):
-            return name, moment
-        await anyio.sleep(1.0 - moment.microsecond / 1e6 + 0.001)
-
-
-async def space_async(destination: str) -> tuple[int, int] | None:
-    """``space`` in a worker thread (abandoned on cancel)."""
-    return await anyio.to_thread.run_sync(space, destination, abandon_on_cancel=True)
-
-
 def space(destination: str) -> tuple[int, int] | None:
     """Free and total bytes of the destination's filesystem, or None if not visible."""
     try:
@@ -184,16 +216,81 @@ def space(destination: str) -> tuple[int, int] | None:
     return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
 
 
-# --- removal ----------------------------------------------------------------------------
+def _identity(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
-async def in_worker(func: Callable[..., T], *args: object) -> T:
+def _make_folder(path: str) -> None:
+    os.mkdir(path)
+
+
+def _rename_folder(source: str, target: str) -> None:
+    # lstat itself, not _is_folder: a disk that fails to answer (EIO) must say
+    # so, not read as "a link".
+    if not stat.S_ISDIR(os.lstat(source).st_mode):
+        raise OSError(errno.ENOTDIR, "not a folder (a symbolic link is never deleted)", source)
+    if os.path.lexists(target):
+        raise OSError(errno.EEXIST, "already exists", target)
+    os.rename(source, target)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _syncfs(path: str) -> None:
+    """Write everything of the filesystem that holds ``path`` to its disk (syncfs(2))."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if _libc.syncfs(fd) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), path)
+    finally:
+        os.close(fd)
+
+
+# --- worker threads ------------------------------------------------------------------------
+
+
+class Progress:
+    """The deadline of work on the destination, pushed on as long as the work moves.
+
+    ``scope`` is cancelled when the work has shown no progress for
+    ``stall_s``: a removal of a big backup may take an hour, but never a
+    minute between two files. A worker thread calls ``check`` between items
+    (it lands a cancel there too); the event loop calls ``moved``.
+    """
+
+    def __init__(self, stall_s: float) -> None:
+        self.stall_s = stall_s
+        self.scope = anyio.CancelScope(deadline=anyio.current_time() + stall_s)
+        self._pushed = time.monotonic()
+
+    def moved(self) -> None:
+        self.scope.deadline = anyio.current_time() + self.stall_s
+
+    def check(self) -> None:
+        anyio.from_thread.check_cancelled()
+        now = time.monotonic()
+        # One trip to the event loop a second, not one per file.
+        if now - self._pushed >= _PUSH_EVERY_S:
+            self._pushed = now
+            anyio.from_thread.run_sync(self.moved)
+
+    @property
+    def stalled(self) -> bool:
+        """The deadline has passed (read on the event loop)."""
+        return anyio.current_time() >= self.scope.deadline
+
+
+async def in_worker(func: Callable[..., T], *args: object, progress: Progress | None = None) -> T:
     """Run destination work that checks for cancellation in a worker thread.
 
     On cancel the worker stops at its next ``check_cancelled``; it is waited
     for (so nothing still holds the destination open when a post unmounts
     it), but at most STOP_WAIT_S: a thread stuck on a dying disk is abandoned
-    rather than keep the run from ending.
+    rather than keep the run from ending. One whose ``progress`` stalled is
+    stuck already and is not waited for.
     """
     started, finished = threading.Event(), threading.Event()
 
@@ -209,11 +306,14 @@ async def in_worker(func: Callable[..., T], *args: object) -> T:
     except anyio.get_cancelled_exc_class():
         # A work item cancelled before a worker took it is never run at all:
         # only one that started has anything to stop.
-        if started.is_set():
+        if started.is_set() and not (progress is not None and progress.stalled):
             with anyio.move_on_after(STOP_WAIT_S, shield=True):
                 await anyio.to_thread.run_sync(finished.wait, STOP_WAIT_S,
                                                abandon_on_cancel=True)
         raise
+
+
+# --- removal -------------------------------------------------------------------------------
 
 
 _OPEN_FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -243,14 +343,14 @@ def _unlink_in(parent: int, name: str, *, folder: bool = False) -> None:
         pass
 
 
-def _remove_tree_sync(path: str) -> None:
+def _remove_tree_sync(path: str, check: Callable[[], None]) -> None:
     """Remove ``path`` and everything below it; never follows a symbolic link.
 
     Works on file descriptors (``*at`` calls), as shutil.rmtree does, so a
-    link swapped in while it runs is unlinked, never entered. Checks for
-    cancellation before each entry: run it in a worker thread (in_worker).
+    link swapped in while it runs is unlinked, never entered. Calls ``check``
+    before each entry: run it in a worker thread (in_worker) with one that
+    lands a cancel.
     """
-    check = anyio.from_thread.check_cancelled
     # The parent may be reached through a link (a destination configured as
     # one); only what is removed, and everything below it, is never followed.
     top = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -290,7 +390,7 @@ def _remove_tree_sync(path: str) -> None:
         os.close(top)
 
 
-async def remove_tree(path: str) -> None:
+async def remove_tree(path: str, progress: Progress | None = None) -> None:
     """Remove ``path`` and everything in it, off the event loop; never follows a link.
 
     A symbolic link at ``path`` is unlinked, not followed; nothing below is
@@ -299,18 +399,22 @@ async def remove_tree(path: str) -> None:
     leaving the rest in place, so callers name what they remove ``.deleting``
     or ``.in-progress`` first, for the next run to finish. A caller that must
     remove under a cancel wraps the call in ``anyio.move_on_after(bound,
-    shield=True)``. btrfs subvolume deletes are managed processes, ended on
-    cancel. Raises OSError if something cannot be removed.
+    shield=True)``; one that gives up on a disk that stops answering passes a
+    ``progress`` and enters its scope. btrfs subvolume deletes are managed
+    processes, ended on cancel. Raises OSError if something cannot be removed.
     """
+    check = progress.check if progress is not None else anyio.from_thread.check_cancelled
     with beating("deletion", folder=path):
         # btrfs subvolumes (received backups, snapshots) are read-only and
         # cannot be unlinked file by file: delete them as subvolumes first.
-        for subvolume in await in_worker(_subvolumes_at, path):
+        for subvolume in await in_worker(_subvolumes_at, path, progress=progress):
             finished = await run_process(["btrfs", "subvolume", "delete", subvolume])
             if finished.exit_code != 0:
                 raise OSError(f"btrfs subvolume delete {subvolume}: "
                               f"{finished.stderr.text() or describe_exit(finished.exit_code)}")
-        await in_worker(_remove_tree_sync, path)
+            if progress is not None:
+                progress.moved()
+        await in_worker(_remove_tree_sync, path, check, progress=progress)
 
 
 def _subvolumes_at(path: str) -> list[str]:
@@ -332,47 +436,279 @@ def _subvolumes_at(path: str) -> list[str]:
     return found
 
 
-def _rename_folder(source: str, target: str) -> None:
-    if not _is_folder(source):
-        raise OSError(errno.ENOTDIR, "not a folder (a symbolic link is never deleted)", source)
-    if os.path.lexists(target):
-        raise OSError(errno.EEXIST, "already exists", target)
-    os.rename(source, target)
+# --- the interface ---------------------------------------------------------------------------
 
 
-async def delete_backup(destination: str, name: str) -> None:
-    """Delete a complete backup: rename to ``.deleting`` first, so a crash midway
-    never leaves a half-deleted folder under a backup name.
+class Destination(abc.ABC):
+    """Where the backups are kept, as the engine uses it.
 
-    Cancellable (see remove_tree): a cancel before the rename leaves the
-    backup as it is; one after, a ``.deleting`` folder for the next run.
-    Raises OSError, and renames nothing, if ``name`` is not a real folder.
+    Folders are named relative to the destination (``<name>.in-progress``,
+    ``<name>.in-progress/<source>``); ``path_of`` gives the path a program
+    (rsync, btrfs receive) writes to. Every method may raise DestinationLost;
+    the others' OSErrors are what the operation itself met.
     """
-    await anyio.lowlevel.checkpoint_if_cancelled()
-    deleting = os.path.join(destination, name + DELETING)
-    await in_worker(_rename_folder, os.path.join(destination, name), deleting)
-    await remove_tree(deleting)
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        # The destination as the run first found it, once ``remember`` ran.
+        self.identity: tuple[int, int] | None = None
+        # Why it is no longer usable, once known: every later operation says so at once.
+        self.lost: str | None = None
+
+    def path_of(self, folder: str) -> str:
+        return os.path.join(self.path, folder)
+
+    @abc.abstractmethod
+    async def problem(self, require_mountpoint: bool) -> str | None:
+        """Why the destination cannot be used as it is now, in one line, or None."""
+
+    @abc.abstractmethod
+    async def remember(self) -> None:
+        """Take the destination's identity: ``gone`` compares with it from now on."""
+
+    @abc.abstractmethod
+    async def gone(self) -> str | None:
+        """A line saying the destination vanished or does not answer, or None if it is
+        still the one ``remember`` found (or was never remembered). Never raises."""
+
+    @abc.abstractmethod
+    def gone_now(self) -> str | None:
+        """``gone`` for work that already runs in a worker thread: unbounded, blocking."""
+
+    @abc.abstractmethod
+    async def scan(self) -> list[Entry]:
+        """Every backup, in-progress and deleting folder, newest first (see ``scan``)."""
+
+    @abc.abstractmethod
+    async def name_is_free(self, name: str) -> bool:
+        """No ``<name>``, ``<name>.in-progress`` nor ``<name>.deleting`` exists."""
+
+    @abc.abstractmethod
+    async def holding(self, backups: list[str], source: str | None,
+                      inner: bytes | None) -> list[str]:
+        """Those of ``backups`` that hold ``source`` (a folder) or ``inner``, a path in it."""
+
+    @abc.abstractmethod
+    async def is_btrfs(self) -> bool:
+        """The destination is on btrfs (sources are received as subvolumes)."""
+
+    @abc.abstractmethod
+    async def newest_holding(self, entries: list[Entry], source: str) -> str | None:
+        """The path of the newest complete backup's folder for ``source`` (a real
+        folder, never a link), or None: what ``--link-dest`` compares with."""
+
+    @abc.abstractmethod
+    async def is_subvolume(self, path: str) -> bool:
+        """``path`` (from ``newest_holding``) is the top of a btrfs subvolume."""
+
+    @abc.abstractmethod
+    async def create(self, folder: str) -> None:
+        """Make the new, empty ``folder``."""
+
+    @abc.abstractmethod
+    async def rename(self, folder: str, new: str) -> None:
+        """Rename the real folder ``folder`` (never a link) to ``new``, which must not exist."""
+
+    @abc.abstractmethod
+    async def remove(self, folder: str) -> None:
+        """Remove ``folder`` and everything below it, never following a link.
+
+        Cancellable between entries: what is left stays for the next run.
+        """
+
+    @abc.abstractmethod
+    async def flush(self) -> None:
+        """Everything written into the destination is on its disk once this returns."""
+
+    @abc.abstractmethod
+    async def space(self) -> tuple[int, int] | None:
+        """Free and total bytes of the destination's filesystem, or None if unknown."""
+
+    async def delete_backup(self, name: str) -> None:
+        """Delete a complete backup: rename to ``.deleting`` first, so a crash midway
+        never leaves a half-deleted folder under a backup name.
+
+        Cancellable (see remove): a cancel before the rename leaves the
+        backup as it is; one after, a ``.deleting`` folder for the next run.
+        Raises OSError, and renames nothing, if ``name`` is not a real folder.
+        """
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        await self.rename(name, name + DELETING)
+        await self.remove(name + DELETING)
+
+    async def clean_stale(self, entries: list[Entry]) -> None:
+        """Remove in-progress folders of crashed runs and finish interrupted deletions.
+
+        Links named like them are removed as links. A cancel takes effect
+        before the next entry (and within the one being removed).
+        """
+        for entry in entries:
+            if entry.state == "complete":
+                continue
+            await anyio.lowlevel.checkpoint_if_cancelled()
+            if entry.link:
+                what = "symbolic link named like a backup folder"
+            elif entry.state == "in-progress":
+                what = "stale in-progress folder of a crashed run"
+            else:
+                what = "interrupted deletion"
+            log.warning(f"removing {what}", folder=self.path_of(entry.folder))
+            await self.remove(entry.folder)
+
+
+class LocalDestination(Destination):
+    """A destination folder on this machine; each operation in a worker thread, bounded."""
+
+    async def _call(self, func: Callable[..., T], *args: object,
+                    bound: float = ANSWER_BOUND_S) -> T:
+        """``func(*args)`` in a worker thread, abandoned on cancel and after ``bound``."""
+        if self.lost is not None:
+            raise DestinationLost(self.lost)
+        try:
+            with anyio.fail_after(bound):
+                return await anyio.to_thread.run_sync(func, *args, abandon_on_cancel=True)
+        except TimeoutError:
+            raise self._not_answering(bound) from None
+        except DestinationLost:
+            raise
+        except OSError as e:
+            await self._raise_explained(e)
+
+    def _not_answering(self, bound: float) -> DestinationLost:
+        self.lost = (f"destination {self.path} does not answer (nothing in {bound:g} s): the "
+                     "backup disk may be failing, or was unplugged")
+        log.error("destination does not answer", destination=self.path, bound_s=bound)
+        return DestinationLost(self.lost)
+
+    async def _raise_explained(self, error: OSError) -> NoReturn:
+        """Raise ``error``, or DestinationLost when the destination went away under it."""
+        gone = await self.gone()
+        if gone is None:
+            raise error
+        raise DestinationLost(gone) from error
+
+    def _vanished(self) -> str | None:
+        if self.identity is None:
+            return None
+        try:
+            st = os.stat(self.path)
+        except OSError as e:
+            seen = f"{e.strerror}"
+        else:
+            if (st.st_dev, st.st_ino) == self.identity:
+                return None
+            seen = "another filesystem is there now"
+        return (f"destination {self.path} vanished during the run ({seen}): "
+                "the backup disk was unmounted or unplugged")
+
+    def gone_now(self) -> str | None:
+        return self.lost or self._vanished()
+
+    async def gone(self) -> str | None:
+        if self.lost is not None or self.identity is None:
+            return self.lost
+        try:
+            with anyio.fail_after(ANSWER_BOUND_S):
+                seen = await anyio.to_thread.run_sync(self._vanished, abandon_on_cancel=True)
+        except TimeoutError:
+            return str(self._not_answering(ANSWER_BOUND_S))
+        if seen is not None:
+            self.lost = seen
+        return seen
+
+    async def problem(self, require_mountpoint: bool) -> str | None:
+        return await self._call(_problem, self.path, require_mountpoint)
+
+    async def remember(self) -> None:
+        self.identity = await self._call(_identity, self.path)
+
+    async def scan(self) -> list[Entry]:
+        return await self._call(scan, self.path)
+
+    async def name_is_free(self, name: str) -> bool:
+        return await self._call(name_is_free, self.path, name)
+
+    async def holding(self, backups: list[str], source: str | None,
+                      inner: bytes | None) -> list[str]:
+        def look() -> list[str]:
+            return [n for n in backups if holds(self.path, n, source, inner)]
+
+        return await self._call(look)
+
+    async def is_btrfs(self) -> bool:
+        return await self._call(is_btrfs, self.path)
+
+    async def newest_holding(self, entries: list[Entry], source: str) -> str | None:
+        return await self._call(newest_holding, self.path, entries, source)
+
+    async def is_subvolume(self, path: str) -> bool:
+        return await self._call(is_subvolume, path)
+
+    async def create(self, folder: str) -> None:
+        await self._call(_make_folder, self.path_of(folder))
+
+    async def rename(self, folder: str, new: str) -> None:
+        await self._call(_rename_folder, self.path_of(folder), self.path_of(new))
+
+    async def remove(self, folder: str) -> None:
+        if self.lost is not None:
+            raise DestinationLost(self.lost)
+        progress = Progress(ANSWER_BOUND_S)
+        try:
+            with progress.scope:
+                await remove_tree(self.path_of(folder), progress)
+        except DestinationLost:
+            raise
+        except OSError as e:
+            await self._raise_explained(e)
+        if progress.scope.cancelled_caught:
+            raise self._not_answering(ANSWER_BOUND_S)
+
+    async def flush(self) -> None:
+        await self._call(_syncfs, self.path, bound=FLUSH_BOUND_S)
+
+    async def space(self) -> tuple[int, int] | None:
+        return await self._call(space, self.path)
+
+
+def destination_of(config: Config) -> Destination:
+    """The configured destination."""
+    return LocalDestination(config.destination)
+
+
+async def destination_problem_async(config: Config) -> str | None:
+    """``destination_problem`` off the event loop, bounded (DestinationLost when it does
+    not answer)."""
+    return await destination_of(config).problem(config.require_mountpoint)
+
+
+async def scan_async(destination: str) -> list[Entry]:
+    """``scan`` off the event loop, bounded (see LocalDestination)."""
+    return await LocalDestination(destination).scan()
 
 
 async def clean_stale(destination: str, entries: list[Entry]) -> None:
-    """Remove in-progress folders of crashed runs and finish interrupted deletions.
+    """``Destination.clean_stale`` on the local folder ``destination``."""
+    await LocalDestination(destination).clean_stale(entries)
 
-    Links named like them are removed as links. A cancel takes effect
-    before the next entry (and within the one being removed).
+
+async def delete_backup(destination: str, name: str) -> None:
+    """``Destination.delete_backup`` on the local folder ``destination``."""
+    await LocalDestination(destination).delete_backup(name)
+
+
+async def choose_name(destination: str) -> tuple[str, datetime]:
+    """The backup name of now; wait for the next second while it is taken (SPEC §1).
+
+    A destination that does not answer is not visible: its names are
+    checked again once the backup hooks' ``pre`` have run.
     """
-    for entry in entries:
-        if entry.state == "complete":
-            continue
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        path = os.path.join(destination, entry.folder)
-        if entry.link:
-            what = "symbolic link named like a backup folder"
-        elif entry.state == "in-progress":
-            what = "stale in-progress folder of a crashed run"
-        else:
-            what = "interrupted deletion"
-        log.warning(f"removing {what}", folder=path)
-        await remove_tree(path)
-
-
-
+    while True:
+        moment = datetime.now().astimezone()
+        name = format_name(moment)
+        with anyio.move_on_after(ANSWER_BOUND_S):
+            if await anyio.to_thread.run_sync(_name_is_taken, destination, name,
+                                              abandon_on_cancel=True):
+                await anyio.sleep(1.0 - moment.microsecond / 1e6 + 0.001)
+                continue
+        return name, moment

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
-from .destination import complete, scan
+from .destination import complete, holds, scan
 from .errors import PibackupError
 from .names import parse_name
+
+if TYPE_CHECKING:
+    from .destination import Destination
 
 LATEST = "latest"
 
@@ -26,23 +30,27 @@ def check_backup_arg(arg: str) -> None:
                            "nor 'latest'")
 
 
-def _holds(destination: str, name: str, source: str | None, inner: bytes | None) -> bool:
-    if source is None:
-        return True
-    path = os.path.join(os.fsencode(destination), name.encode(), source.encode())
-    if inner:
-        path = os.path.join(path, inner)
-    return os.path.lexists(path) and (inner is not None or os.path.isdir(path))
-
-
 def find_backup(destination: str, arg: str, source: str | None = None,
                 inner: bytes | None = None) -> str:
     """The complete backup ``arg`` names (``latest``: the newest holding ``source`` and
     ``inner``, a path inside it). Raises NotHeld naming the newest backup that does hold
-    them, if any; OSError if the destination cannot be read. Reads the disk: call it off
-    the event loop where a signal must be heard."""
+    them, if any; OSError if the destination cannot be read. Reads the disk: run it in
+    a worker thread (``find`` is the same for async code)."""
     backups = [e.name for e in complete(scan(destination))]
-    holding = [n for n in backups if _holds(destination, n, source, inner)]
+    holding = [n for n in backups if holds(destination, n, source, inner)]
+    return _choose(destination, arg, source, inner, backups, holding)
+
+
+async def find(dest: Destination, arg: str, source: str | None = None,
+               inner: bytes | None = None) -> str:
+    """``find_backup`` through ``dest``: off the event loop, bounded."""
+    backups = [e.name for e in complete(await dest.scan())]
+    holding = await dest.holding(backups, source, inner)
+    return _choose(dest.path, arg, source, inner, backups, holding)
+
+
+def _choose(destination: str, arg: str, source: str | None, inner: bytes | None,
+            backups: list[str], holding: list[str]) -> str:
     what = source if source is not None else "anything"
     if inner:
         what += "/" + os.fsdecode(inner)

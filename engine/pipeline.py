@@ -16,23 +16,14 @@ import structlog
 from structlog.contextvars import bound_contextvars
 
 from .context import CriticalStop, Interruption, RunContext, RunOptions, StepFailed
-from .destination import (
-    choose_name,
-    clean_stale,
-    complete,
-    destination_problem_async,
-    name_is_free,
-    remove_tree,
-    scan_async,
-    space,
-)
+from .destination import DestinationLost, choose_name, complete
 from .errors import Interrupted
-from .filesystems import is_btrfs
 from .heartbeat import beating
 from .hooks import Kind, hook_stage
 from .lock import private_state
 from .mail_body import render_body, should_send
 from .monitor import BODY_CAP, ping, previous_success, render_metrics, replace_file
+from .names import IN_PROGRESS
 from .pruning import prune
 from .remote import RemoteError, open_remotes
 from .report import (
@@ -220,14 +211,13 @@ async def _steps(ctx: RunContext) -> None:
 
 async def _open_destination(ctx: RunContext) -> None:
     """Check the destination, clean up after crashed runs, create ``<name>.in-progress``."""
-    dest = ctx.destination
+    dest = ctx.dest
     t0 = time.monotonic()
-    problem = await destination_problem_async(ctx.config)
+    problem = await dest.problem(ctx.config.require_mountpoint)
     if problem is not None:
         ctx.fail_step(problem)
-    st = await anyio.to_thread.run_sync(os.stat, dest)
-    ctx.destination_identity = (st.st_dev, st.st_ino)
-    entries = await scan_async(dest)
+    await dest.remember()
+    entries = await dest.scan()
     done = complete(entries)
     # The name's own time, not a later reading: NTP may step the clock
     # forward during a pre, and the name is what orders the backups.
@@ -235,17 +225,17 @@ async def _open_destination(ctx: RunContext) -> None:
         ctx.fail_step(f"destination: the clock read {ctx.started.isoformat()} when the run "
                       f"started, earlier than the newest backup {done[0].name}; is the time "
                       "set (NTP synced)?")
-    if not name_is_free(dest, ctx.name):
+    if not await dest.name_is_free(ctx.name):
         ctx.fail_step(f"destination: the backup name {ctx.name} is already taken")
-    await clean_stale(dest, entries)
+    await dest.clean_stale(entries)
     ctx.previous = done
-    ctx.dest_is_btrfs = is_btrfs(dest)
+    ctx.dest_is_btrfs = await dest.is_btrfs()
     for work in ctx.source_work.values():
         await work.clean_stale()
     try:
-        os.mkdir(ctx.in_progress_dir)
+        await dest.create(ctx.name + IN_PROGRESS)
     except OSError as e:
-        ctx.fail_step(f"destination: cannot create {ctx.in_progress_dir}: {e.strerror}")
+        ctx.fail_step(_destination_failure(e, f"cannot create {ctx.in_progress_dir}"))
     ctx.in_progress_created = True
     log.info("in-progress folder created", folder=ctx.in_progress_dir,
              duration_s=round(time.monotonic() - t0, 6))
@@ -288,7 +278,7 @@ async def _for_each_source(ctx: RunContext, work: Work) -> None:
                  f"failed: {problem}")
         record.status = "failed"
         if source.optional:
-            await remove_tree(os.path.join(ctx.in_progress_dir, source.name))
+            await _remove_optional_folder(ctx, source.name)
         else:
             failed_required = True
             tg.cancel_scope.cancel()
@@ -301,6 +291,19 @@ async def _for_each_source(ctx: RunContext, work: Work) -> None:
              duration_s=round(time.monotonic() - t0, 6), failed=failed_required)
     if failed_required:
         raise StepFailed("a source failed")
+
+
+async def _remove_optional_folder(ctx: RunContext, source: str) -> None:
+    """Take a failed optional source's folder out of the backup.
+
+    The run has failed for that source already: a folder that cannot be
+    removed is said, and stays; it is no reason to cancel the other sources.
+    """
+    try:
+        await ctx.dest.remove(os.path.join(ctx.name + IN_PROGRESS, source))
+    except OSError as e:
+        log.warning("folder of a failed optional source not removed; it stays in the backup",
+                    folder=os.path.join(ctx.in_progress_dir, source), error=str(e))
 
 
 async def _run_step(ctx: RunContext, source: SourceConfig, step: Step, work: Work,
@@ -327,14 +330,17 @@ async def _run_step(ctx: RunContext, source: SourceConfig, step: Step, work: Wor
         step.finish("ok")
         log.info(f"{kind} finished", duration_s=step.duration_s, bytes=record.bytes)
         return None
-    # A copy that failed because the disk went away says so, not "rsync code 23".
-    gone = await anyio.to_thread.run_sync(ctx.destination_gone, abandon_on_cancel=True)
-    if gone is not None:
-        problem = gone
+    # The step ran and failed: recorded before the destination is asked
+    # below, so a signal while it is asked leaves the step failed, not skipped.
     if step.start is None:
         step.begin()
     step.finish("failed")
-    log.error(f"{kind} failed", problem=problem, duration_s=step.duration_s)
+    try:
+        # A copy that failed because the disk went away (or hangs) says so,
+        # not "rsync code 23"; asking is bounded, so the posts still run.
+        problem = await ctx.dest.gone() or problem
+    finally:
+        log.error(f"{kind} failed", problem=problem, duration_s=step.duration_s)
     return problem
 
 
@@ -362,10 +368,9 @@ def _snapshot_window(ctx: RunContext) -> Iterator[None]:
 async def _finish_backup(ctx: RunContext) -> None:
     """Rename the in-progress folder to the backup's name, then apply retention."""
     try:
-        os.rename(ctx.in_progress_dir, ctx.final_dir)
+        await ctx.dest.rename(ctx.name + IN_PROGRESS, ctx.name)
     except OSError as e:
-        ctx.fail_step(ctx.destination_gone()
-                      or f"destination: cannot rename {ctx.in_progress_dir}: {e.strerror}")
+        ctx.fail_step(_destination_failure(e, f"cannot rename {ctx.in_progress_dir}"))
     ctx.report.saved = True
     t0 = time.monotonic()
     log.info("backup saved", folder=ctx.final_dir)
@@ -373,7 +378,7 @@ async def _finish_backup(ctx: RunContext) -> None:
         # Only now, with the new copy under its final name (a parent for the next run).
         await work.finish(failed=ctx.report.sources[source_name].status == "failed")
     retention = ctx.report.retention
-    await prune(ctx.config, retention, protect=ctx.name)
+    await prune(ctx.dest, ctx.config.retention, retention, protect=ctx.name)
     log.info("retention applied", deleted=len(retention.deleted), kept=len(retention.kept),
              duration_s=round(time.monotonic() - t0, 6))
     if retention.errors:
@@ -397,7 +402,7 @@ async def _discard_unfinished(ctx: RunContext) -> None:
         if ctx.in_progress_created:
             log.info("removing the unfinished backup", folder=ctx.in_progress_dir)
             try:
-                await remove_tree(ctx.in_progress_dir)
+                await ctx.dest.remove(ctx.name + IN_PROGRESS)
             except OSError as e:
                 log.warning("unfinished backup not removed; the next run removes it",
                             folder=ctx.in_progress_dir, error=e.strerror or str(e))
@@ -408,18 +413,22 @@ async def _discard_unfinished(ctx: RunContext) -> None:
 
 async def _measure_space(ctx: RunContext) -> None:
     """Free and total bytes of the destination, if it is still the one step 1 found."""
-    with anyio.move_on_after(_SPACE_BOUND_S, shield=True):
-        if ctx.destination_identity is None:
+    dest = ctx.dest
+    with anyio.move_on_after(_SPACE_BOUND_S, shield=True), contextlib.suppress(OSError):
+        if dest.identity is None or await dest.gone():
             return
-        if await anyio.to_thread.run_sync(ctx.destination_gone, abandon_on_cancel=True):
-            return
-        measured = await anyio.to_thread.run_sync(space, ctx.destination,
-                                                  abandon_on_cancel=True)
+        measured = await dest.space()
         if measured is not None:
             ctx.report.destination = DestinationSpace(*measured)
-        with contextlib.suppress(OSError):
-            entries = await scan_async(ctx.destination)
-            ctx.backups_after = len(complete(entries))
+        ctx.backups_after = len(complete(await dest.scan()))
+
+
+def _destination_failure(error: OSError, doing: str) -> str:
+    """The line for an operation on the destination that failed: the destination's own
+    (vanished, not answering) when that is why."""
+    if isinstance(error, DestinationLost):
+        return str(error)
+    return f"destination: {doing}: {error.strerror or error}"
 
 
 # --- the report -----------------------------------------------------------------------

@@ -2,48 +2,51 @@
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 import structlog
 
 from .command_stage import under_hooks
-from .destination import clean_stale, complete, delete_backup, scan_async
+from .destination import DestinationLost, complete
 from .retention import plan_retention
 
 if TYPE_CHECKING:
-    from .config import Config
+    from .config import Config, Retention
     from .context import Interruption, RunContext
+    from .destination import Destination
     from .report import Report, RetentionResult
 
 log = structlog.get_logger("pibackup.retention")
 
 
-async def prune(config: Config, result: RetentionResult, *, protect: str | None = None) -> None:
+async def prune(dest: Destination, rules: Retention | None, result: RetentionResult, *,
+                protect: str | None = None) -> None:
     """Delete the complete backups that no rule keeps, recording what happened in ``result``.
 
     ``protect`` (the backup just made) is never deleted whatever the rules
-    say. A failed deletion is logged and recorded; the others still go. A
-    cancel takes effect before the next deletion (the one under way stays
+    say. A failed deletion is logged and recorded; the others still go,
+    unless the destination itself is lost (none of them could). A cancel
+    takes effect before the next deletion (the one under way stays
     ``.deleting``, for the next run): what was deleted by then is recorded.
     Raises OSError if the destination cannot be read.
     """
-    names = [e.name for e in complete(await scan_async(config.destination))]
-    plan = plan_retention(names, config.retention)
-    result.kept = {name: list(rules) for name, rules in plan.kept.items()}
+    names = [e.name for e in complete(await dest.scan())]
+    plan = plan_retention(names, rules)
+    result.kept = {name: list(kept_by) for name, kept_by in plan.kept.items()}
     for name in plan.deleted:
         if name == protect:
             result.kept[name] = ["newest"]
             continue
         try:
-            await delete_backup(config.destination, name)
+            await dest.delete_backup(name)
         except OSError as e:
             message = f"could not delete backup {name}: {e}"
             log.error("retention deletion failed", backup=name, error=str(e))
             result.errors.append(message)
+            if isinstance(e, DestinationLost):
+                break
         else:
-            log.info("old backup deleted", backup=name,
-                     folder=os.path.join(config.destination, name))
+            log.info("old backup deleted", backup=name, folder=dest.path_of(name))
             result.deleted.append(name)
 
 
@@ -57,9 +60,9 @@ async def prune_backups(config: Config, interruption: Interruption) -> Report:
     """
 
     async def work(ctx: RunContext) -> None:
-        entries = await scan_async(config.destination)
-        await clean_stale(config.destination, [e for e in entries if e.state == "deleting"])
-        await prune(config, ctx.report.retention)
+        entries = await ctx.dest.scan()
+        await ctx.dest.clean_stale([e for e in entries if e.state == "deleting"])
+        await prune(ctx.dest, config.retention, ctx.report.retention)
         if ctx.report.retention.errors:
             ctx.fail(f"retention: {ctx.report.retention.errors[0]}")
 

@@ -27,12 +27,12 @@ import structlog
 
 from .command_stage import find_and_use, under_hooks
 from .config import SOURCE_NAME
-from .destination import destination_problem_async
+from .destination import destination_of
 from .errors import DestinationUnavailable
 from .failure_text import telling_line
 from .filesystems import is_within
 from .heartbeat import beating
-from .lookup import LATEST, UsageProblem, check_backup_arg, find_backup
+from .lookup import LATEST, UsageProblem, check_backup_arg, find
 from .pathtext import parse_path, show_path
 from .processes import Tail, describe_exit, drain, managed_process
 from .remote import RemoteError, open_remotes
@@ -200,14 +200,21 @@ def _local_target_problem(request: Request) -> str | None:
     return None
 
 
+def _make_local_target(request: Request) -> str | None:
+    """Why the local TARGET cannot be restored into, or None once it is a folder."""
+    problem = _local_target_problem(request)
+    if problem is None and not os.path.isdir(request.target):
+        os.mkdir(request.target)
+    return problem
+
+
 async def _find(config: Config, request: Request) -> str:
     """The backup to read; NotHeld or DestinationUnavailable (exit 1) otherwise."""
-    problem = await destination_problem_async(config)
+    dest = destination_of(config)
+    problem = await dest.problem(config.require_mountpoint)
     if problem is not None:
         raise DestinationUnavailable(problem)
-    return await anyio.to_thread.run_sync(
-        find_backup, config.destination, request.backup, request.source,
-        request.inner or None, abandon_on_cancel=True)
+    return await find(dest, request.backup, request.source, request.inner or None)
 
 
 def _which(request: Request, backup: str) -> str:
@@ -244,11 +251,10 @@ async def restore(config: Config, request: Request, interruption: Interruption) 
         backup = await find_and_use(ctx, request.backup, request.source, request.inner or None)
         log.info(f"restoring from {_which(request, backup)}", item=request.item)
         if request.host is None:
-            problem = _local_target_problem(request)
+            problem = await anyio.to_thread.run_sync(_make_local_target, request,
+                                                     abandon_on_cancel=True)
             if problem is not None:
                 ctx.fail_step(problem)
-            if not os.path.isdir(request.target):
-                os.mkdir(request.target)
             await _rsync(config, request, backup, None, ctx)
             return
         async with open_remotes(config) as remotes:
@@ -321,7 +327,8 @@ async def plan_restore(config: Config, request: Request, emit: Callable[[str], N
     emit(f"would restore {request.item} from {_which(request, backup)} "
          f"into {request.where}")
     if request.host is None:
-        problem = _local_target_problem(request)
+        problem = await anyio.to_thread.run_sync(_local_target_problem, request,
+                                                 abandon_on_cancel=True)
         if problem is not None:
             raise PlanFailed(problem)
         argv = restore_argv(config, request, backup)

@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING
 
 import anyio
 import anyio.from_thread
-import anyio.to_thread
 import structlog
 
 from .command_stage import find_and_use, under_hooks
@@ -114,8 +113,6 @@ async def verify_backup(config: Config, interruption: Interruption, request: Ver
 
     async def work(ctx: RunContext) -> None:
         name = await find_and_use(ctx, request.backup, request.source)
-        ctx.destination_identity = await anyio.to_thread.run_sync(
-            _identity, config.destination, abandon_on_cancel=True)
         log.info("verifying backup", backup=name, source=request.source,
                  against_source=request.against_source)
         tally = await _verify(ctx, name, request, say)
@@ -142,16 +139,11 @@ def _problem_text(tally: Tally) -> str:
     return f"{tally.problems} {noun} ({tally.unreadable} unreadable, {tally.corrupt} corrupt)"
 
 
-def _identity(path: str) -> tuple[int, int]:
-    st = os.stat(path)
-    return st.st_dev, st.st_ino
-
-
 async def _verify(ctx: RunContext, name: str, request: VerifyRequest,
                   say: Callable[[str], None]) -> Tally:
     live = _live_roots(ctx.config, request) if request.against_source else None
     job = _Job(os.fsencode(os.path.join(ctx.destination, name)), live, say,
-               ctx.destination_gone)
+               ctx.dest.gone_now)
     tallies: list[Tally] = []
 
     async def run(func: Callable[[], Tally]) -> None:
