@@ -47,7 +47,7 @@ from hookkit import (
     wait_marker,
     wait_no_processes,
 )
-from sshkit import SSHD, Sshd, established_to, free_port
+from sshkit import SSHD, Sshd, descendants, established_to, free_port
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -108,15 +108,34 @@ def wait_disconnected(server: Sshd, timeout: float = 10) -> None:
         ) from None
 
 
-def wait_remote_rsync(running: Running, path: Path) -> None:
-    """Wait until the remote side's rsync server is copying ``path``."""
+def remote_rsyncs(server: Sshd) -> list[int]:
+    """The rsync servers on the "remote" side: live processes below the test sshd.
+
+    Found by their place, not by a path: with ``-s`` the paths travel inside
+    rsync's protocol, and the server's command line names none.
+    """
+    assert server.proc is not None
+    found = []
+    for pid in descendants(server.proc.pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        # A zombie's command line is empty: it is not running any more.
+        if argv[0].endswith(b"rsync") and b"--server" in argv:
+            found.append(pid)
+    return found
+
+
+def wait_remote_rsync(running: Running, server: Sshd) -> None:
+    """Wait until the remote side's rsync server is copying."""
     def serving() -> bool:
         if running.proc.poll() is not None:
             raise AssertionError(f"the CLI exited early; stderr:\n{running.stderr}")
-        return any("rsync" in cmd and "--server" in cmd
-                   for _, cmd in processes_mentioning(str(path)))
+        return bool(remote_rsyncs(server))
 
-    wait_for(serving, 20, f"the remote rsync server for {path}")
+    wait_for(serving, 20, "the remote rsync server")
 
 
 def build_tree(root: Path) -> None:
@@ -307,12 +326,13 @@ def test_sigint_during_a_remote_rsync_kills_both_sides_and_runs_the_posts(
         + remote_source("data", slow, "h1", **SLOW_REMOTE)
     )
     with start(ws) as running:
-        wait_remote_rsync(running, slow)
+        wait_remote_rsync(running, sshd)
         running.send(signal.SIGINT)
         rc = running.wait(40)
     assert rc == 130, running.stderr
-    # The local rsync, its ssh and the rsync server on the "remote" side.
+    # The local rsync and its ssh, and the rsync server on the "remote" side.
     wait_no_processes(ws, timeout=15)
+    wait_for(lambda: remote_rsyncs(sshd) == [], 15, "the remote rsync server to end")
     wait_disconnected(sshd)
     assert order(ws) == ["b1.pre", "r1.pre", "r1.post", "b1.post"]
     assert statuses(ws)["r1.post"] == "interrupted"
