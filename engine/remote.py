@@ -113,7 +113,8 @@ def wrap_command(command: str, env: Mapping[str, str], *, sudo: bool) -> str:
     # coreutils' ``timeout`` (0: never times out) leads a process group of
     # its own and, when its child dies of a signal, dies of that signal too
     # (so does sudo). ``setsid --wait`` exited with the raw wait status
-    # instead: SIGKILL read as "exit code 9", a failure, not a cut.
+    # instead: SIGKILL read as "exit code 9", a failure, not a cut. The
+    # group's id is timeout's pid: the inner shell's $PPID.
     inner = f'echo "{_PGID_MARK}$PPID" >&2; exec /bin/sh -c "$1"'
     argv = ["env", *assignments, "timeout", "0", "/bin/sh", "-c", inner, "pibackup", command]
     if sudo:
