@@ -206,6 +206,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A Ctrl-C before the run installed its own handler: nothing started yet.
         print("pibackup-async: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
+    except Exception as e:
+        # The last resort (SPEC §2): what escaped every step's and adapter's
+        # mapping — a bug, or the process out of file descriptors — is one
+        # line and exit 1; its traceback is for -v. Nothing is imported here:
+        # the error may be that nothing more can be opened.
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        else:
+            # Freeing what the error held (a half-made event loop) runs
+            # destructors that fail in turn; Python would print their
+            # tracebacks as "Exception ignored in …".
+            sys.unraisablehook = _ignore
+        print(f"error: unexpected error: {_one_line(e)}", file=sys.stderr)
+        return 1  # SPEC §5: the command failed
+
+
+def _ignore(unraisable: sys.UnraisableHookArgs) -> None:
+    pass
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def entry() -> NoReturn:

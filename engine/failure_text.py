@@ -70,6 +70,10 @@ _HINTS = (
 )
 # Between a problem and its hint; one line, as the report's `failure` is.
 HINT_SEPARATOR = " — "
+# The longest failure line (its hint aside), read in a report or a mail on a
+# phone; longer ones keep their start and their end, where the cause is.
+FAILURE_CAP = 400
+_FAILURE_HEAD = 120
 
 
 def root_cause(text: str) -> str | None:
@@ -132,11 +136,23 @@ def one_line(text: str) -> str:
     return lines[0] if telling in (None, lines[0]) else f"{lines[0]} … {telling}"
 
 
+def shorten(line: str, cap: int = FAILURE_CAP) -> str:
+    """``line`` cut in the middle to at most ``cap`` characters: its start says who failed,
+    its end why (rsync names a path, then the error: ``opendir "/a/b/…/y/z" failed:
+    Input/output error (5)``)."""
+    if len(line) <= cap:
+        return line
+    tail = cap - _FAILURE_HEAD - 1
+    return f"{line[:_FAILURE_HEAD]}…{line[-tail:]}"
+
+
 def with_hint(problem: str) -> str:
-    """``problem`` on one line (``one_line``), followed by its hint when one applies and is
-    not there yet (idempotent)."""
-    problem = one_line(problem)
+    """``problem`` on one line (``one_line``) of at most FAILURE_CAP characters (``shorten``),
+    followed by its hint when one applies and is not there yet (idempotent)."""
+    # The hint is taken off first: a line already given one stays as it is.
+    problem = one_line(without_hint(problem))
     hint = hint_for(problem)
+    problem = shorten(problem)
     if hint is None or hint in problem:
         return problem
     return f"{problem}{HINT_SEPARATOR}{hint}"

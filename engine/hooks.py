@@ -11,9 +11,10 @@ import structlog
 from structlog.contextvars import bound_contextvars
 
 from .context import CriticalStop, HookCutShort, RunContext, StepFailed
+from .errors import CannotStart
 from .failure_text import telling_line
 from .heartbeat import beating
-from .processes import describe_exit, run_process
+from .processes import ENDING_BOUND_S, describe_exit, run_process
 from .remote import RemoteError
 from .report import HookStep
 
@@ -28,7 +29,9 @@ Kind = Literal["backup", "snapshot"]
 Phase = Literal["pre", "post"]
 
 # Posts run after the body failed or was cancelled, shielded: their shield
-# needs a deadline too, longer than the posts' own timeouts together.
+# needs a deadline too, longer than the posts' own worst cases together
+# (ENDING_BOUND_S each: a post past its timeout may ignore SIGTERM), plus a
+# margin for the work between them.
 _POST_MARGIN_S = 30.0
 
 
@@ -82,6 +85,8 @@ async def run_hook(ctx: RunContext, kind: Kind, hook: Hook, phase: Phase) -> Non
             raise
         except RemoteError as e:
             problem, cut_short = str(e), True
+        except CannotStart as e:
+            problem = str(e)
         except OSError as e:
             problem = f"cannot start {argv[0]!r}: {e.strerror or e}"
         except Exception as e:
@@ -152,7 +157,7 @@ async def hook_stage(ctx: RunContext, kind: Kind, hooks: Sequence[Hook]) -> Asyn
 
 async def _run_posts(ctx: RunContext, kind: Kind, owned: list[Hook]) -> None:
     posts = [h for h in reversed(owned) if h.post is not None]
-    bound = sum(h.timeout_s for h in posts) + _POST_MARGIN_S
+    bound = sum(h.timeout_s + ENDING_BOUND_S for h in posts) + _POST_MARGIN_S
     with anyio.move_on_after(bound, shield=True):
         for hook in posts:
             if ctx.halted:

@@ -24,7 +24,7 @@ import anyio.lowlevel
 import structlog
 
 from .durations import parse_duration
-from .errors import PibackupError
+from .errors import PibackupError, describe
 from .mail_body import (
     render_body,
     render_subject,
@@ -263,7 +263,9 @@ class _Server:
         except TimeoutError:
             raise _Failure(f"{stage}: no answer within {self.smtp.timeout}",
                            transient=True) from None
-        except (aiosmtplib.SMTPException, OSError) as e:
+        except (aiosmtplib.SMTPException, OSError, ValueError) as e:
+            # ValueError: a host name the resolver refuses before asking anyone
+            # (UnicodeError: a label longer than IDNA's 63 characters).
             raise _classify(stage, e) from None
         finally:
             await _close(client)
@@ -385,6 +387,14 @@ def _classify(stage: str, exc: BaseException) -> _Failure:
     return _Failure(f"{stage}: {_one_line(str(exc))}", transient=False)
 
 
+def _traceback(error: BaseException, secrets: _Secrets) -> str:
+    """The traceback for ``-v``, as plain text without the password: a logged exception
+    would be drawn with each frame's variables, the login's password among them."""
+    import traceback
+
+    return secrets.scrub("".join(traceback.format_exception(error)))
+
+
 def _cause(exc: BaseException, kind: type[_E]) -> _E | None:
     seen: set[int] = set()
     current: BaseException | None = exc
@@ -455,8 +465,10 @@ async def _send_with_retries(server: _Server, message: EmailMessage,
                             attempt=attempt, retry_in_s=round(wait, 3))
                 await anyio.sleep(wait)
             except Exception as e:  # the boundary: nothing from the mailer may end the run
-                last = secrets.scrub(f"{server.where}: unexpected error: {_one_line(str(e))}")
-                log.exception("report delivery failed unexpectedly", error=last)
+                last = secrets.scrub(f"{server.where}: unexpected error: {describe(e)}")
+                log.debug("unexpected error in the mail delivery",
+                          traceback=_traceback(e, secrets))
+                log.error("report delivery failed unexpectedly", error=last)
                 break
             else:
                 log.info("report sent", to=settings.to, server=server.where, attempts=attempt)
@@ -485,5 +497,8 @@ async def check_smtp(settings: ReportSettings, *, send_test: bool) -> str | None
         await server.session(message, settings.sender, settings.to)
     except (MailError, _Failure) as e:
         return secrets.scrub(str(e))
+    except Exception as e:  # the boundary: `check` says what failed, in one line
+        log.debug("unexpected error in the mail check", traceback=_traceback(e, secrets))
+        return secrets.scrub(f"unexpected error: {describe(e)}")
     log.info("smtp check passed", server=server.where, sent_test=send_test)
     return None

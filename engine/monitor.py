@@ -24,9 +24,12 @@ from urllib.parse import urlsplit, urlunsplit
 import anyio
 import structlog
 
+from .errors import DeliveryError, describe, map_errors
 from .report import Delivery
 
 if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
     from .report import Report
 
 log = structlog.get_logger("pibackup.monitor")
@@ -46,10 +49,6 @@ def ping_target(url: str, suffix: str) -> str:
     return urlunsplit(parts._replace(path=parts.path.rstrip("/") + suffix))
 
 
-class _Refused(Exception):
-    """A 4xx: trying again will not help."""
-
-
 def _request(url: str, body: bytes | None, method: str) -> int:
     # Imported here: urllib.request (http.client, email) costs a run without
     # [monitor] ~10 ms of start-up.
@@ -62,11 +61,37 @@ def _request(url: str, body: bytes | None, method: str) -> int:
     opener = urllib.request.build_opener(_Redirects)
     request = urllib.request.Request(url, data=body, method=method,
                                      headers={"User-Agent": "pibackup-async"})
-    try:
-        with opener.open(request, timeout=PING_BOUND_S) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as e:
-        return int(e.code)
+    with _ping_errors():
+        try:
+            with opener.open(request, timeout=PING_BOUND_S) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as e:
+            return int(e.code)
+
+
+def _ping_errors() -> AbstractContextManager[None]:
+    """The HTTP client's errors as DeliveryErrors saying what went wrong, in one line.
+
+    urllib wraps only the connection's errors (URLError, an OSError); a
+    server that answers something other than HTTP raises http.client's own
+    (BadStatusLine), a bad URL or host name a ValueError (UnicodeError for a
+    host name too long for IDNA).
+    """
+    import http.client
+
+    return map_errors({
+        TimeoutError: lambda e: DeliveryError(f"no answer within {PING_BOUND_S:g} s"),
+        # Before HTTPException: a server that hangs up unanswered (RemoteDisconnected) is both.
+        OSError: lambda e: DeliveryError(f"cannot reach it: {_reason(e)}"),
+        http.client.HTTPException: lambda e: DeliveryError(f"not an HTTP answer: {describe(e)}"),
+        ValueError: lambda e: DeliveryError(f"cannot reach it: {describe(e)}"),
+    })
+
+
+def _reason(error: Exception) -> str:
+    # URLError carries the connection's own error (or a text) as its reason.
+    reason = getattr(error, "reason", None) or error
+    return describe(reason) if isinstance(reason, BaseException) else " ".join(str(reason).split())
 
 
 async def ping(url: str, suffix: str, body: bytes | None = None) -> Delivery:
@@ -81,8 +106,13 @@ async def ping(url: str, suffix: str, body: bytes | None = None) -> Delivery:
                     abandon_on_cancel=True)
         except TimeoutError:
             problem = f"no answer within {PING_BOUND_S:g} s"
-        except (OSError, ValueError) as e:
-            problem = f"cannot reach it: {getattr(e, 'reason', None) or e}"
+        except DeliveryError as e:
+            problem = str(e)
+        except Exception as e:
+            # A bug, or an error no one foresaw: the ping fails, the run does not.
+            log.debug("unexpected error in the ping", exc_info=True)
+            problem = f"unexpected error: {describe(e)}"
+            break
         else:
             if 200 <= code < 300:
                 log.info("monitor pinged", url=redact(url, suffix), attempt=attempt)
@@ -118,8 +148,11 @@ async def check_ping_server(url: str) -> str | None:
             await anyio.to_thread.run_sync(_request, root, None, "HEAD", abandon_on_cancel=True)
     except TimeoutError:
         return f"{root}: no answer within {PING_BOUND_S:g} s"
-    except (OSError, ValueError) as e:
-        return f"{root}: {getattr(e, 'reason', None) or e}"
+    except DeliveryError as e:
+        return f"{root}: {e}"
+    except Exception as e:
+        log.debug("unexpected error in the ping server's check", exc_info=True)
+        return f"{root}: unexpected error: {describe(e)}"
     return None
 
 

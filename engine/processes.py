@@ -15,6 +15,7 @@ disk) is abandoned after a bound and remembered for the report
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -30,8 +31,11 @@ from typing import TYPE_CHECKING
 import anyio
 import structlog
 
+from .errors import CannotStart, map_errors
+
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+    from contextlib import AbstractContextManager
     from types import TracebackType
 
     from anyio.abc import ByteReceiveStream, Process
@@ -39,9 +43,16 @@ if TYPE_CHECKING:
 GRACE_S = 10.0
 KILL_BOUND_S = 30.0
 _REAP_BOUND_S = 5.0
+# The longest a child takes to end once its caller gives up on it (a timeout,
+# a cancel): the grace, the bound after SIGKILL, then the two bounded reaps
+# (end_session's wait and managed_process's aclose).
+ENDING_BOUND_S = GRACE_S + KILL_BOUND_S + 2 * _REAP_BOUND_S
 _POLL_S = 0.05
 TAIL_LINES = 20
-_LINE_CAP = 1000
+# A line is kept whole up to here: an rsync message (a path of up to
+# PATH_MAX, 4096, and its error after it: rsync builds each in a buffer of
+# PATH_MAX + 1024) fits, so its cause at the end is never cut away.
+_LINE_CAP = 8 << 10
 # Big reads from a big pipe: a child printing hundreds of megabytes costs a
 # few hundred wake-ups, not tens of thousands.
 _READ_SIZE = 256 << 10
@@ -394,15 +405,17 @@ async def managed_process(
     or a pipe the block owns. Leaving it by any path — normal, error, cancel
     — ends every process of the session, shielded and bounded (SIGTERM,
     ``grace``, SIGKILL), except with ``leave_background`` once the child has
-    exited on its own: then what it left running stays. Raises OSError if
-    the program cannot start.
+    exited on its own: then what it left running stays. Raises CannotStart
+    (an OSError) if the program cannot start; under setpriv, a program that
+    setpriv cannot execute shows as exit code 126 or 127 instead (run_process
+    tells them apart).
     """
     command = list(argv)
     if _SETPRIV is not None:
         command = [_SETPRIV, "--pdeathsig", "KILL", "--", *command]
     # Shielded: a cancel landing inside the spawn would lose the handle of a
     # child that is already running, and nothing would ever end it.
-    with anyio.CancelScope(shield=True):
+    with anyio.CancelScope(shield=True), _start_errors(argv):
         process = await anyio.open_process(
             command, stdin=stdin, stdout=stdout, stderr=stderr, env=env, cwd=cwd,
             start_new_session=True
@@ -440,7 +453,7 @@ async def run_process(
     waiting for it. If the caller is cancelled (a timeout, a failing sibling,
     a signal) the whole session is ended before this returns, in both cases.
     ``on_start`` gets the child's pid once it runs (to watch its progress).
-    Raises OSError if the program cannot start.
+    Raises CannotStart (an OSError) if the program cannot start.
     """
     out, err = Tail(limit=stdout_lines), Tail()
     out_lines, err_lines = LineSplitter(out, "stdout"), LineSplitter(err, "stderr")
@@ -467,7 +480,54 @@ async def run_process(
     err_lines.close()
     code = process.returncode
     assert code is not None
+    refused = _setpriv_refused(argv, code, out, err)
+    if refused is not None:
+        raise refused
     return Finished(exit_code=code, stdout=out, stderr=err)
+
+
+def _cannot_start(argv: Sequence[str], cause: OSError | None, strerror: str) -> CannotStart:
+    return CannotStart(f"cannot start {argv[0]!r}: {strerror}", cause)
+
+
+def _start_errors(argv: Sequence[str]) -> AbstractContextManager[None]:
+    """The spawn's errors as CannotStart (an OSError still), naming the program."""
+    return map_errors({
+        OSError: lambda e: _cannot_start(argv, e if isinstance(e, OSError) else None,
+                                         getattr(e, "strerror", None) or str(e)),
+        # subprocess refuses a NUL byte in an argument or the environment.
+        ValueError: lambda e: _cannot_start(argv, None, str(e)),
+    })
+
+
+# setpriv's own exit codes when it cannot execute the program (util-linux's
+# EX_EXEC_ENOENT and EX_EXEC_FAILED), before which it prints one line:
+# "setpriv: failed to execute <program>: <strerror>".
+_EXEC_ENOENT, _EXEC_FAILED = 127, 126
+_ERRNO_OF = {os.strerror(n): n for n in sorted(errno.errorcode, reverse=True)}
+
+
+def _setpriv_refused(argv: Sequence[str], code: int, out: Tail, err: Tail
+                     ) -> CannotStart | None:
+    """CannotStart when the child that ran was setpriv failing to execute ``argv``.
+
+    Without setpriv, Python itself would have raised that error at the spawn.
+    Told from a program that exits 126 or 127 by itself by setpriv's one
+    line and nothing else. The words after the program's name are the
+    strerror, in the child's language: the errno is found from the English
+    text where it can be (126 covers every errno but ENOENT).
+    """
+    if _SETPRIV is None or code not in (_EXEC_ENOENT, _EXEC_FAILED):
+        return None
+    if out.lines or err.dropped or len(err.lines) != 1:
+        return None
+    line = err.lines[0]
+    program = f" {argv[0]}: "
+    if not line.startswith("setpriv: ") or program not in line:
+        return None
+    strerror = line.rpartition(program)[2].strip()
+    number = errno.ENOENT if code == _EXEC_ENOENT else _ERRNO_OF.get(strerror)
+    return _cannot_start(argv, OSError(number, strerror, argv[0]), strerror)
 
 
 def describe_exit(code: int) -> str:

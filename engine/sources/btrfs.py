@@ -291,9 +291,9 @@ async def _stream(remote: RemoteHost | None, send: list[str], receive: list[str]
     pgid: list[int] = []
     sender_argv = send if remote is None else await remote.command_argv(shlex.join(send))
     # Two pipes joined by splice() in a thread: the stream is counted for the
-    # report without passing through Python.
-    from_send, to_pump = os.pipe()
-    from_pump, to_receive = os.pipe()
+    # report without passing through Python. Made inside the try: if the
+    # second cannot be made (out of descriptors), the first is closed.
+    from_send = to_pump = from_pump = to_receive = -1
     size = 0
     spliced, splicing = anyio.Event(), False
 
@@ -309,6 +309,8 @@ async def _stream(remote: RemoteHost | None, send: list[str], receive: list[str]
         from_send = to_receive = -1
 
     try:
+        from_send, to_pump = os.pipe()
+        from_pump, to_receive = os.pipe()
         async with managed_process(sender_argv, stdout=to_pump) as sender, managed_process(
                 receive, stdin=from_pump) as receiver:
             os.close(to_pump)
