@@ -193,7 +193,7 @@ class SourceKind(ABC, Generic[S]):
     config: type[S]
     # The report's ``save`` is a step; else null (the snapshot is the whole copy).
     has_save: ClassVar[bool] = True
-    # Copies leave the engine's own folders out (``own_folders``), so the
+    # Copies leave the engine's own folders out (``engine_folders``), so the
     # destination may lie inside such a source; else that is refused at load.
     leaves_out_own_folders: ClassVar[bool] = False
     # Its keys beyond ``path`` that hold absolute paths (checked at load).
@@ -265,7 +265,7 @@ def _import_kind_modules() -> None:
 
 
 def kinds() -> Mapping[str, SourceKind[Any]]:
-    """Every kind by its tag: those of this package's modules first, in name order."""
+    """Every kind by its tag, in the order registered (this package's are imported first use)."""
     _import_kind_modules()
     return _KINDS
 
@@ -275,7 +275,7 @@ def kind_of(source: SourceConfig) -> SourceKind[Any]:
     return kinds()[source.kind]
 
 
-def own_folders(config: Config) -> list[str]:
+def engine_folders(config: Config) -> list[str]:
     """Every folder the engine writes on this machine: copies of any source leave them out."""
     own = [config.destination, config.state_dir, config.lock_path]
     for source in config.sources:

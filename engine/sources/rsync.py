@@ -30,7 +30,7 @@ from .kind import (
     SourceKind,
     SourcePlan,
     SourceWork,
-    own_folders,
+    engine_folders,
     register,
 )
 
@@ -89,7 +89,7 @@ def auto_excludes(config: Config, source_path: str) -> list[str]:
     """
     walked = os.path.realpath(source_path)
     excludes: list[str] = []
-    for real in _real_paths(tuple(own_folders(config))):
+    for real in _real_paths(tuple(engine_folders(config))):
         if is_within(real, walked) and not is_within(walked, real):
             pattern = f"--exclude=/{_escape(os.path.relpath(real, walked))}"
             if pattern not in excludes:
