@@ -335,13 +335,11 @@ async def _run_step(ctx: RunContext, source: SourceConfig, step: Step, work: Wor
     if step.start is None:
         step.begin()
     step.finish("failed")
-    try:
-        # A copy that failed because the disk went away (or hangs) says so,
-        # not "rsync code 23"; asking is bounded, so the posts still run.
-        problem = await ctx.dest.gone() or problem
-    finally:
-        log.error(f"{kind} failed", problem=problem, duration_s=step.duration_s)
-    return problem
+    record.status = "failed"
+    log.error(f"{kind} failed", problem=problem, duration_s=step.duration_s)
+    # A copy that failed because the disk went away (or hangs) says so, not
+    # "rsync code 23"; asking is bounded, so the posts still run.
+    return await ctx.dest.gone() or problem
 
 
 async def _snapshot(ctx: RunContext, source: SourceConfig, step: Step) -> int:

@@ -13,6 +13,7 @@ import shlex
 from typing import TYPE_CHECKING
 
 import anyio.from_thread
+import anyio.to_thread
 import structlog
 from msgspec import field
 
@@ -232,7 +233,11 @@ async def copy_into(run: Run, source: RsyncOptions, step: Step, *,
         host = run.remotes[source.host]
         await host.ensure_master()
         remote = host.transport
-    argv, link_dest = copy_argv(run, source, remote, excludes=excludes, from_path=from_path)
+    # Both read the destination's disk (its link-dest, its real path for the
+    # excludes), which may hang: off the event loop, abandoned on cancel.
+    argv, link_dest = await anyio.to_thread.run_sync(
+        functools.partial(copy_argv, run, source, remote, excludes=excludes,
+                          from_path=from_path), abandon_on_cancel=True)
     await copy(argv, source.rsync_ok_codes, step)
     return await written(os.path.join(run.in_progress_dir, source.name), link_dest)
 
