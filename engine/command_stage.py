@@ -23,6 +23,7 @@ from .errors import Interrupted
 from .hooks import hook_stage
 from .lock import private_state
 from .lookup import NotHeld, find
+from .remote import open_remotes
 from .report import Report, stamp
 
 if TYPE_CHECKING:
@@ -50,8 +51,11 @@ async def under_hooks(config: Config, interruption: Interruption, command: str,
             raise Interrupted(interruption.signum)
         with anyio.CancelScope() as scope:
             interruption.attach(scope)
+            # Only the remote backup hooks' hosts: a restore's HOST:TARGET has its own.
+            hook_hosts = {hook.host for hook in config.backup_hooks if hook.host}
             try:
-                async with hook_stage(ctx, "backup", config.backup_hooks):
+                async with (open_remotes(config, hook_hosts) as ctx.remotes,
+                            hook_stage(ctx, "backup", config.backup_hooks)):
                     # The pres have run: the posts name the backup used, none so far.
                     ctx.hook_view = ("", "")
                     problem = await ctx.dest.problem(config.require_mountpoint)

@@ -33,7 +33,7 @@ from .processes import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator, Mapping
+    from collections.abc import AsyncIterator, Collection, Iterator, Mapping
 
     from anyio.abc import ByteReceiveStream, Process
 
@@ -48,6 +48,10 @@ _WINDOW = 16 << 20
 _PACKET = 256 << 10
 _READ = 256 << 10
 _CLOSE_BOUND_S = 5.0
+# A Unix socket's path holds at most 107 bytes (sun_path, with its NUL), and
+# OpenSSH's master first binds its ControlPath plus ".XXXXXXXXXXXXXXXX".
+_SOCKET_PATH_MAX = 107
+_CONTROL_SUFFIX = 17
 _MASTER_EXIT_S = 0.5
 # asyncssh offers no event for "exit status received": it is polled while
 # the channel stays open (a hook's background job holds it).
@@ -84,6 +88,20 @@ def _reason(error: BaseException) -> str:
 def _shown(command: str) -> str:
     first = command.strip().splitlines()[0] if command.strip() else command
     return repr(first if len(first) <= 80 else first[:77] + "...")
+
+
+def _bracketed(address: str) -> str:
+    """An IPv6 address in brackets, so a ``:PORT`` or ``:PATH`` after it reads apart."""
+    return f"[{address}]" if ":" in address else address
+
+
+def _where(name: str, host: Host) -> str:
+    """``host NAME (ADDRESS:PORT)`` for messages."""
+    return f"host {name} ({_bracketed(host.address)}:{host.port})"
+
+
+def _fits_a_socket(path: str) -> bool:
+    return len(os.fsencode(path)) + _CONTROL_SUFFIX <= _SOCKET_PATH_MAX
 
 
 def _known_hosts(host: Host) -> str:
@@ -136,7 +154,10 @@ def ssh_options(host: Host, control_path: str) -> list[str]:
     """Options of the system ``ssh`` client for ``host`` (rsync's transport and the master)."""
     options = ["-p", str(host.port)]
     if host.identity_file:
-        options += ["-i", host.identity_file, "-o", "IdentitiesOnly=yes"]
+        # Not ``-i``: ssh expands its % tokens too, but looks for the file
+        # before that, so neither the path as written nor with %% would do.
+        options += ["-o", f"IdentityFile={_option_path(host.identity_file)}",
+                    "-o", "IdentitiesOnly=yes"]
     options += [
         "-o", f"UserKnownHostsFile={_option_path(_known_hosts(host))}",
         "-o", "StrictHostKeyChecking=yes",
@@ -160,7 +181,7 @@ def ssh_target(host: Host) -> str:
 def rsync_target(host: Host) -> str:
     """``user@address`` to put before ``:PATH``: an IPv6 address in brackets, which rsync
     strips before calling ssh (``root@fe80::1:/srv`` reads as a daemon's ``HOST::MODULE``)."""
-    address = f"[{host.address}]" if ":" in host.address else host.address
+    address = _bracketed(host.address)
     return f"{host.user}@{address}" if host.user else address
 
 
@@ -192,6 +213,9 @@ class RemoteHost:
         self.host = host
         self.limiter = anyio.CapacityLimiter(host.max_sessions)
         self.control_path = os.path.join(control_dir, name)
+        # A short folder of the host's own when control_dir is too deep for a
+        # socket (ensure_master); removed by aclose.
+        self._private_dir: str | None = None
         self._stack = AsyncExitStack()
         self._master_started = False
         self._master: Process | None = None
@@ -219,7 +243,7 @@ class RemoteHost:
     async def _connect(self) -> Any:
         import asyncssh
 
-        where = f"host {self.name} ({self.host.address}:{self.host.port})"
+        where = _where(self.name, self.host)
         options: dict[str, Any] = {
             "port": self.host.port,
             "known_hosts": _known_hosts(self.host),
@@ -287,7 +311,7 @@ class RemoteHost:
             raise self._broken(connection, command, error) from error
 
     def _broken(self, connection: Any, command: str, error: BaseException) -> RemoteError:
-        where = f"host {self.name} ({self.host.address}:{self.host.port})"
+        where = _where(self.name, self.host)
         if connection.is_closed() or not _is_channel_refusal(error):
             problem = f"connection to {where} lost while running {_shown(command)}"
             # Forget it: the next command (a later post) connects again.
@@ -408,6 +432,8 @@ class RemoteHost:
             if self._master_started:
                 return
             self._master_started = True
+            if not _fits_a_socket(self.control_path):
+                self._use_private_dir()
             argv = ["ssh", "-M", "-N", *ssh_options(self.host, self.control_path),
                     "-o", "ControlMaster=yes", ssh_target(self.host)]
             # Entered here, left when the run's remotes close: the master's
@@ -425,11 +451,31 @@ class RemoteHost:
             with anyio.move_on_after(2):
                 await drain(master.stderr, said, "stderr")
             last = said.lines[-1] if said.lines else "no answer"
-            self._error = (f"host {self.name} ({self.host.address}:{self.host.port}): ssh "
-                           f"failed: {last} (host keys checked against "
+            self._error = (f"{_where(self.name, self.host)}: ssh failed: {last} "
+                           "(host keys checked against "
                            f"{_known_hosts(self.host)})")
             log.error("host unavailable", host=self.name, problem=self._error)
             raise RemoteError(self._error)
+
+    def _use_private_dir(self) -> None:
+        """Move the control socket into a new private folder under the temporary one.
+
+        mkdtemp makes it 0700 with a name no other user can predict, so none
+        can squat it or reach the socket; /tmp stands in for a TMPDIR that is
+        too deep itself.
+        """
+        base = tempfile.gettempdir()
+        # mkdtemp's name is the prefix and 8 random characters.
+        if not _fits_a_socket(os.path.join(base, "pibackup-ssh-xxxxxxxx", self.name)):
+            base = "/tmp"
+        try:
+            self._private_dir = tempfile.mkdtemp(prefix="pibackup-ssh-", dir=base)
+        except OSError as e:
+            self._error = (f"{_where(self.name, self.host)}: cannot make a folder for the "
+                           f"ssh control socket in {base}: {e.strerror}")
+            log.error("host unavailable", host=self.name, problem=self._error)
+            raise RemoteError(self._error) from e
+        self.control_path = os.path.join(self._private_dir, self.name)
 
     async def command_argv(self, command: str) -> list[str]:
         """A local ``ssh`` that runs ``command`` on the host over the run's master.
@@ -463,7 +509,7 @@ class RemoteHost:
         if (master is not None and master.returncode is None
                 and os.path.exists(self.control_path)):
             return None
-        where = f"host {self.name} ({self.host.address}:{self.host.port})"
+        where = _where(self.name, self.host)
         problem = f"connection to {where} lost"
         if ssh_said:
             problem += f" (ssh: {ssh_said})"
@@ -508,6 +554,9 @@ class RemoteHost:
         # The master's session is ended as any child's (end_session's bounds).
         with anyio.move_on_after(GRACE_S + KILL_BOUND_S + 2 * _CLOSE_BOUND_S, shield=True):
             await self._stack.aclose()
+        if self._private_dir is not None:
+            shutil.rmtree(self._private_dir, ignore_errors=True)
+            self._private_dir = None
 
 
 class _Reader:
@@ -547,13 +596,17 @@ class Remotes:
 
 
 @asynccontextmanager
-async def open_remotes(config: Config) -> AsyncIterator[Remotes]:
-    """The run's remote hosts; on leaving, their connections and masters are closed."""
-    if not config.hosts:
+async def open_remotes(config: Config, only: Collection[str] | None = None
+                       ) -> AsyncIterator[Remotes]:
+    """The run's remote hosts (those named in ``only``, if given); on leaving, their
+    connections and masters are closed."""
+    chosen = {name: host for name, host in config.hosts.items()
+              if only is None or name in only}
+    if not chosen:
         yield Remotes({})
         return
     control_dir = tempfile.mkdtemp(prefix="pibackup-ssh-")
-    hosts = {name: RemoteHost(name, host, control_dir) for name, host in config.hosts.items()}
+    hosts = {name: RemoteHost(name, host, control_dir) for name, host in chosen.items()}
     try:
         yield Remotes(hosts)
     finally:

@@ -300,14 +300,15 @@ class Sshd:
         ]
 
     def host_toml(self, name: str, *, known_hosts: Path | None = None,
-                  port: int | None = None, **extra: object) -> str:
+                  port: int | None = None, identity_file: Path | None = None,
+                  **extra: object) -> str:
         """A ``[hosts.NAME]`` table for this server."""
         lines = [
             f"[hosts.{name}]",
             f'address = "{self.address}"',
             f"port = {port if port is not None else self.port}",
             f'user = "{USER}"',
-            f'identity_file = "{self.client.path}"',
+            f"identity_file = {toml_value(str(identity_file or self.client.path))}",
             f'known_hosts = "{known_hosts or self.known_hosts}"',
         ]
         lines += [f"{key} = {toml_value(value)}" for key, value in extra.items()]
