@@ -26,8 +26,8 @@ from pibackup_async.engine.diffing import (
     source_names,
 )
 from pibackup_async.engine.lookup import UsageProblem
-from pibackup_async.engine.mail_body import human_bytes
 from pibackup_async.engine.pathtext import show_path
+from pibackup_async.engine.units import human_bytes
 from pibackup_async.engine.usage import Usage, measure
 
 from .signals import SignalBridge

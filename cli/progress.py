@@ -23,7 +23,7 @@ import anyio
 import structlog
 from pibackup_async.engine import heartbeat
 from pibackup_async.engine.durations import format_duration
-from pibackup_async.engine.mail_body import human_bytes
+from pibackup_async.engine.units import human_bytes
 
 from .logs import QuietStream
 

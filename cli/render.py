@@ -27,7 +27,7 @@ def summary_table(report: Report) -> str:
     """The end-of-run summary on a terminal: sources, the snapshot window, what
     concurrency bought, the free space left (SPEC §8)."""
     from pibackup_async.engine.durations import format_duration
-    from pibackup_async.engine.mail_body import human_bytes
+    from pibackup_async.engine.units import human_bytes
 
     def took(seconds: float | None) -> str:
         return "-" if seconds is None else format_duration(seconds)

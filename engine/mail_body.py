@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from .durations import format_duration
 from .failure_text import root_cause, telling_line, without_hint
 from .processes import describe_exit
+from .units import human_bytes
 
 if TYPE_CHECKING:
     from .config import ReportSettings
@@ -265,18 +266,6 @@ def _space(report: Report) -> list[str]:
             "The next run may not fit, and a full disk fails every run until someone acts.",
         ]
     return lines
-
-
-def human_bytes(n: int) -> str:
-    """``512 B``, ``1.5 KiB``, ``120 MiB``, ``3.4 GiB`` (binary units)."""
-    if n < 1024:
-        return f"{n} B"
-    value = float(n)
-    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
-        value /= 1024
-        if value < 1024 or unit == "PiB":
-            break
-    return f"{value:.1f} {unit}" if value < 100 else f"{value:.0f} {unit}"
 
 
 def _duration(seconds: float | None) -> str:

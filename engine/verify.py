@@ -36,8 +36,8 @@ from .config import SOURCE_NAME
 from .destination import in_worker
 from .heartbeat import beating
 from .lookup import UsageProblem
-from .mail_body import human_bytes
 from .pathtext import show_path
+from .units import human_bytes
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator

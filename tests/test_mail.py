@@ -31,7 +31,6 @@ from pibackup_async.engine.mail import (
     total_bound_s,
 )
 from pibackup_async.engine.mail_body import (
-    human_bytes,
     render_body,
     render_subject,
     short_host,
@@ -46,6 +45,7 @@ from pibackup_async.engine.report import (
     Step,
     encode_report,
 )
+from pibackup_async.engine.units import human_bytes
 from smtpkit import PASSWORD, USER, MailServer, Pki, Received, free_port, parts, silent_server
 
 if TYPE_CHECKING:
