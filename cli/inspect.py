@@ -15,7 +15,7 @@ import anyio
 import anyio.from_thread
 import msgspec
 from pibackup_async.engine import Interruption, PibackupError
-from pibackup_async.engine.destination import destination_problem, in_worker
+from pibackup_async.engine.destination import destination_problem
 from pibackup_async.engine.diffing import (
     Change,
     Summary,
@@ -27,6 +27,7 @@ from pibackup_async.engine.diffing import (
 )
 from pibackup_async.engine.lookup import UsageProblem
 from pibackup_async.engine.pathtext import show_path
+from pibackup_async.engine.threads import in_worker
 from pibackup_async.engine.units import human_bytes
 from pibackup_async.engine.usage import Usage, measure
 

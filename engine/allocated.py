@@ -15,7 +15,7 @@ re-run where little changed, that is nearly every file, and a ``stat``
 costs as much as the listing of a whole folder. The walk reads folders by
 file descriptor (``*at`` calls: no path resolved again, no link followed)
 and skips what vanishes while it reads; run it in a worker thread
-(``destination.in_worker``) with a ``check`` that lands a cancel.
+(``threads.in_worker``) with a ``check`` that lands a cancel.
 """
 
 from __future__ import annotations

@@ -282,10 +282,7 @@ def _remove_tree_sync(path: str, check: Callable[[], None]) -> None:
     """
     # The parent may be reached through a link (a destination configured as
     # one); only what is removed, and everything below it, is never followed.
-    try:
-        top = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return  # nothing to remove
+    top = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         check()
         base = os.path.basename(path)
@@ -326,15 +323,14 @@ async def remove_tree(path: str, progress: Progress | None = None) -> None:
     """Remove ``path`` and everything in it, off the event loop; never follows a link.
 
     A symbolic link at ``path`` is unlinked, not followed; nothing below is
-    entered through one; a ``path`` that does not exist is done. Not
-    shielded: it stops as soon as the enclosing scope is cancelled or its
-    deadline passes (raising the cancellation), leaving the rest in place,
-    so callers name what they remove ``.deleting`` or ``.in-progress``
-    first, for the next run to finish. A caller that must remove under a
-    cancel wraps the call in ``anyio.move_on_after(bound, shield=True)``;
-    one that gives up on a disk that stops answering passes a ``progress``
-    and enters its scope. btrfs subvolume deletes are managed processes,
-    ended on cancel. Raises OSError if something cannot be removed.
+    entered through one. Not shielded: it stops as soon as the enclosing
+    scope is cancelled or its deadline passes (raising the cancellation),
+    leaving the rest in place, so callers name what they remove ``.deleting``
+    or ``.in-progress`` first, for the next run to finish. A caller that must
+    remove under a cancel wraps the call in ``anyio.move_on_after(bound,
+    shield=True)``; one that gives up on a disk that stops answering passes a
+    ``progress`` and enters its scope. btrfs subvolume deletes are managed
+    processes, ended on cancel. Raises OSError if something cannot be removed.
     """
     check = progress.check if progress is not None else anyio.from_thread.check_cancelled
     with beating("deletion", folder=path):

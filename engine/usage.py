@@ -28,9 +28,10 @@ from typing import TYPE_CHECKING
 import anyio.from_thread
 import msgspec
 
-from .destination import complete, in_worker, scan
+from .destination import complete, scan
 from .filesystems import SUBVOLUME_INODE
 from .processes import describe_exit, run_process
+from .threads import in_worker
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator

@@ -33,10 +33,10 @@ import structlog
 
 from .command_stage import find_and_use, under_hooks
 from .config import SOURCE_NAME
-from .destination import in_worker
 from .heartbeat import beating
 from .lookup import UsageProblem
 from .pathtext import show_path
+from .threads import in_worker
 from .units import human_bytes
 
 if TYPE_CHECKING:

@@ -18,12 +18,13 @@ import structlog
 from msgspec import field
 
 from ..allocated import written_bytes
-from ..destination import in_worker, newest_holding
+from ..destination import newest_holding
 from ..failure_text import telling_line, with_hint
 from ..filesystems import is_within
 from ..heartbeat import current
 from ..proc_io import most_written
 from ..processes import describe_exit, run_process
+from ..threads import in_worker
 from .errors import SourceError
 from .kind import (
     InitChoice,
