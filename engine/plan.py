@@ -12,6 +12,8 @@ import shlex
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
+import anyio.to_thread
+
 from .destination import complete, name_is_free, scan
 from .filesystems import is_btrfs
 from .hooks import hook_argv
@@ -24,6 +26,7 @@ from .sources.kind import DryRun, kind_of
 
 if TYPE_CHECKING:
     from .config import Config, Hook
+    from .destination import Entry
 
 
 def _transport(config: Config, host: str | None) -> Transport | None:
@@ -46,17 +49,24 @@ def _hooks(lines: list[str], hooks: list[Hook], phase: str) -> None:
                      f"{', critical' if hook.critical else ''}): {shlex.join(hook_argv(command))}")
 
 
-async def plan_run(config: Config, jobs: int | None = None, no_report: bool = False
-                   ) -> list[str]:
-    """The lines of the plan of ``run`` with this configuration (``no_report``: --no-report)."""
-    dest = config.destination
+def _destination_now(dest: str) -> tuple[bool, datetime, list[Entry], bool]:
+    """What the plan reads of the destination (it reads the disk: a worker thread): whether
+    it is there, the backup name's time, its entries, whether it is btrfs."""
     visible = os.path.isdir(dest)
     moment = datetime.now().astimezone()
     # The run would wait for a free second; the plan only shows which.
     while visible and not name_is_free(dest, format_name(moment)):
         moment += timedelta(seconds=1)
+    return visible, moment, scan(dest) if visible else [], visible and is_btrfs(dest)
+
+
+async def plan_run(config: Config, jobs: int | None = None, no_report: bool = False
+                   ) -> list[str]:
+    """The lines of the plan of ``run`` with this configuration (``no_report``: --no-report)."""
+    dest = config.destination
+    visible, moment, entries, on_btrfs = await anyio.to_thread.run_sync(
+        _destination_now, dest, abandon_on_cancel=True)
     name = format_name(moment)
-    entries = scan(dest) if visible else []
     previous = complete(entries)
     in_progress = os.path.join(dest, name + IN_PROGRESS)
     lines = [
@@ -88,7 +98,7 @@ async def plan_run(config: Config, jobs: int | None = None, no_report: bool = Fa
     concurrency = jobs or config.concurrency
     lines.append(f"3. snapshots, concurrently, at most {concurrency} at a time:")
     # Each source's lines come from its kind, decided by the code its run would use.
-    dry = DryRun(config, name, dest, in_progress, previous, visible and is_btrfs(dest),
+    dry = DryRun(config, name, dest, in_progress, previous, on_btrfs,
                  known=visible, transport=functools.partial(_transport, config))
     saves: list[str] = []
     for source in config.sources:

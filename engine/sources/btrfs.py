@@ -68,6 +68,24 @@ def receive_argv(folder: str) -> list[str]:
     return ["btrfs", "receive", folder]
 
 
+def _local_snapshot_names(root: str, source: str) -> list[str]:
+    try:
+        return [n for n in os.listdir(root) if os.path.isdir(os.path.join(root, n, source))]
+    except OSError:
+        return []
+
+
+def _make_folders(path: str) -> None:
+    os.makedirs(path, exist_ok=True)
+
+
+def _remove_if_empty(folder: str) -> None:
+    try:
+        os.rmdir(folder)
+    except OSError:
+        pass  # other sources' snapshots share it, or it is gone
+
+
 class Site:
     """Where a btrfs source lives: this machine, or a host reached over SSH.
 
@@ -87,11 +105,8 @@ class Site:
         """Backup names that have a snapshot of this source here, newest first."""
         root = snapshot_root(source)
         if self.remote is None:
-            try:
-                names = [n for n in os.listdir(root)
-                         if os.path.isdir(os.path.join(root, n, source.name))]
-            except OSError:
-                return []
+            names = await anyio.to_thread.run_sync(_local_snapshot_names, root, source.name,
+                                                   abandon_on_cancel=True)
         else:
             script = (f"cd {shlex.quote(root)} 2>/dev/null || exit 0; "
                       f"for d in */{shlex.quote(source.name)}; do "
@@ -103,7 +118,7 @@ class Site:
 
     async def make_folder(self, path: str) -> None:
         if self.remote is None:
-            os.makedirs(path, exist_ok=True)
+            await anyio.to_thread.run_sync(_make_folders, path, abandon_on_cancel=True)
             return
         finished = await self.run(["mkdir", "-p", path])
         if finished.exit_code != 0:
@@ -112,12 +127,9 @@ class Site:
     async def delete_snapshot(self, path: str) -> None:
         """Delete a snapshot subvolume, then its backup-name folder once empty."""
         if self.remote is None:
-            if os.path.lexists(path):
-                await remove_tree(path)
-            try:
-                os.rmdir(os.path.dirname(path))
-            except OSError:
-                pass  # other sources' snapshots share it, or it is gone
+            await remove_tree(path)
+            await anyio.to_thread.run_sync(_remove_if_empty, os.path.dirname(path),
+                                           abandon_on_cancel=True)
             return
         # Shielded so that a cancel does not leave half the clean-up, bounded
         # so that a host that stopped answering cannot hold the run.
@@ -186,6 +198,12 @@ async def take_snapshot(site: Site, source: BtrfsSource, name: str, step: Step) 
     return target
 
 
+def _received_copy(destination: str, previous: list[Entry], name: str) -> str | None:
+    """The newest complete backup's copy of source ``name``, if it is a subvolume."""
+    copy = newest_holding(destination, previous, name)
+    return copy if copy is not None and is_subvolume(copy) else None
+
+
 async def find_parent(site: Site, source: BtrfsSource, destination: str,
                       previous: list[Entry]) -> str | None:
     """The snapshot whose received copy is in the newest backup holding the source.
@@ -193,8 +211,9 @@ async def find_parent(site: Site, source: BtrfsSource, destination: str,
     Matched by UUID against the copy's ``Received UUID`` (a name match alone
     could pair a snapshot with a copy made from another one). None: full send.
     """
-    copy = newest_holding(destination, previous, source.name)
-    if copy is None or not is_subvolume(copy):
+    copy = await anyio.to_thread.run_sync(_received_copy, destination, previous, source.name,
+                                          abandon_on_cancel=True)
+    if copy is None:
         return None
     try:
         received = (await subvolume_show(copy)).get("Received UUID", "-")
@@ -253,8 +272,7 @@ async def send_receive(site: Site, snapshot: str, parent: str | None, folder: st
         size, send_code, send_err, receive_code, receive_err = await _stream(
             site.remote, send, receive, current())
     except RemoteError:
-        if os.path.lexists(received):
-            await remove_tree(received)
+        await remove_tree(received)
         raise
     step.exit_code = send_code or receive_code
     step.stderr_tail = "\n".join(t for t in (send_err, receive_err) if t)
@@ -272,8 +290,7 @@ async def send_receive(site: Site, snapshot: str, parent: str | None, folder: st
             problem = (f"the received subvolume {received} is incomplete (not read-only or no "
                        "received UUID)")
     if problem is not None:
-        if os.path.lexists(received):
-            await remove_tree(received)
+        await remove_tree(received)
         raise SourceError(problem)
     return size
 
