@@ -13,6 +13,7 @@ import structlog
 
 from .errors import LockHeld, PibackupError
 from .preflight import state_problems, writable_by_others
+from .private_dir import make_private_dir
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -24,25 +25,6 @@ log = structlog.get_logger("pibackup")
 
 class StateUnusable(PibackupError):
     """``state_dir`` or ``lock_file`` cannot be used; the message names the path and why."""
-
-
-def make_private_dir(path: str) -> None:
-    """Create ``path`` (and missing parents) mode 0700; an existing folder is left as it is.
-
-    Reports hold hook command lines and their output: only the engine's
-    user may read them.
-    """
-    if os.path.isdir(path):
-        return
-    parent = os.path.dirname(path.rstrip("/"))
-    if parent and parent != path:
-        os.makedirs(parent, exist_ok=True)
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        return
-    # mkdir's mode is masked by the umask, which may leave less than 0700.
-    os.chmod(path, 0o700)
 
 
 @contextmanager

@@ -11,7 +11,7 @@ from typing import Literal
 import msgspec
 from msgspec import Struct
 
-from .lock import make_private_dir
+from .private_dir import make_private_dir
 
 Status = Literal["ok", "failed", "cancelled", "skipped"]
 RunStatus = Literal["ok", "failed", "interrupted"]
