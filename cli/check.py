@@ -10,12 +10,12 @@ import structlog
 from pibackup_async.engine import Config, preflight
 from pibackup_async.engine.preflight import state_problems, writable_by_others
 
+from .exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+
 if TYPE_CHECKING:
     import argparse
 
     from pibackup_async.engine.config import Smtp
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 log = structlog.get_logger("pibackup")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from typing import TYPE_CHECKING
 
@@ -14,11 +13,7 @@ from pibackup_async.engine import (
     Config,
     ConfigError,
     DestinationUnavailable,
-    Interrupted,
-    Interruption,
     Listed,
-    LockHeld,
-    PibackupError,
     Report,
     RunOptions,
     list_backups,
@@ -27,22 +22,19 @@ from pibackup_async.engine import (
     prune_backups,
     run_backup,
 )
-from pibackup_async.engine.heartbeat import ticker
-from pibackup_async.engine.lock import StateUnusable
 from pibackup_async.engine.secret_env import withhold_secrets
 
 from .check import check_command
+from .exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from .logs import configure_logging
-from .progress import draw, heartbeat_period, wanted
+from .progress import wanted
 from .render import listing_table, summary_table
-from .signals import SignalBridge
+from .running import under_signals
 
 if TYPE_CHECKING:
     import argparse
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Callable
 
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
 
 log = structlog.get_logger("pibackup")
 
@@ -107,56 +99,6 @@ def _run(args: argparse.Namespace, config: Config) -> int:
 def _print_summary(report: Report) -> None:
     """The end-of-run summary on a terminal (SPEC §8), on stderr."""
     print(summary_table(report), file=sys.stderr)
-
-
-def under_signals(command: str, work: Callable[[Interruption], Awaitable[Report]],
-                  after: Callable[[Report], None] | None = None,
-                  progress: str | None = None) -> int:
-    """Run ``work`` with SIGINT/SIGTERM/SIGHUP turned into a cancel of ``command``; map its
-    outcome to an exit code.
-
-    Meanwhile live progress is drawn, named ``progress``, or else long steps
-    log a heartbeat.
-    """
-    interruption = Interruption(command)
-    bridge = SignalBridge()
-    bridge.install()
-
-    async def main() -> Report | PibackupError:
-        bridge.connect(interruption.trigger)
-        outcome: Report | PibackupError
-        try:
-            async with anyio.create_task_group() as tg:
-                if progress is not None:
-                    tg.start_soon(draw, progress)
-                else:
-                    tg.start_soon(ticker, heartbeat_period())
-                try:
-                    outcome = await work(interruption)
-                except (LockHeld, StateUnusable, Interrupted) as e:
-                    outcome = e
-                tg.cancel_scope.cancel()
-        finally:
-            bridge.disconnect()
-        return outcome
-
-    outcome = anyio.run(main, backend="asyncio")
-    if isinstance(outcome, LockHeld):
-        print(f"error: another run holds the lock {outcome.lock_path}; not starting",
-              file=sys.stderr)
-        return EXIT_LOCKED
-    if isinstance(outcome, Interrupted):
-        return 128 + (outcome.signum or signal.SIGINT)
-    if isinstance(outcome, PibackupError):
-        print(f"error: {outcome}", file=sys.stderr)
-        return EXIT_FAILED
-    if after is not None:
-        after(outcome)
-    if outcome.status == "interrupted":
-        return 128 + (interruption.signum or signal.SIGINT)
-    if outcome.status != "ok" or "failed" in (outcome.delivery.status, outcome.monitor.status):
-        return EXIT_FAILED
-    return EXIT_OK
 
 
 def _read_backups(config: Config) -> list[Listed] | None:

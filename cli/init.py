@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING
 from pibackup_async.engine import PibackupError
 from pibackup_async.engine.init_config import InitRefused, init_config, summary
 
+from .exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+
 if TYPE_CHECKING:
     import argparse
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def init_command(args: argparse.Namespace, output: str) -> int:

@@ -31,6 +31,7 @@ from pibackup_async.engine.threads import in_worker
 from pibackup_async.engine.units import human_bytes
 from pibackup_async.engine.usage import Usage, measure
 
+from .exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE, exit_for_signal
 from .signals import SignalBridge
 
 if TYPE_CHECKING:
@@ -38,8 +39,6 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     from pibackup_async.engine import Config
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def _under_signals(command: str, work: Callable[[], Awaitable[int]]) -> int:
@@ -61,7 +60,7 @@ def _under_signals(command: str, work: Callable[[], Awaitable[int]]) -> int:
 
     code = anyio.run(main, backend="asyncio")
     if interruption.signum is not None:
-        return 128 + interruption.signum
+        return exit_for_signal(interruption.signum)
     return code
 
 

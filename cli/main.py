@@ -8,6 +8,8 @@ import signal
 import sys
 from typing import TYPE_CHECKING, NoReturn
 
+from .exit_codes import EXIT_FAILED, EXIT_OK, exit_for_signal
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
@@ -201,11 +203,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # complain again when it flushes stdout at exit: point it elsewhere.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-        return 0
+        return EXIT_OK
     except KeyboardInterrupt:
         # A Ctrl-C before the run installed its own handler: nothing started yet.
         print("pibackup-async: interrupted", file=sys.stderr)
-        return 128 + signal.SIGINT
+        return exit_for_signal(signal.SIGINT)
     except Exception as e:
         # The last resort (SPEC §2): what escaped every step's and adapter's
         # mapping — a bug, or the process out of file descriptors — is one
@@ -221,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # tracebacks as "Exception ignored in …".
             sys.unraisablehook = _ignore
         print(f"error: unexpected error: {_one_line(e)}", file=sys.stderr)
-        return 1  # SPEC §5: the command failed
+        return EXIT_FAILED  # SPEC §5: the command failed
 
 
 def _ignore(unraisable: sys.UnraisableHookArgs) -> None:

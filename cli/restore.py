@@ -10,8 +10,9 @@ from pibackup_async.engine import DestinationUnavailable
 from pibackup_async.engine.lookup import NotHeld, UsageProblem
 from pibackup_async.engine.restore import PlanFailed, parse_request, plan_restore, restore
 
-from .commands import EXIT_FAILED, EXIT_OK, EXIT_USAGE, under_signals
+from .exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from .progress import wanted
+from .running import under_signals
 
 if TYPE_CHECKING:
     import argparse

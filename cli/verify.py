@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING
 from pibackup_async.engine.lookup import UsageProblem, check_backup_arg
 from pibackup_async.engine.verify import VerifyRequest, check_source_name, verify_backup
 
-from .commands import EXIT_USAGE, under_signals
+from .exit_codes import EXIT_USAGE
 from .progress import cleared, wanted
+from .running import under_signals
 
 if TYPE_CHECKING:
     import argparse
