@@ -442,9 +442,10 @@ class RemoteHost:
             self._master = master
             with anyio.move_on_after(CONNECT_TIMEOUT_S + 5):
                 # ssh offers no readiness signal but its control socket.
-                while not os.path.exists(self.control_path) and master.returncode is None:  # noqa: ASYNC110
+                while (not await anyio.Path(self.control_path).exists()  # noqa: ASYNC110
+                       and master.returncode is None):
                     await anyio.sleep(0.02)
-            if os.path.exists(self.control_path):
+            if await anyio.Path(self.control_path).exists():
                 log.info("ssh master connected", host=self.name)
                 return
             said = Tail()
@@ -507,7 +508,7 @@ class RemoteHost:
             with anyio.move_on_after(_MASTER_EXIT_S):
                 await master.wait()
         if (master is not None and master.returncode is None
-                and os.path.exists(self.control_path)):
+                and await anyio.Path(self.control_path).exists()):
             return None
         where = _where(self.name, self.host)
         problem = f"connection to {where} lost"

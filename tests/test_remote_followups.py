@@ -80,7 +80,7 @@ async def test_a_control_folder_too_deep_for_a_socket_gets_a_short_private_one(
         assert info.st_uid == os.geteuid()
     finally:
         await remote.aclose()
-    assert not os.path.exists(private), "the private control folder was left behind"
+    assert not os.path.exists(private), "the private control folder was left behind"  # noqa: ASYNC240
     assert os.listdir(deep) == []
     wait_disconnected(sshd)
 

@@ -97,7 +97,8 @@ class ToyWork(SourceWork[ToySource]):
         await self.kind.before_save(self)
         step.begin(["copytree", str(self.taken), self.target])
         await anyio.to_thread.run_sync(shutil.copytree, self.taken, self.target)
-        return sum(f.stat().st_size for f in Path(self.target).rglob("*") if f.is_file())
+        return sum(f.stat().st_size for f in Path(self.target).rglob("*")  # noqa: ASYNC240
+                   if f.is_file())
 
     async def finish(self, *, failed: bool) -> None:
         self.kind.event(f"{self.source.name}.finish")

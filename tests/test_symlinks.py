@@ -242,6 +242,6 @@ async def test_remove_tree_and_delete_backup_never_go_through_a_link(
         await delete_backup(str(ws.dest), LINK_FOLDER)
 
     assert outside.snapshot() == before
-    assert not os.path.lexists(crafted) and not os.path.lexists(top_link)
+    assert not os.path.lexists(crafted) and not os.path.lexists(top_link)  # noqa: ASYNC240
     assert backup_link.is_symlink(), "delete_backup renamed or removed a link"
     assert sorted(os.listdir(ws.dest)) == [LINK_FOLDER]
