@@ -490,13 +490,23 @@ class Destination(abc.ABC):
 
 
 class LocalDestination(Destination):
-    """A destination folder on this machine; each operation in a worker thread, bounded."""
+    """A destination folder on this machine; each operation in a worker thread, bounded.
+
+    ``answer_bound_s``: how long an operation may go without an answer (a
+    removal: without progress); FLUSH_BOUND_S bounds a flush.
+    """
+
+    def __init__(self, path: str, answer_bound_s: float = ANSWER_BOUND_S) -> None:
+        super().__init__(path)
+        self.answer_bound_s = answer_bound_s
 
     async def _call(self, func: Callable[..., T], *args: object,
-                    bound: float = ANSWER_BOUND_S) -> T:
-        """``func(*args)`` in a worker thread, abandoned on cancel and after ``bound``."""
+                    bound: float | None = None) -> T:
+        """``func(*args)`` in a worker thread, abandoned on cancel and after ``bound``
+        (default: the answer bound)."""
         if self.lost is not None:
             raise DestinationLost(self.lost)
+        bound = self.answer_bound_s if bound is None else bound
         try:
             with anyio.fail_after(bound):
                 return await anyio.to_thread.run_sync(func, *args, abandon_on_cancel=True)
@@ -541,10 +551,10 @@ class LocalDestination(Destination):
         if self.lost is not None or self.identity is None:
             return self.lost
         try:
-            with anyio.fail_after(ANSWER_BOUND_S):
+            with anyio.fail_after(self.answer_bound_s):
                 seen = await anyio.to_thread.run_sync(self._vanished, abandon_on_cancel=True)
         except TimeoutError:
-            return str(self._not_answering(ANSWER_BOUND_S))
+            return str(self._not_answering(self.answer_bound_s))
         if seen is not None:
             self.lost = seen
         return seen
@@ -586,7 +596,7 @@ class LocalDestination(Destination):
     async def remove(self, folder: str) -> None:
         if self.lost is not None:
             raise DestinationLost(self.lost)
-        progress = Progress(ANSWER_BOUND_S)
+        progress = Progress(self.answer_bound_s)
         try:
             with progress.scope:
                 await remove_tree(self.path_of(folder), progress)
@@ -595,7 +605,7 @@ class LocalDestination(Destination):
         except OSError as e:
             await self._raise_explained(e)
         if progress.scope.cancelled_caught:
-            raise self._not_answering(ANSWER_BOUND_S)
+            raise self._not_answering(self.answer_bound_s)
 
     async def flush(self) -> None:
         await self._call(_syncfs, self.path, bound=FLUSH_BOUND_S)

@@ -51,8 +51,9 @@ class Progress:
     def check(self) -> None:
         anyio.from_thread.check_cancelled()
         now = time.monotonic()
-        # One trip to the event loop a second, not one per file.
-        if now - self._pushed >= _PUSH_EVERY_S:
+        # One trip to the event loop a second (more often under a short
+        # bound), not one per file.
+        if now - self._pushed >= min(_PUSH_EVERY_S, self.stall_s / 4):
             self._pushed = now
             anyio.from_thread.run_sync(self.moved)
 
