@@ -140,6 +140,11 @@ def load_config(path: str) -> Config:
         raise ConfigError(path, [f"cannot read: {e.strerror}"]) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(path, [f"not valid TOML: {e}"]) from None
+    except UnicodeDecodeError as e:
+        # tomllib decodes the whole file at once: the offset is the file's own.
+        line = e.object[:e.start].count(b"\n") + 1
+        raise ConfigError(path, [f"not UTF-8 text (TOML files are UTF-8): byte "
+                                 f"0x{e.object[e.start]:02x} on line {line}"]) from None
     # The rules read the raw document too, so a wrong type in one table does
     # not hide a duplicate name in another: one listing, every problem.
     problems = list(dict.fromkeys([*_shape_problems(Config, raw, ""), *_rule_problems(raw)]))
@@ -516,7 +521,13 @@ def _monitor_problems(monitor: Any) -> Iterator[str]:
         return
     url = _text(monitor, "ping_url")
     if url is not None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            yield (f"monitor.ping_url: expected an http:// or https:// URL, got {url!r}")
+        expected = f"monitor.ping_url: expected an http:// or https:// URL, got {url!r}"
+        try:
+            parts = urlsplit(url)
+            _ = parts.port  # parsed when read: out of range, it would fail the ping instead
+        except ValueError as e:  # an unclosed or misused [...] host, a port out of range
+            yield f"{expected} ({e})"
+        else:
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                yield expected
     yield from _absolute("monitor.metrics_file", _text(monitor, "metrics_file"))

@@ -159,6 +159,14 @@ REFUSED: list[tuple[str, str, list[str]]] = [
      HEAD + SOURCE + '[hosts.-nas]\naddress = "nas.lan"\n', ["hosts.-nas"]),
     ("host-name-too-long",
      HEAD + SOURCE + f'[hosts.{"n" * 33}]\naddress = "nas.lan"\n', [f"hosts.{'n' * 33}"]),
+    # urlsplit raises ValueError on these rather than returning parts.
+    ("ping-url-unclosed-ipv6",
+     HEAD + SOURCE + '[monitor]\nping_url = "http://[::1"\n', ["monitor.ping_url"]),
+    ("ping-url-bracketed-ipv4",
+     HEAD + SOURCE + '[monitor]\nping_url = "https://[10.0.0.1]/ping"\n', ["monitor.ping_url"]),
+    ("ping-url-port-out-of-range",
+     HEAD + SOURCE + '[monitor]\nping_url = "http://127.0.0.1:99999/ping"\n',
+     ["monitor.ping_url"]),
 ]
 
 
@@ -331,6 +339,27 @@ def test_missing_and_unparsable_files(ws: Workspace, tmp_path: Path) -> None:
     assert result.returncode == 2, result.stderr
     assert str(ws.config_path) in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_ping_url_that_urlsplit_cannot_read_says_what_was_expected(ws: Workspace) -> None:
+    ws.make_source("data")
+    write_raw_config(ws, fill(ws, HEAD + SOURCE + '[monitor]\nping_url = "http://[::1"\n'))
+    result = ws.run("check")
+    assert_refused(ws, result.returncode, result.stderr, ["monitor.ping_url"])
+    assert error_lines(ws, result.stderr) == [
+        "monitor.ping_url: expected an http:// or https:// URL, got 'http://[::1' "
+        "(Invalid IPv6 URL)"]
+
+
+def test_a_config_that_is_not_utf8_is_refused_naming_the_file(ws: Workspace) -> None:
+    ws.make_source("data")
+    # Latin-1, as an editor on an old system may save it: "café" in a comment.
+    ws.config_path.write_bytes(fill(ws, HEAD + SOURCE).encode() + b"# caf\xe9\n")
+    result = ws.run("check")
+    assert_refused(ws, result.returncode, result.stderr, [])
+    [line] = error_lines(ws, result.stderr)
+    assert line.startswith("not UTF-8 text (TOML files are UTF-8): "), line
+    assert "unexpected error" not in result.stderr
 
 
 def valid_config(ws: Workspace, dest: Path | None = None) -> str:
