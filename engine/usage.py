@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import anyio.from_thread
 import msgspec
 
-from .destination import complete, scan
+from .destination import LocalDestination, complete
 from .filesystems import SUBVOLUME_INODE
 from .processes import describe_exit, run_process
 from .threads import in_worker
@@ -276,9 +276,9 @@ def _union(extents: dict[int, int]) -> int:
 async def measure(destination: str) -> Usage:
     """Every complete backup's total and exclusive bytes, newest first, and the
     destination's total. The walks run in worker threads that stop on cancel. Raises
-    OSError if the destination cannot be read (SubvolumeError if ``btrfs filesystem
-    du`` fails)."""
-    names = [e.name for e in complete(await in_worker(scan, destination))]
+    OSError if the destination cannot be read (DestinationLost if it does not answer,
+    SubvolumeError if ``btrfs filesystem du`` fails)."""
+    names = [e.name for e in complete(await LocalDestination(destination).scan())]
     tally = await in_worker(walk_backups, destination, names, anyio.from_thread.check_cancelled)
     found = []
     for index, path in tally.subvolumes:
