@@ -41,6 +41,7 @@ from .sources.kind import SourceConfig, kind_of
 
 if TYPE_CHECKING:
     from .config import Config, Hook
+    from .destination import Destination
 
 log = structlog.get_logger("pibackup")
 
@@ -50,18 +51,22 @@ _DISCARD_BOUND_S = 30.0
 _SPACE_BOUND_S = 10.0
 
 
-async def run_backup(config: Config, options: RunOptions, interruption: Interruption) -> Report:
+async def run_backup(config: Config, options: RunOptions, interruption: Interruption, *,
+                     destination: Destination | None = None) -> Report:
     """Make one backup as SPEC §2 describes, write its report and deliver it.
 
-    Returns the report (its ``status`` says how the run went). Raises,
-    before any hook runs: LockHeld if another run holds the lock,
-    StateUnusable if ``state_dir`` or ``lock_file`` cannot be used, and
+    ``destination``: where the backup goes instead of the configured folder
+    (a test's fake). Returns the report (its ``status`` says how the run
+    went). Raises, before any hook runs: LockHeld if another run holds the
+    lock, StateUnusable if ``state_dir`` or ``lock_file`` cannot be used, and
     Interrupted if a signal arrived before the lock was taken.
     """
     name, started = await choose_name(config.destination)
     report = Report(name=name, start=stamp(started),
                     concurrency=options.jobs or config.concurrency)
     ctx = RunContext(config, options, name, interruption, report)
+    if destination is not None:
+        ctx.dest = destination
     for source in config.sources:
         kind = kind_of(source)
         report.sources[source.name] = SourceReport(
