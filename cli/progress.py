@@ -100,7 +100,7 @@ def step_line(beat: Beat, rate: float | None, now: float) -> str:
 def run_line(command: str, beats: list[Beat], started: float, now: float) -> str:
     """The whole run: time so far, steps running and done, files (where counted) and bytes
     so far."""
-    done = heartbeat.finished
+    done = heartbeat.finished_steps()
     written = done.bytes + sum(b.bytes or 0 for b in beats)
     counts = [n for n in (done.files, *(b.files for b in beats)) if n is not None]
     # No step that counts files (rsync copies, hooks): say nothing rather than "0 files".

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 from pibackup_async.engine import Interrupted, Interruption, LockHeld, PibackupError
-from pibackup_async.engine.heartbeat import ticker
+from pibackup_async.engine.heartbeat import Register, registered, ticker
 from pibackup_async.engine.lock import StateUnusable
 
 from .exit_codes import EXIT_FAILED, EXIT_LOCKED, EXIT_OK, exit_for_signal
@@ -42,16 +42,18 @@ def under_signals(command: str, work: Callable[[Interruption], Awaitable[Report]
         bridge.connect(interruption.trigger)
         outcome: Report | PibackupError
         try:
-            async with anyio.create_task_group() as tg:
-                if progress is not None:
-                    tg.start_soon(draw, progress)
-                else:
-                    tg.start_soon(ticker, heartbeat_period())
-                try:
-                    outcome = await work(interruption)
-                except (LockHeld, StateUnusable, Interrupted) as e:
-                    outcome = e
-                tg.cancel_scope.cancel()
+            # The command's register: the steps of its run, which progress draws.
+            with registered(Register()):
+                async with anyio.create_task_group() as tg:
+                    if progress is not None:
+                        tg.start_soon(draw, progress)
+                    else:
+                        tg.start_soon(ticker, heartbeat_period())
+                    try:
+                        outcome = await work(interruption)
+                    except (LockHeld, StateUnusable, Interrupted) as e:
+                        outcome = e
+                    tg.cancel_scope.cancel()
         finally:
             bridge.disconnect()
         return outcome

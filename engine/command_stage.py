@@ -45,8 +45,8 @@ async def under_hooks(config: Config, interruption: Interruption, command: str,
     """
     report = Report(name="", start=stamp(), concurrency=1)
     ctx = RunContext(config, RunOptions(command=command), "", interruption, report)
-    ctx.hook_view = (backup_arg, "")
-    with private_state(config):
+    ctx.hook_environment.view = (backup_arg, "")
+    with ctx.scope(), private_state(config):
         if interruption.happened:
             raise Interrupted(interruption.signum)
         with anyio.CancelScope() as scope:
@@ -57,7 +57,7 @@ async def under_hooks(config: Config, interruption: Interruption, command: str,
                 async with (open_remotes(config, hook_hosts) as ctx.remotes,
                             hook_stage(ctx, "backup", config.backup_hooks)):
                     # The pres have run: the posts name the backup used, none so far.
-                    ctx.hook_view = ("", "")
+                    ctx.hook_environment.view = ("", "")
                     problem = await ctx.dest.problem(config.require_mountpoint)
                     if problem is not None:
                         ctx.fail_step(problem)
@@ -89,4 +89,4 @@ async def find_and_use(ctx: RunContext, arg: str, source: str | None = None,
 
 def use_backup(ctx: RunContext, name: str) -> None:
     """From now on the post hooks see ``name`` as the backup used."""
-    ctx.hook_view = (name, os.path.join(ctx.destination, name))
+    ctx.hook_environment.view = (name, os.path.join(ctx.layout.destination, name))

@@ -1,9 +1,18 @@
-"""What one run knows about itself while it goes: names, paths, report, failure, interruption."""
+"""One run, in three parts: what it knows as it goes (``RunContext``: its report, failure,
+interruption, and the state it owns), the backup's layout (``Layout``) and what its hooks
+are told (``HookEnvironment``).
+
+Nothing of a run lives in a module: the registers that code deep in a step
+reports to (the heartbeat's running steps, the processes left behind) are
+the run's own, set for its tasks by ``RunContext.scope``, so two runs in one
+process, even in one event loop, keep theirs apart.
+"""
 
 from __future__ import annotations
 
 import os
 import signal
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -12,12 +21,15 @@ import structlog
 
 from .destination import DestinationLost, destination_of
 from .failure_text import with_hint
+from .heartbeat import Register, current_register, registered
 from .names import IN_PROGRESS
-from .processes import take_abandoned
+from .processes import abandoned_into
 from .remote import Remotes
 from .report import stamp
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     import anyio
 
     from .config import Config
@@ -104,20 +116,81 @@ class Interruption:
         return self.signum is not None
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where the backup goes: the destination, the backup's name and its folders there.
+
+    No name: a command that makes no backup (prune, restore, verify).
+    """
+
+    destination: str
+    name: str
+
+    @property
+    def in_progress(self) -> str:
+        """The in-progress folder's name in the destination."""
+        return self.name + IN_PROGRESS if self.name else ""
+
+    @property
+    def final_dir(self) -> str:
+        return os.path.join(self.destination, self.name) if self.name else ""
+
+    @property
+    def in_progress_dir(self) -> str:
+        return os.path.join(self.destination, self.in_progress) if self.name else ""
+
+
+class HookEnvironment:
+    """What a hook is told: the PIBACKUP_* variables for its kind and phase (SPEC §4)."""
+
+    def __init__(self, layout: Layout, command: str) -> None:
+        self.layout = layout
+        self.command = command
+        # PIBACKUP_NAME and PIBACKUP_BACKUP_DIR when this is not a run making a
+        # backup (restore, verify: the backup used, once known).
+        self.view: tuple[str, str] | None = None
+
+    def variables(self, kind: str, phase: str, extra: dict[str, str], *, status: str,
+                  inherit: bool = True) -> dict[str, str]:
+        """A hook's environment: ours (local hooks only), its ``env``, the PIBACKUP_* values.
+
+        ``PIBACKUP_BACKUP_DIR`` is the in-progress path for a backup hook's
+        pre and for the snapshot hooks (they run inside the unfinished
+        backup), the final path for a backup hook's post. ``status`` is
+        ``PIBACKUP_STATUS``, set for a post only.
+        """
+        env = dict(os.environ) if inherit else {}
+        env.update(extra)
+        layout = self.layout
+        final = kind == "backup" and phase == "post"
+        name, backup_dir = self.view or (
+            layout.name, layout.final_dir if final else layout.in_progress_dir)
+        env.update(
+            PIBACKUP_NAME=name,
+            PIBACKUP_DESTINATION=layout.destination,
+            PIBACKUP_COMMAND=self.command,
+            PIBACKUP_BACKUP_DIR=backup_dir,
+            PIBACKUP_PHASE=phase,
+        )
+        if phase == "post":
+            env["PIBACKUP_STATUS"] = status
+        else:
+            env.pop("PIBACKUP_STATUS", None)
+        return env
+
+
 class RunContext:
-    """The state of one run, shared by the pipeline's steps."""
+    """What one run knows as it goes, shared by the pipeline's steps; it owns its layout,
+    its hooks' environment and its registers."""
 
     def __init__(self, config: Config, options: RunOptions, name: str,
                  interruption: Interruption, report: Report) -> None:
         self.config = config
         self.options = options
-        self.name = name
         self.interruption = interruption
         self.report = report
-        self.destination = config.destination
-        # No name: a prune, which makes no backup and has no backup folder.
-        self.final_dir = os.path.join(config.destination, name) if name else ""
-        self.in_progress_dir = self.final_dir + IN_PROGRESS if name else ""
+        self.layout = Layout(config.destination, name)
+        self.hook_environment = HookEnvironment(self.layout, options.command)
         self.in_progress_created = False
         # The complete backups found at step 1, newest first (link-dest, parents).
         self.previous: list[Entry] = []
@@ -129,13 +202,35 @@ class RunContext:
         # Every filesystem operation on the destination goes through it; it
         # remembers the destination as step 1 found it and whether it is lost.
         self.dest: Destination = destination_of(config)
-        # What hooks see as PIBACKUP_NAME and PIBACKUP_BACKUP_DIR when this is
-        # not a run making a backup (restore, verify: the backup used, once known).
-        self.hook_view: tuple[str, str] | None = None
         # Complete backups in the destination after retention, when last measured.
         self.backups_after: int | None = None
         # When the run started: the time its backup name stands for.
         self.started = datetime.now().astimezone()
+        # The run's steps, passed on to the register of whoever started it (the
+        # command line's, which draws them), never to another run's.
+        self.beats = Register(parent=current_register())
+        # The run's processes that survived SIGKILL, for the report.
+        self.abandoned: list[str] = []
+
+    @contextmanager
+    def scope(self) -> Iterator[None]:
+        """The run's registers, for every task started in the block."""
+        with registered(self.beats), abandoned_into(self.abandoned):
+            yield
+
+    # What a source's work reads of the run (sources.kind.Run).
+
+    @property
+    def name(self) -> str:
+        return self.layout.name
+
+    @property
+    def destination(self) -> str:
+        return self.layout.destination
+
+    @property
+    def in_progress_dir(self) -> str:
+        return self.layout.in_progress_dir
 
     @property
     def concurrency(self) -> int:
@@ -152,7 +247,7 @@ class RunContext:
     def close(self) -> None:
         """Stamp the report's end and settle its status from what happened."""
         self.report.end = stamp()
-        self.report.abandoned = take_abandoned()
+        self.report.abandoned = list(self.abandoned)
         if self.interruption.happened:
             self.report.status = "interrupted"
         elif self.report.failure is not None:
@@ -187,29 +282,9 @@ class RunContext:
 
     def hook_env(self, kind: str, phase: str, extra: dict[str, str], *,
                  inherit: bool = True) -> dict[str, str]:
-        """A hook's environment: ours (local hooks only), its ``env``, the PIBACKUP_* values.
-
-        ``PIBACKUP_BACKUP_DIR`` is the in-progress path for a backup hook's
-        pre and for the snapshot hooks (they run inside the unfinished
-        backup), the final path for a backup hook's post.
-        """
-        env = dict(os.environ) if inherit else {}
-        env.update(extra)
-        final = kind == "backup" and phase == "post"
-        name, backup_dir = self.hook_view or (
-            self.name, self.final_dir if final else self.in_progress_dir)
-        env.update(
-            PIBACKUP_NAME=name,
-            PIBACKUP_DESTINATION=self.destination,
-            PIBACKUP_COMMAND=self.options.command,
-            PIBACKUP_BACKUP_DIR=backup_dir,
-            PIBACKUP_PHASE=phase,
-        )
-        if phase == "post":
-            env["PIBACKUP_STATUS"] = self.post_status
-        else:
-            env.pop("PIBACKUP_STATUS", None)
-        return env
+        """A hook's environment now (``HookEnvironment.variables``, with the run's status)."""
+        return self.hook_environment.variables(kind, phase, extra, status=self.post_status,
+                                               inherit=inherit)
 
 
 def _lost_in(error: BaseException) -> str | None:

@@ -23,7 +23,6 @@ from .hooks import Kind, hook_stage
 from .lock import private_state
 from .mail_body import render_body, should_send
 from .monitor import BODY_CAP, ping, previous_success, render_metrics, replace_file
-from .names import IN_PROGRESS
 from .pruning import prune
 from .remote import RemoteError, open_remotes
 from .report import (
@@ -73,7 +72,8 @@ async def run_backup(config: Config, options: RunOptions, interruption: Interrup
             type=source.kind, save=Step() if kind.has_save else None)
         ctx.source_work[source.name] = kind.work(ctx, source)
     ctx.started = started
-    with private_state(config) as warnings, bound_contextvars(backup=name):  # step 0
+    with (ctx.scope(), private_state(config) as warnings,  # step 0
+          bound_contextvars(backup=name)):
         report.warnings = warnings
         if interruption.happened:
             raise Interrupted(interruption.signum)
@@ -184,7 +184,7 @@ def _write_metrics(ctx: RunContext) -> None:
     if monitor is None or monitor.metrics_file is None:
         return
     path = monitor.metrics_file
-    text = render_metrics(ctx.report, ctx.destination, end_s=time.time(),
+    text = render_metrics(ctx.report, ctx.layout.destination, end_s=time.time(),
                           previous_success_s=previous_success(path),
                           backups=ctx.backups_after)
     try:
@@ -230,19 +230,20 @@ async def _open_destination(ctx: RunContext) -> None:
         ctx.fail_step(f"destination: the clock read {ctx.started.isoformat()} when the run "
                       f"started, earlier than the newest backup {done[0].name}; is the time "
                       "set (NTP synced)?")
-    if not await dest.name_is_free(ctx.name):
-        ctx.fail_step(f"destination: the backup name {ctx.name} is already taken")
+    layout = ctx.layout
+    if not await dest.name_is_free(layout.name):
+        ctx.fail_step(f"destination: the backup name {layout.name} is already taken")
     await dest.clean_stale(entries)
     ctx.previous = done
     ctx.dest_is_btrfs = await dest.is_btrfs()
     for work in ctx.source_work.values():
         await work.clean_stale()
     try:
-        await dest.create(ctx.name + IN_PROGRESS)
+        await dest.create(layout.in_progress)
     except OSError as e:
-        ctx.fail_step(_destination_failure(e, f"cannot create {ctx.in_progress_dir}"))
+        ctx.fail_step(_destination_failure(e, f"cannot create {layout.in_progress_dir}"))
     ctx.in_progress_created = True
-    log.info("in-progress folder created", folder=ctx.in_progress_dir,
+    log.info("in-progress folder created", folder=layout.in_progress_dir,
              duration_s=round(time.monotonic() - t0, 6))
 
 
@@ -305,10 +306,10 @@ async def _remove_optional_folder(ctx: RunContext, source: str) -> None:
     removed is said, and stays; it is no reason to cancel the other sources.
     """
     try:
-        await ctx.dest.remove(os.path.join(ctx.name + IN_PROGRESS, source))
+        await ctx.dest.remove(os.path.join(ctx.layout.in_progress, source))
     except OSError as e:
         log.warning("folder of a failed optional source not removed; it stays in the backup",
-                    folder=os.path.join(ctx.in_progress_dir, source), error=str(e))
+                    folder=os.path.join(ctx.layout.in_progress_dir, source), error=str(e))
 
 
 async def _run_step(ctx: RunContext, source: SourceConfig, step: Step, work: Work,
@@ -370,18 +371,19 @@ def _snapshot_window(ctx: RunContext) -> Iterator[None]:
 
 async def _finish_backup(ctx: RunContext) -> None:
     """Rename the in-progress folder to the backup's name, then apply retention."""
+    layout = ctx.layout
     try:
-        await ctx.dest.rename(ctx.name + IN_PROGRESS, ctx.name)
+        await ctx.dest.rename(layout.in_progress, layout.name)
     except OSError as e:
-        ctx.fail_step(_destination_failure(e, f"cannot rename {ctx.in_progress_dir}"))
+        ctx.fail_step(_destination_failure(e, f"cannot rename {layout.in_progress_dir}"))
     ctx.report.saved = True
     t0 = time.monotonic()
-    log.info("backup saved", folder=ctx.final_dir)
+    log.info("backup saved", folder=layout.final_dir)
     for source_name, work in ctx.source_work.items():
         # Only now, with the new copy under its final name (a parent for the next run).
         await work.finish(failed=ctx.report.sources[source_name].status == "failed")
     retention = ctx.report.retention
-    await prune(ctx.dest, ctx.config.retention, retention, protect=ctx.name)
+    await prune(ctx.dest, ctx.config.retention, retention, protect=layout.name)
     log.info("retention applied", deleted=len(retention.deleted), kept=len(retention.kept),
              duration_s=round(time.monotonic() - t0, 6))
     if retention.errors:
@@ -398,20 +400,21 @@ async def _discard_unfinished(ctx: RunContext) -> None:
     """
     if ctx.report.saved or ctx.halted:
         return
+    layout = ctx.layout
     bound = _DISCARD_BOUND_S if ctx.interruption.happened else math.inf
     with anyio.move_on_after(bound, shield=ctx.interruption.happened) as scope:
         for work in ctx.source_work.values():
             await work.discard()
         if ctx.in_progress_created:
-            log.info("removing the unfinished backup", folder=ctx.in_progress_dir)
+            log.info("removing the unfinished backup", folder=layout.in_progress_dir)
             try:
-                await ctx.dest.remove(ctx.name + IN_PROGRESS)
+                await ctx.dest.remove(layout.in_progress)
             except OSError as e:
                 log.warning("unfinished backup not removed; the next run removes it",
-                            folder=ctx.in_progress_dir, error=e.strerror or str(e))
+                            folder=layout.in_progress_dir, error=e.strerror or str(e))
     if scope.cancelled_caught:
         log.warning("unfinished backup not removed in time; the next run removes it",
-                    folder=ctx.in_progress_dir, bound_s=bound)
+                    folder=layout.in_progress_dir, bound_s=bound)
 
 
 async def _measure_space(ctx: RunContext) -> None:

@@ -9,8 +9,8 @@ The one exception is a hook that exits on its own: what it started in the
 background (a daemon brought back by a ``post``) is left running.
 
 Nothing here waits forever: a process that survives SIGKILL (stuck on a dying
-disk) is abandoned after a bound and remembered for the report
-(``take_abandoned``).
+disk) is abandoned after a bound and remembered for the report of the run
+it belongs to (``abandoned_into``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import signal
 import subprocess
 import threading
 from collections import deque
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -34,7 +35,7 @@ import structlog
 from .errors import CannotStart, map_errors
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+    from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
     from contextlib import AbstractContextManager
     from types import TracebackType
 
@@ -65,15 +66,35 @@ log = structlog.get_logger("pibackup.processes")
 # folder that the next run is about to remove.
 _SETPRIV = shutil.which("setpriv")
 
-_abandoned: list[str] = []
-# Abandoned pids are not waited for again when the same session is ended twice.
+# The run a task belongs to keeps its own list of processes left behind
+# (``abandoned_into``), so two runs in one process report their own; code
+# outside every run (a test ending one child) shares ``_outside``.
+_abandoned: ContextVar[list[str] | None] = ContextVar("pibackup_abandoned", default=None)
+_outside: list[str] = []
+# Abandoned pids are not waited for again when the same session is ended twice
+# (pids are the kernel's, one set for the process).
 _stuck: set[int] = set()
 
 
+@contextmanager
+def abandoned_into(lines: list[str]) -> Iterator[list[str]]:
+    """Remember in ``lines`` the processes that the block (and the tasks it starts) leaves
+    behind."""
+    token = _abandoned.set(lines)
+    try:
+        yield lines
+    finally:
+        _abandoned.reset(token)
+
+
 def take_abandoned() -> list[str]:
-    """One line per process that survived SIGKILL and was left behind; clears the list."""
-    taken = list(_abandoned)
-    _abandoned.clear()
+    """One line per process of this task's run that survived SIGKILL and was left behind;
+    clears the list."""
+    lines = _abandoned.get()
+    if lines is None:
+        lines = _outside
+    taken = list(lines)
+    lines.clear()
     return taken
 
 
@@ -266,7 +287,9 @@ def _abandon(members: list[int]) -> None:
     for pid in members:
         _stuck.add(pid)
         command = _command_line(pid)
-        _abandoned.append(f"pid {pid} ({command}) did not die after SIGKILL; abandoned")
+        lines = _abandoned.get()
+        (_outside if lines is None else lines).append(
+            f"pid {pid} ({command}) did not die after SIGKILL; abandoned")
         log.error("process did not die after SIGKILL; abandoned", pid=pid, command=command)
 
 
@@ -276,7 +299,7 @@ async def end_session(process: Process, grace: float = GRACE_S,
 
     Shielded from cancellation and bounded: what is still alive
     ``kill_bound`` seconds after SIGKILL (stuck in the kernel on a dying disk)
-    is logged, remembered for ``take_abandoned`` and left behind. The session
+    is logged, remembered for the run's report and left behind. The session
     id is the child's pid; while the child is unreaped or its session has
     members the id cannot be reused, so no stranger is signalled.
     """
