@@ -20,7 +20,10 @@ from .sources.kind import kind_of
 if TYPE_CHECKING:
     from .config import Config, Hook
 
-__all__ = ["on_mounted_filesystem", "preflight", "state_problems", "writable_by_others"]
+__all__ = [
+    "on_mounted_filesystem", "preflight", "read_only_warnings", "state_problems",
+    "writable_by_others",
+]
 
 # Filesystems that cannot keep owners, ACLs or xattrs (NOTES pitfall 13).
 _POOR_FILESYSTEMS = {"vfat", "msdos", "exfat", "fat", "ntfs", "ntfs3", "fuseblk"}
@@ -44,6 +47,7 @@ def preflight(config: Config) -> tuple[list[str], list[str]]:
         problems += [f"sources[{i}].{line}" for line in found]
         warnings += [f"sources[{i}].{line}" for line in warned]
     warnings += _hook_warnings(config)
+    warnings += read_only_warnings(config)
     if os.geteuid() != 0:
         warnings.append(
             f"running as {_user(os.geteuid())}, not root: owners cannot be kept, and files "
@@ -172,6 +176,50 @@ def _lock_problems(config: Config) -> list[str]:
     return []
 
 
+def read_only_warnings(config: Config) -> list[str]:
+    """``state_dir`` or the lock file on a read-only filesystem, one line each (SPEC §2).
+
+    Usable still (the lock is taken on the file opened read-only, or on its
+    folder where it cannot be created), but no report can be written there:
+    an SD card the kernel remounted read-only after errors, which the
+    admin should hear of before it fails for good.
+    """
+    mail = config.report is not None
+    ping = config.monitor is not None and config.monitor.ping_url is not None
+    carried = ("the mail and the ping carry it" if mail and ping
+               else "the mail carries it" if mail
+               else "the ping carries it" if ping
+               else "nothing carries it ([report] and [monitor] are not set)")
+    lines = []
+    if _on_read_only_filesystem(config.state_dir):
+        # The default lock lies in state_dir; a lock_file of its own gets its own line.
+        lock = "takes its lock read-only and " if config.lock_file is None else ""
+        lines.append(
+            f"state_dir {config.state_dir} is on a read-only filesystem (an SD card remounted "
+            f"read-only after errors? see dmesg): a run {lock}cannot write its report there; "
+            f"{carried}")
+    if config.lock_file is not None and _on_read_only_filesystem(config.lock_path):
+        on = ("the file opened read-only" if os.path.lexists(config.lock_path)
+              else f"its folder {os.path.dirname(config.lock_path)}")
+        lines.append(f"lock_file {config.lock_path} is on a read-only filesystem: a run takes "
+                     f"the lock on {on}")
+    return lines
+
+
+def _on_read_only_filesystem(path: str) -> bool:
+    """Whether ``path``, or the nearest folder above it that exists, is on a read-only mount."""
+    while True:
+        try:
+            return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+        except FileNotFoundError:
+            above = os.path.dirname(path)
+            if above == path:
+                return False
+            path = above
+        except OSError:
+            return False
+
+
 # --- folders on the way that other users can write ---------------------------------------
 
 
@@ -252,6 +300,14 @@ def _creation_problems(label: str, path: str) -> list[str]:
                 "not a folder"]
     # os.access asks the kernel without writing (a read-only mount says no).
     if not os.access(ancestor, os.W_OK | os.X_OK):
+        if _on_read_only_filesystem(ancestor):
+            # Where the lock file cannot be created, its folder is locked instead
+            # (SPEC §2); read_only_warnings says so. Reading the folder is enough.
+            if (label == "lock_file" and ancestor == os.path.dirname(os.path.abspath(path))
+                    and os.access(ancestor, os.R_OK | os.X_OK)):
+                return []
+            return [f"{label} {path} cannot be created: {ancestor} is on a read-only "
+                    "filesystem"]
         return [f"{label} {path} cannot be created: {ancestor} is not writable "
                 f"by {_user(os.geteuid())}"]
     return []

@@ -9,12 +9,15 @@ from datetime import datetime
 from typing import Literal
 
 import msgspec
+import structlog
 from msgspec import Struct
 
 from .private_dir import make_private_dir
 
 Status = Literal["ok", "failed", "cancelled", "skipped"]
 RunStatus = Literal["ok", "failed", "interrupted"]
+log = structlog.get_logger("pibackup")
+
 KEEP_REPORTS = 100
 
 
@@ -156,10 +159,28 @@ def write_report(report: Report, reports_dir: str) -> str:
         with contextlib.suppress(OSError):
             os.unlink(partial)
         raise
-    reports = sorted(
-        (e for e in os.scandir(reports_dir) if e.name.endswith(".json")),
-        key=lambda e: e.stat().st_mtime,
-    )
-    for old in reports[:-KEEP_REPORTS]:
-        os.unlink(old.path)
+    _prune_reports(reports_dir)
     return path
+
+
+def _prune_reports(reports_dir: str) -> None:
+    """Keep the newest ``KEEP_REPORTS``; what cannot be removed waits for the next report.
+
+    The new report is written by now: a failure here is only logged, never
+    told as a report not written.
+    """
+    try:
+        reports = sorted(
+            (e for e in os.scandir(reports_dir) if e.name.endswith(".json")),
+            key=lambda e: e.stat().st_mtime,
+        )
+    except OSError as e:
+        log.warning("old reports not pruned", folder=reports_dir, error=e.strerror or str(e))
+        return
+    for old in reports[:-KEEP_REPORTS]:
+        try:
+            os.unlink(old.path)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            log.warning("old report not removed", report=old.path, error=e.strerror or str(e))
