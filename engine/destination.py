@@ -39,6 +39,7 @@ import anyio.lowlevel
 import anyio.to_thread
 import structlog
 
+from .errors import DestinationError
 from .filesystems import SUBVOLUME_INODE, is_btrfs, is_subvolume, on_mounted_filesystem
 from .heartbeat import beating
 from .names import DELETING, IN_PROGRESS, format_name, parse_name
@@ -66,18 +67,15 @@ ANSWER_BOUND_S = 20.0
 FLUSH_BOUND_S = 600.0
 
 
-class DestinationLost(OSError):
+class DestinationLost(DestinationError):
     """The destination as a whole is gone (unmounted, unplugged) or does not answer.
 
-    An OSError, so that what handles a failed deletion or copy handles it
-    too; its text is the one line the report says.
+    An OSError (EIO), so that what handles a failed deletion or copy handles
+    it too; its text is the one line the report says.
     """
 
     def __init__(self, message: str) -> None:
-        super().__init__(errno.EIO, message)
-
-    def __str__(self) -> str:
-        return str(self.strerror)
+        super().__init__(message, OSError(errno.EIO, message))
 
 
 @dataclass(frozen=True)

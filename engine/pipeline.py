@@ -17,14 +17,14 @@ from structlog.contextvars import bound_contextvars
 
 from .context import CriticalStop, Interruption, RunContext, RunOptions, StepFailed
 from .destination import DestinationLost, choose_name, complete
-from .errors import Interrupted
+from .errors import Interrupted, StepError
 from .heartbeat import beating
 from .hooks import Kind, hook_stage
 from .lock import private_state
 from .mail_body import render_body, should_send
 from .monitor import BODY_CAP, ping, previous_success, render_metrics, replace_file
 from .pruning import prune
-from .remote import RemoteError, open_remotes
+from .remote import open_remotes
 from .report import (
     Delivery,
     DestinationSpace,
@@ -35,7 +35,6 @@ from .report import (
     stamp,
     write_report,
 )
-from .sources.errors import SourceError
 from .sources.kind import SourceConfig, kind_of
 
 if TYPE_CHECKING:
@@ -327,7 +326,9 @@ async def _run_step(ctx: RunContext, source: SourceConfig, step: Step, work: Wor
         raise
     except TimeoutError:
         problem = f"timed out after {source.timeout}"
-    except (SourceError, RemoteError, OSError) as e:
+    # An adapter's error says what failed in one line; a bare OSError is
+    # tolerated in case one slips past its adapter.
+    except (StepError, OSError) as e:
         problem = str(e)
     except Exception as e:
         log.debug("unexpected error", exc_info=True)

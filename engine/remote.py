@@ -14,13 +14,14 @@ import shlex
 import shutil
 import tempfile
 from collections.abc import Awaitable, Callable
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from contextlib import AbstractContextManager, AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import structlog
 
+from .errors import StepError, describe, map_errors
 from .processes import (
     GRACE_S,
     KILL_BOUND_S,
@@ -64,12 +65,12 @@ _CIPHERS = ["aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com",
 Sink = Callable[[bytes], Awaitable[None]]
 
 
-class RemoteError(Exception):
+class RemoteError(StepError):
     """A host cannot be reached or trusted, or its connection broke; the message names
     the host and what happened."""
 
 
-def _connection_trouble() -> tuple[type[BaseException], ...]:
+def _connection_trouble() -> tuple[type[Exception], ...]:
     """What asyncssh and the sockets under it raise when a connection breaks.
 
     asyncssh errors are not OSErrors (NOTES pitfall 14); a stream read after
@@ -80,8 +81,29 @@ def _connection_trouble() -> tuple[type[BaseException], ...]:
     return (asyncssh.Error, OSError, EOFError)
 
 
-def _reason(error: BaseException) -> str:
+def _ssh_errors(error_for: Callable[[str, Exception], RemoteError]
+                ) -> AbstractContextManager[None]:
+    """The adapter of asyncssh: what it (and the sockets under it) raises in the block
+    becomes the RemoteError that ``error_for`` makes of a one-line reason and the error.
+
+    Everything else passes: a bug stays a bug, a cancel a cancel.
+    """
+    import asyncssh
+
+    return map_errors({
+        asyncssh.PermissionDenied: lambda e: error_for(f"login refused: {_reason(e, False)}", e),
+        asyncssh.Error: lambda e: error_for(_reason(e), e),
+        # A bad identity file (asyncssh reads it when it connects).
+        asyncssh.KeyImportError: lambda e: error_for(f"cannot use the identity file: {e}", e),
+        OSError: lambda e: error_for(describe(e), e),
+        EOFError: lambda e: error_for("the connection closed", e),
+    })
+
+
+def _reason(error: BaseException, named: bool = True) -> str:
     reason = getattr(error, "reason", None) or str(error)
+    if not named:
+        return reason or type(error).__name__
     return f"{type(error).__name__}: {reason}" if reason else type(error).__name__
 
 
@@ -244,6 +266,17 @@ class RemoteHost:
         import asyncssh
 
         where = _where(self.name, self.host)
+
+        def refused(reason: str, error: Exception) -> RemoteError:
+            if isinstance(error, asyncssh.HostKeyNotVerifiable):
+                reason = f"host key not verified against {_known_hosts(self.host)} ({reason})"
+            elif isinstance(error, TimeoutError):
+                reason = f"no answer within {CONNECT_TIMEOUT_S:g} s"
+            # Remembered: nothing more of this host is tried in this run.
+            self._error = f"{where}: cannot connect: {reason}"
+            log.error("host unavailable", host=self.name, problem=self._error)
+            return RemoteError(self._error)
+
         options: dict[str, Any] = {
             "port": self.host.port,
             "known_hosts": _known_hosts(self.host),
@@ -257,21 +290,11 @@ class RemoteHost:
             options["username"] = self.host.user
         if self.host.identity_file:
             options["client_keys"] = [self.host.identity_file]
-        try:
-            with anyio.fail_after(CONNECT_TIMEOUT_S + 5):
-                connection = await asyncssh.connect(self.host.address, **options)
-        except asyncssh.HostKeyNotVerifiable as e:
-            self._error = (f"{where}: host key not verified against {_known_hosts(self.host)} "
-                           f"({e.reason})")
-        except asyncssh.PermissionDenied as e:
-            self._error = f"{where}: authentication refused ({e.reason})"
-        except (OSError, EOFError, asyncssh.Error, asyncssh.KeyImportError, TimeoutError) as e:
-            self._error = f"{where}: cannot connect: {str(e) or type(e).__name__}"
-        else:
-            log.info("connected", host=self.name)
-            return connection
-        log.error("host unavailable", host=self.name, problem=self._error)
-        raise RemoteError(self._error)
+        # TimeoutError is an OSError: fail_after's is mapped too.
+        with _ssh_errors(refused), anyio.fail_after(CONNECT_TIMEOUT_S + 5):
+            connection = await asyncssh.connect(self.host.address, **options)
+        log.info("connected", host=self.name)
+        return connection
 
     async def run(self, command: str, env: Mapping[str, str], *, stdout_lines: int = 20,
                   stdout_sink: Sink | None = None, leave_background: bool = False) -> Finished:
@@ -294,23 +317,22 @@ class RemoteHost:
     @contextmanager
     def _mapped(self, connection: Any, command: str) -> Iterator[None]:
         """Connection trouble, raised alone or out of a task group, becomes RemoteError."""
-        trouble = _connection_trouble()
-        try:
-            yield
-        except RemoteError:
-            raise
-        except BaseExceptionGroup as group:
-            matched, rest = group.split(trouble)
-            if matched is None or rest is not None:
-                raise
-            first: BaseException = matched
-            while isinstance(first, BaseExceptionGroup):
-                first = first.exceptions[0]
-            raise self._broken(connection, command, first) from group
-        except trouble as error:
-            raise self._broken(connection, command, error) from error
+        with _ssh_errors(lambda reason, error: self._broken(connection, command, reason,
+                                                            error)):
+            try:
+                yield
+            except BaseExceptionGroup as group:
+                matched, rest = group.split(_connection_trouble())
+                if matched is None or rest is not None:
+                    raise
+                first: BaseException = matched
+                while isinstance(first, BaseExceptionGroup):
+                    first = first.exceptions[0]
+                # The task group's trouble alone, for the adapter to map.
+                raise first from group
 
-    def _broken(self, connection: Any, command: str, error: BaseException) -> RemoteError:
+    def _broken(self, connection: Any, command: str, reason: str, error: Exception
+                ) -> RemoteError:
         where = _where(self.name, self.host)
         if connection.is_closed() or not _is_channel_refusal(error):
             problem = f"connection to {where} lost while running {_shown(command)}"
@@ -320,7 +342,7 @@ class RemoteHost:
             connection.close()
         else:
             problem = f"{where} refused a session for {_shown(command)}"
-        problem += f" ({_reason(error)})"
+        problem += f" ({reason})"
         log.error("host connection trouble", host=self.name, problem=problem)
         return RemoteError(problem)
 
@@ -404,17 +426,17 @@ class RemoteHost:
         # command: signal its process group over the same connection.
         sudo = "sudo -n " if self.host.sudo else ""
         try:
-            if pgid and not connection.is_closed():
-                with anyio.move_on_after(GRACE_S + _CLOSE_BOUND_S):
-                    await connection.run(f"{sudo}kill -TERM -{pgid[0]}", check=False)
-                    with anyio.move_on_after(GRACE_S):
-                        await process.wait_closed()
-                        return
-                    await connection.run(f"{sudo}kill -KILL -{pgid[0]}", check=False)
-        except _connection_trouble() as error:
+            with _ssh_errors(lambda reason, _: RemoteError(reason)):
+                if pgid and not connection.is_closed():
+                    with anyio.move_on_after(GRACE_S + _CLOSE_BOUND_S):
+                        await connection.run(f"{sudo}kill -TERM -{pgid[0]}", check=False)
+                        with anyio.move_on_after(GRACE_S):
+                            await process.wait_closed()
+                            return
+                        await connection.run(f"{sudo}kill -KILL -{pgid[0]}", check=False)
+        except RemoteError as error:
             # Gone with the connection: sshd hangs up the command's session.
-            log.warning("cannot signal the remote command", host=self.name,
-                        error=_reason(error))
+            log.warning("cannot signal the remote command", host=self.name, error=str(error))
         process.close()
         with anyio.move_on_after(_CLOSE_BOUND_S):
             await process.wait_closed()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..errors import StepError
 
-class SourceError(Exception):
+
+class SourceError(StepError):
     """The snapshot or save of a source failed; the message says how."""
