@@ -7,8 +7,8 @@ run, each looks at the heartbeat's running steps from inside its own run;
 the first run's save leaves a process behind that SIGKILL cannot end (a
 writer on a frozen filesystem, ended as any kind's child is, with short
 bounds) and finishes only after the other run has closed its report. Each
-report must hold its own hooks, sources and abandoned processes, and each
-run must see only its own steps.
+report must hold its own hooks, sources, warnings and abandoned processes,
+and each run must see only its own steps.
 """
 
 from __future__ import annotations
@@ -153,6 +153,8 @@ async def test_two_backups_in_one_process_keep_their_own_state(
         tmp_path: Path, twin: TwinKind, frozen: Path) -> None:
     ws_a, config_a = _workspace(tmp_path / "a", "alpha")
     ws_b, config_b = _workspace(tmp_path / "b", "beta")
+    # A warning for the first run alone: its state_dir lies in a folder anyone can write.
+    ws_a.root.chmod(0o777)
     reports: dict[str, Report] = {}
 
     async def alpha() -> None:
@@ -184,12 +186,13 @@ async def test_two_backups_in_one_process_keep_their_own_state(
     assert a.abandoned == [f"pid {twin.stuck.pid} (/bin/sh -c echo x > {frozen / 'file'}) "
                            "did not die after SIGKILL; abandoned"], a.abandoned
     assert b.abandoned == [], b.abandoned
+    assert [w.split(":")[0] for w in a.warnings] == [f"state_dir {ws_a.state}"], a.warnings
+    assert b.warnings == []
     for name, report, ws in (("alpha", a, ws_a), ("beta", b, ws_b)):
         assert list(report.sources) == [name]
         assert sorted((h.hook, h.phase, h.status) for h in report.hooks) == [
             (f"{name}-backup", "post", "ok"), (f"{name}-backup", "pre", "ok"),
             (f"{name}-snapshot", "post", "ok"), (f"{name}-snapshot", "pre", "ok")]
-        assert report.warnings == []
         assert order(ws) == [f"{name}-backup.pre", f"{name}-snapshot.pre",
                              f"{name}-snapshot.post", f"{name}-backup.post"]
         assert ws.backups() == [report.name]
