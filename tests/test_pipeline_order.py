@@ -12,8 +12,10 @@ take milliseconds); the backup runs through ``load_config`` and
 ``run_backup``. The real-component tests (test_hook_order, test_failures,
 test_signals…) stay: these pin the order, not the processes.
 
-The destination answers at once, without a checkpoint, like a disk that
-takes no time: the order of events is the order of the pipeline's calls.
+The destination records each change as it is asked, then yields once
+before making it, as a worker thread would: a cancel that reaches it there
+leaves the change unmade, so a clean-up that is not shielded shows. The
+order of events is the order of the pipeline's calls.
 Synchronisation is by events and a FIFO, never by sleeping; the one wait on
 the clock is the source timeout's own second.
 """
@@ -27,6 +29,7 @@ from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
 import anyio
+import anyio.lowlevel
 import pytest
 from datakit import table
 from hookkit import HookSpec, hook_script, hook_toml, order, statuses
@@ -200,16 +203,19 @@ class MemoryDestination(Destination):
 
     async def create(self, folder: str) -> None:
         record(self.ws, f"dest.create {folder}")
+        await anyio.lowlevel.checkpoint()
         self.folders.add(folder)
 
     async def rename(self, folder: str, new: str) -> None:
         record(self.ws, f"dest.rename {folder} {new}")
+        await anyio.lowlevel.checkpoint()
         for old in self._below(folder):
             self.folders.remove(old)
             self.folders.add(new + old[len(folder):])
 
     async def remove(self, folder: str) -> None:
         record(self.ws, f"dest.remove {folder}")
+        await anyio.lowlevel.checkpoint()
         self.folders -= self._below(folder)
 
     async def flush(self) -> None:
@@ -466,6 +472,8 @@ async def test_a_signal_during_a_step_cancels_it_and_the_posts_still_run(
     expected = ("cancelled", "cancelled", "skipped") if step == "snapshot" else (
         "cancelled", "ok", "cancelled")
     assert source_steps(report) == {"one": expected}
+    assert hook_steps(report) == [("b1", "pre", "ok"), ("s1", "pre", "ok"),
+                                  ("s1", "post", "ok"), ("b1", "post", "ok")]
     assert statuses(ws)["b1.post"] == "interrupted"
     assert statuses(ws)["s1.post"] == ("interrupted" if step == "snapshot" else "ok")
     assert exit_for_signal(interruption.signum) == 143
@@ -484,6 +492,7 @@ async def test_a_signal_during_a_post_lets_it_and_the_later_posts_finish(
                     f"echo 's1.post.released|-|-||-|-|-|-' >> '{ws.events}'")
     configure(ws, [HookSpec("b1")], sources(ws, "one"), extra_hooks=s1_toml)
     interruption = Interruption("run")
+    dest = MemoryDestination(ws, OLD)
 
     async def signal_during_the_post() -> None:
         writer = await anyio.to_thread.run_sync(open, fifo, "w", abandon_on_cancel=True)
@@ -494,7 +503,7 @@ async def test_a_signal_during_a_post_lets_it_and_the_later_posts_finish(
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(signal_during_the_post)
-            report, events = await run(ws, interruption)
+            report, events = await run(ws, interruption, dest)
     finally:
         # If the post never came, let the writer's open return.
         with contextlib.suppress(OSError):
@@ -508,6 +517,7 @@ async def test_a_signal_during_a_post_lets_it_and_the_later_posts_finish(
     assert [(h, p, s) for h, p, s in hook_steps(report)] == [
         ("b1", "pre", "ok"), ("s1", "pre", "ok"), ("s1", "post", "ok"), ("b1", "post", "ok")]
     assert (statuses(ws)["s1.post"], statuses(ws)["b1.post"]) == ("ok", "interrupted")
+    assert dest.folders == set(OLD)
 
 
 async def test_a_source_cut_while_it_waits_for_a_slot_never_starts(
