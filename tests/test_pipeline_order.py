@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import anyio
 import anyio.lowlevel
 import pytest
+from conftest import processes_mentioning
 from datakit import table
 from hookkit import HookSpec, hook_script, hook_toml, order, statuses
 from pibackup_async.cli.exit_codes import exit_for_signal
@@ -53,6 +54,7 @@ from pibackup_async.engine.sources.kind import (
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterator
+    from pathlib import Path
 
     from conftest import Workspace
     from pibackup_async.engine import Report
@@ -259,6 +261,7 @@ async def run(ws: Workspace, interruption: Interruption | None = None,
     report = await run_backup(load_config(str(ws.config_path)), RunOptions(),
                               interruption or Interruption("run"),
                               destination=dest or MemoryDestination(ws, OLD))
+    assert processes_mentioning(str(ws.root)) == [], "a hook outlived the run"
     return report, [label.replace(report.name, "NEW") for label in order(ws)]
 
 
@@ -480,17 +483,24 @@ async def test_a_signal_during_a_step_cancels_it_and_the_posts_still_run(
     assert dest.folders == set(OLD)
 
 
+def post_reading(ws: Workspace, spec: HookSpec, fifo: Path) -> str:
+    """``spec``'s hook whose post, once it has logged, waits for a line from ``fifo``."""
+    table_name = "backup_hooks" if spec.kind == "backup" else "snapshot_hooks"
+    released = f"echo '{spec.name}.post.released|-|-||-|-|-|-' >> '{ws.events}'"
+    return table(f"[[{table_name}]]", name=spec.name, pre=hook_script(ws, spec, "pre"),
+                 post=f"{hook_script(ws, spec, 'post')}\nread line < '{fifo}'\n{released}")
+
+
+@pytest.mark.parametrize("blocked", ["s1", "b2"])
 async def test_a_signal_during_a_post_lets_it_and_the_later_posts_finish(
-        ws: Workspace, kind: ScriptedKind) -> None:
-    # s1's post blocks reading a FIFO: the test's open for writing returns once
+        ws: Workspace, kind: ScriptedKind, blocked: str) -> None:
+    # The post blocks reading a FIFO: the test's open for writing returns once
     # the post is there, the "signal" comes, and the post goes on.
     fifo = ws.root / "post.fifo"
     os.mkfifo(fifo)
-    s1 = HookSpec("s1", kind="snapshot")
-    s1_toml = table("[[snapshot_hooks]]", name="s1", pre=hook_script(ws, s1, "pre"),
-                    post=hook_script(ws, s1, "post") + f"\nread line < '{fifo}'\n"
-                    f"echo 's1.post.released|-|-||-|-|-|-' >> '{ws.events}'")
-    configure(ws, [HookSpec("b1")], sources(ws, "one"), extra_hooks=s1_toml)
+    hooks = [HookSpec("b1"), HookSpec("b2"), HookSpec("s1", kind="snapshot")]
+    configure(ws, [], sources(ws, "one"), extra_hooks="".join(
+        post_reading(ws, h, fifo) if h.name == blocked else hook_toml(ws, h) for h in hooks))
     interruption = Interruption("run")
     dest = MemoryDestination(ws, OLD)
 
@@ -509,15 +519,31 @@ async def test_a_signal_during_a_post_lets_it_and_the_later_posts_finish(
         with contextlib.suppress(OSError):
             os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
 
-    assert events == ["b1.pre", "one.clean_stale", "dest.create NEW.in-progress", "s1.pre",
-                      "one.snapshot", "s1.post", "s1.post.released",
-                      "one.discard", "dest.remove NEW.in-progress", "b1.post"]
-    assert (report.status, report.saved, report.failure) == ("interrupted", False, None)
-    assert source_steps(report) == {"one": ("cancelled", "ok", "skipped")}
+    start = ["b1.pre", "b2.pre", "one.clean_stale", "dest.create NEW.in-progress", "s1.pre",
+             "one.snapshot", "s1.post"]
+    if blocked == "s1":
+        # The saves never start; the unfinished backup is removed.
+        assert events == [*start, "s1.post.released", "one.discard",
+                          "dest.remove NEW.in-progress", "b2.post", "b1.post"]
+        assert (report.status, report.saved, report.failure) == ("interrupted", False, None)
+        assert source_steps(report) == {"one": ("cancelled", "ok", "skipped")}
+        assert dest.folders == set(OLD)
+    else:
+        # Saved before the signal: the backup and retention stand.
+        assert events == [
+            *start, "one.save", "dest.rename NEW.in-progress NEW", "one.finish",
+            f"dest.rename {OLD[1]} {OLD[1]}.deleting", f"dest.remove {OLD[1]}.deleting",
+            f"dest.rename {OLD[0]} {OLD[0]}.deleting", f"dest.remove {OLD[0]}.deleting",
+            "b2.post", "b2.post.released", "b1.post"]
+        assert (report.status, report.saved, report.failure) == ("interrupted", True, None)
+        assert source_steps(report) == {"one": ("ok", "ok", "ok")}
+        assert dest.folders == {report.name}
     assert [(h, p, s) for h, p, s in hook_steps(report)] == [
-        ("b1", "pre", "ok"), ("s1", "pre", "ok"), ("s1", "post", "ok"), ("b1", "post", "ok")]
-    assert (statuses(ws)["s1.post"], statuses(ws)["b1.post"]) == ("ok", "interrupted")
-    assert dest.folders == set(OLD)
+        ("b1", "pre", "ok"), ("b2", "pre", "ok"), ("s1", "pre", "ok"), ("s1", "post", "ok"),
+        ("b2", "post", "ok"), ("b1", "post", "ok")]
+    assert {label: s for label, s in statuses(ws).items() if s != "-"} == {
+        "s1.post": "ok",
+        "b2.post": "interrupted" if blocked == "s1" else "ok", "b1.post": "interrupted"}
 
 
 async def test_a_source_cut_while_it_waits_for_a_slot_never_starts(
