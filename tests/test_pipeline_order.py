@@ -396,21 +396,26 @@ async def test_a_pre_that_fails_runs_no_later_pre_and_gets_no_post(
         ("x2", "post", "skipped"), ("x3", "pre", "skipped"), ("x3", "post", "skipped")]
 
 
+@pytest.mark.parametrize("phase", ["pre", "post"])
 async def test_a_critical_hook_that_fails_stops_everything_as_a_crash_would(
-        ws: Workspace, kind: ScriptedKind) -> None:
+        ws: Workspace, kind: ScriptedKind, phase: str) -> None:
     hooks = [HookSpec("b1"), HookSpec("s1", kind="snapshot"),
-             HookSpec("s2", kind="snapshot", critical=True, fail={"pre": 1})]
+             HookSpec("s2", kind="snapshot", critical=True, fail={phase: 1})]
     configure(ws, hooks, sources(ws, "one"))
     dest = MemoryDestination(ws, OLD)
 
     report, events = await run(ws, dest=dest)
 
-    # No post, no discard, no removal: the next run cleans up, as after a crash.
+    # No later hook, step, post, discard or removal: the next run cleans up, as after a crash.
+    ran = ["s2.pre"] if phase == "pre" else ["s2.pre", "one.snapshot", "s2.post"]
     assert events == ["b1.pre", "one.clean_stale", "dest.create NEW.in-progress",
-                      "s1.pre", "s2.pre"]
+                      "s1.pre", *ran]
     assert (report.status, report.saved) == ("failed", False)
-    assert report.failure == 'hook "s2" pre failed: exit code 1'
-    assert source_steps(report) == {"one": ("skipped", "skipped", "skipped")}
+    assert report.failure == f'hook "s2" {phase} failed: exit code 1'
+    steps = ("skipped", "skipped", "skipped") if phase == "pre" else ("cancelled", "ok", "skipped")
+    assert source_steps(report) == {"one": steps}
+    assert [s[2] for s in hook_steps(report) if s[:2] in (("s1", "post"), ("b1", "post"))] == [
+        "skipped", "skipped"]
     assert dest.folders == {*OLD, f"{report.name}.in-progress"}
 
 
