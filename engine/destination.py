@@ -99,6 +99,11 @@ def complete(entries: list[Entry]) -> list[Entry]:
     return [e for e in entries if e.state == "complete" and not e.link]
 
 
+def stale(entries: list[Entry]) -> list[Entry]:
+    """What ``clean_stale`` removes of ``entries``, in its order (the dry-run lists them)."""
+    return [e for e in entries if e.state != "complete"]
+
+
 # --- a local destination, synchronously (worker threads, and the inspection commands) --------
 
 
@@ -473,9 +478,7 @@ class Destination(abc.ABC):
         Links named like them are removed as links. A cancel takes effect
         before the next entry (and within the one being removed).
         """
-        for entry in entries:
-            if entry.state == "complete":
-                continue
+        for entry in stale(entries):
             await anyio.lowlevel.checkpoint_if_cancelled()
             if entry.link:
                 what = "symbolic link named like a backup folder"

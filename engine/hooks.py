@@ -155,8 +155,13 @@ async def hook_stage(ctx: RunContext, kind: Kind, hooks: Sequence[Hook]) -> Asyn
         await _run_posts(ctx, kind, owned)
 
 
+def post_order(owned: Sequence[Hook]) -> list[Hook]:
+    """The hooks whose ``post`` runs, in the order it runs (the dry-run lists them so)."""
+    return [h for h in reversed(owned) if h.post is not None]
+
+
 async def _run_posts(ctx: RunContext, kind: Kind, owned: list[Hook]) -> None:
-    posts = [h for h in reversed(owned) if h.post is not None]
+    posts = post_order(owned)
     bound = sum(h.timeout_s + ENDING_BOUND_S for h in posts) + _POST_MARGIN_S
     with anyio.move_on_after(bound, shield=True):
         for hook in posts:

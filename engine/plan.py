@@ -14,14 +14,15 @@ from typing import TYPE_CHECKING
 
 import anyio.to_thread
 
-from .destination import complete, name_is_free, scan
+from .destination import complete, name_is_free, scan, stale
 from .filesystems import is_btrfs
-from .hooks import hook_argv
+from .hooks import hook_argv, post_order
 from .mail import DEFAULT_PORTS
+from .mail_body import should_send
 from .monitor import redact
 from .names import DELETING, IN_PROGRESS, format_name
+from .pruning import decide
 from .remote import Transport, transport
-from .retention import plan_retention
 from .sources.kind import DryRun, kind_of
 
 if TYPE_CHECKING:
@@ -37,8 +38,10 @@ def _transport(config: Config, host: str | None) -> Transport | None:
 
 
 def _hooks(lines: list[str], hooks: list[Hook], phase: str) -> None:
-    ordered = hooks if phase == "pre" else list(reversed(hooks))
-    commands = [(h, h.pre if phase == "pre" else h.post) for h in ordered]
+    # The pres run in the configured order; the posts as the run orders them once
+    # every pre has succeeded.
+    commands = ([(h, h.pre) for h in hooks] if phase == "pre"
+                else [(h, h.post) for h in post_order(hooks)])
     commands = [(h, c) for h, c in commands if c is not None]
     if not commands:
         lines.append("   (no hook)")
@@ -83,7 +86,7 @@ async def plan_run(config: Config, jobs: int | None = None, no_report: bool = Fa
         lines.append(f"   then check that {dest} exists (it does not now: a backup hook may "
                      "mount it; stale folders, link-dest and retention are decided then)")
     else:
-        for entry in (e for e in entries if e.state != "complete"):
+        for entry in stale(entries):
             path = os.path.join(dest, entry.folder)
             if entry.link:
                 lines.append(f"   then remove the symbolic link {path} (never followed)")
@@ -120,7 +123,8 @@ async def plan_run(config: Config, jobs: int | None = None, no_report: bool = Fa
     elif not visible:
         lines.append("   retention: what it deletes is decided at run time")
     else:
-        plan = plan_retention([e.name for e in previous] + [name], config.retention)
+        # The run's own decision, on the backups it will see then: these and its new one.
+        plan = decide([e.name for e in previous] + [name], config.retention, protect=name)
         for gone in plan.deleted:
             lines.append(f"   retention: delete {os.path.join(dest, gone)} "
                          f"(renamed to {gone}{DELETING} first)")
@@ -137,14 +141,15 @@ def _deliveries(config: Config, no_report: bool) -> list[str]:
     """What follows the report's first write, in SPEC §2's order: mail, ping, report, metrics."""
     lines: list[str] = []
     settings = config.report
-    mailed = settings is not None and not no_report and settings.when != "never"
+    # The run's own test, asked for both outcomes: a failed run is mailed whenever any is.
+    mailed = should_send(settings, "failed", no_report)
     if settings is not None and not mailed:
         why = "--no-report" if no_report else 'report.when = "never"'
         lines.append(f"then no mail ({why})")
     elif settings is not None:
         smtp = settings.smtp
         security = {"starttls": "STARTTLS", "tls": "TLS", "none": "unencrypted"}[smtp.security]
-        when = ("whatever the outcome" if settings.when == "always"
+        when = ("whatever the outcome" if should_send(settings, "ok", no_report)
                 else "if the run fails or is interrupted")
         lines.append(f"then mail the report to {', '.join(settings.to)} through "
                      f"{smtp.host}:{smtp.port or DEFAULT_PORTS[smtp.security]} ({security}), "

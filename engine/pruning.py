@@ -8,7 +8,7 @@ import structlog
 
 from .command_stage import under_hooks
 from .destination import DestinationLost, complete
-from .retention import plan_retention
+from .retention import RetentionPlan, plan_retention
 
 if TYPE_CHECKING:
     from .config import Config, Retention
@@ -17,6 +17,18 @@ if TYPE_CHECKING:
     from .report import Report, RetentionResult
 
 log = structlog.get_logger("pibackup.retention")
+
+
+def decide(names: list[str], rules: Retention | None, protect: str | None = None
+           ) -> RetentionPlan:
+    """What retention keeps (with its rules) and deletes among the complete backups
+    ``names``, in the order ``prune`` deletes; ``protect`` is kept as the newest whatever
+    the rules say. The run decides with it, and so does its dry-run's plan."""
+    plan = plan_retention(names, rules)
+    if protect is None or protect not in plan.deleted:
+        return plan
+    kept = {**plan.kept, protect: ["newest"]}
+    return RetentionPlan(kept=kept, deleted=[n for n in plan.deleted if n != protect])
 
 
 async def prune(dest: Destination, rules: Retention | None, result: RetentionResult, *,
@@ -31,12 +43,9 @@ async def prune(dest: Destination, rules: Retention | None, result: RetentionRes
     Raises OSError if the destination cannot be read.
     """
     names = [e.name for e in complete(await dest.scan())]
-    plan = plan_retention(names, rules)
+    plan = decide(names, rules, protect)
     result.kept = {name: list(kept_by) for name, kept_by in plan.kept.items()}
     for name in plan.deleted:
-        if name == protect:
-            result.kept[name] = ["newest"]
-            continue
         try:
             await dest.delete_backup(name)
         except OSError as e:

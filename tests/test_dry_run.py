@@ -208,3 +208,38 @@ def test_plan_says_when_no_mail_would_go(ws: Workspace) -> None:
     configure_deliveries(ws, when="never", metrics=metrics)
     plan = cli_ok(ws, "run", "--dry-run").stdout
     assert "mail the report" not in plan and 'no mail (report.when = "never")' in plan
+
+
+def planned_deletions(plan: str) -> list[str]:
+    """The backups that the plan's step 6 says retention deletes, by name."""
+    return [line.split("retention: delete ", 1)[1].split(" ", 1)[0].rsplit("/", 1)[1]
+            for line in plan.splitlines() if "retention: delete " in line]
+
+
+def test_plan_deletes_what_the_run_then_deletes(ws: Workspace) -> None:
+    """The plan's retention is the run's: the same decision on the same backups, so what
+    the plan lists is what a run straight after it deletes (and leaves stale folders to
+    the run's clean-up, which the plan lists as the run removes them)."""
+    ws.make_source("alpha")
+    configure(ws, ws.dest, "alpha")
+    with ws.config_path.open("a") as config:
+        config.write("\n[retention]\nkeep_last = 2\nkeep_monthly = 2\n")
+    old = ["2024-01-05t03-00-00+0000", "2024-01-20t03-00-00+0000", "2024-02-03t03-00-00+0000",
+           "2024-02-17t03-00-00+0000", "2024-03-02t03-00-00+0000", "2024-03-16t03-00-00+0000"]
+    for name in old:
+        (ws.dest / name / "alpha").mkdir(parents=True)
+    stale = ["2024-03-20t03-00-00+0000.in-progress", "2024-01-01t03-00-00+0000.deleting"]
+    for folder in stale:
+        (ws.dest / folder).mkdir()
+
+    plan = cli_ok(ws, "run", "--dry-run").stdout
+    deletions = planned_deletions(plan)
+    for folder in stale:
+        assert f"{ws.dest / folder} (left by a crashed run)" in plan, plan
+
+    cli_ok(ws, "run")
+    report = ws.report()
+    assert deletions, plan
+    assert report["retention"]["deleted"] == deletions, (report["retention"], plan)
+    assert not set(deletions) & set(complete_backups(ws.dest))
+    assert not any((ws.dest / folder).exists() for folder in stale)
