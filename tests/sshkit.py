@@ -30,6 +30,7 @@ import functools
 import os
 import pwd
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -44,6 +45,11 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
 SSHD = "/usr/sbin/sshd"
+# The test sshd logs in as root (the only user whose files the tests own), and the engine
+# reaches it with OpenSSH's own client for rsync.
+needs_sshd = pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists(SSHD) or shutil.which("ssh") is None,
+    reason="needs root, OpenSSH's sshd and its ssh client")
 READY_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0
 USER = "root"

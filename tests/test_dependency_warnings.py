@@ -11,16 +11,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import textwrap
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import needs_root, needs_rsync
+from conftest import needs_rsync
 from hookkit import source_toml
-from sshkit import SSHD
+from sshkit import needs_sshd
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -28,11 +27,6 @@ if TYPE_CHECKING:
     from conftest import Workspace
     from sshkit import Sshd
 
-needs_sshd = [
-    needs_root,  # the test sshd logs in as root
-    pytest.mark.skipif(not os.path.exists(SSHD), reason="OpenSSH sshd is not installed"),
-    pytest.mark.skipif(shutil.which("ssh") is None, reason="the OpenSSH client is not installed"),
-]
 
 # What Python prints for a warning it shows itself: "<file>:<line>: <Category>: <text>",
 # then the source line (cryptography's is "warnings.warn(...)").
@@ -118,9 +112,7 @@ def test_a_library_warning_is_one_console_line_with_v(tmp_path: Path) -> None:
     assert not RAW.search(done.stderr), done.stderr
 
 
-@needs_sshd[0]
-@needs_sshd[1]
-@needs_sshd[2]
+@needs_sshd
 def test_check_connect_prints_no_python_warning(ws: Workspace, sshd: Sshd) -> None:
     ws.write_config(sshd.host_toml("nas") + source_toml("local", ws.make_source("local")))
     quiet = ws.run("check", "--connect", timeout=60)
@@ -143,9 +135,7 @@ def test_check_connect_prints_no_python_warning(ws: Workspace, sshd: Sshd) -> No
 
 
 @needs_rsync
-@needs_sshd[0]
-@needs_sshd[1]
-@needs_sshd[2]
+@needs_sshd
 def test_a_json_log_of_a_remote_run_is_json_lines_only(ws: Workspace, sshd: Sshd) -> None:
     src = ws.make_source("far")
     # A remote hook goes through asyncssh (the remote rsync through OpenSSH's ssh).

@@ -18,7 +18,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from conftest import needs_root, needs_rsync, processes_mentioning, wait_for
+from conftest import needs_rsync, processes_mentioning, wait_for
 from datakit import (
     describe_tree,
     diff_trees,
@@ -47,7 +47,7 @@ from hookkit import (
     wait_marker,
     wait_no_processes,
 )
-from sshkit import SSHD, Sshd, descendants, established_to, free_port
+from sshkit import Sshd, descendants, established_to, free_port, needs_sshd
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -57,9 +57,7 @@ if TYPE_CHECKING:
 
 pytestmark = [
     needs_rsync,
-    needs_root,  # the test sshd logs in as root: the only user whose files the tests own
-    pytest.mark.skipif(not os.path.exists(SSHD), reason="OpenSSH sshd is not installed"),
-    pytest.mark.skipif(shutil.which("ssh") is None, reason="the OpenSSH client is not installed"),
+    needs_sshd,
 ]
 
 SLOW_REMOTE = {"rsync_args": ["--bwlimit=300"]}

@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING
 
 import anyio
 import pytest
-from conftest import needs_root, needs_rsync, wait_for
+from conftest import needs_rsync, wait_for
 from datakit import toml_value
 from hookkit import HookSpec, hook_toml, order, source_toml
 from pibackup_async.engine.config import Host
 from pibackup_async.engine.remote import RemoteError, RemoteHost
-from sshkit import SSHD, Sshd, established_to, free_port
+from sshkit import Sshd, established_to, free_port, needs_sshd
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -34,9 +34,7 @@ if TYPE_CHECKING:
 
 pytestmark = [
     needs_rsync,
-    needs_root,  # the test sshd logs in as root: the only user whose files the tests own
-    pytest.mark.skipif(not os.path.exists(SSHD), reason="OpenSSH sshd is not installed"),
-    pytest.mark.skipif(shutil.which("ssh") is None, reason="the OpenSSH client is not installed"),
+    needs_sshd,
 ]
 
 # sun_path holds 108 bytes with the final NUL; OpenSSH first binds the

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING
 import anyio
 import pytest
 from btrfskit import btrfs_source, fill_random, needs_btrfs, sync
-from conftest import needs_root, needs_rsync
+from conftest import needs_rsync
 from datakit import toml_value
 from hookkit import HookSpec, hook_script, hook_toml, order, report_hooks, source_toml, statuses
 from pibackup_async.engine.config import Host
 from pibackup_async.engine.remote import RemoteHost
-from sshkit import SSHD, Sshd, free_port
+from sshkit import Sshd, free_port, needs_sshd
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator
@@ -34,9 +34,7 @@ if TYPE_CHECKING:
 
 pytestmark = [
     needs_rsync,
-    needs_root,  # the test sshd logs in as root: the only user whose files the tests own
-    pytest.mark.skipif(not os.path.exists(SSHD), reason="OpenSSH sshd is not installed"),
-    pytest.mark.skipif(shutil.which("ssh") is None, reason="the OpenSSH client is not installed"),
+    needs_sshd,
 ]
 
 
