@@ -243,3 +243,39 @@ def test_plan_deletes_what_the_run_then_deletes(ws: Workspace) -> None:
     assert report["retention"]["deleted"] == deletions, (report["retention"], plan)
     assert not set(deletions) & set(complete_backups(ws.dest))
     assert not any((ws.dest / folder).exists() for folder in stale)
+
+
+def planned_hooks(plan: str) -> list[str]:
+    """The hooks the plan lists, in its order, each as ``<name>.<phase>``."""
+    order, phase = [], ""
+    for line in plan.splitlines():
+        if "hooks, pre" in line or "hooks, post" in line:
+            phase = "pre" if "hooks, pre" in line else "post"
+        elif line.startswith("   - ") and " (timeout " in line and phase:
+            order.append(f"{line[5:].split(' ', 1)[0]}.{phase}")
+        elif not line.startswith("   "):
+            phase = ""
+    return order
+
+
+def test_plan_lists_the_hooks_in_the_order_the_run_runs_them(ws: Workspace) -> None:
+    """Hooks with only a pre or only a post, in both stages: the plan's order is the run's."""
+    ws.make_source("alpha")
+
+    def hook(header: str, name: str, *phases: str) -> str:
+        return table(header, name=name,
+                     **{p: f'echo "{name}.{p}" >> "$EVENTS"' for p in phases})
+
+    text = f'destination = "{ws.dest}"\nstate_dir = "{ws.state}"\n'
+    text += (hook("[[backup_hooks]]", "mount", "pre", "post")
+             + hook("[[backup_hooks]]", "wake", "pre")
+             + hook("[[backup_hooks]]", "notify", "post")
+             + hook("[[snapshot_hooks]]", "freeze", "pre", "post")
+             + hook("[[snapshot_hooks]]", "thaw-only", "post")
+             + hook("[[snapshot_hooks]]", "sync", "pre"))
+    text += rsync_source("alpha", ws.src / "alpha")
+    write_raw_config(ws, text)
+
+    planned = planned_hooks(cli_ok(ws, "run", "--dry-run").stdout)
+    cli_ok(ws, "run")
+    assert planned == ws.event_lines(), planned
