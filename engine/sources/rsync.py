@@ -74,8 +74,10 @@ _TRANSFERRED = re.compile(r"Total transferred file size: ([\d,.]+)")
 
 
 def _escape(pattern: str) -> str:
-    # rsync treats * ? [ as wildcards; a backslash escapes them only in a
-    # pattern that has one, which is exactly when escaping matters.
+    # rsync matches a pattern without * ? [ literally, backslashes and all;
+    # only in one with a wildcard does a backslash escape (itself included).
+    if not re.search(r"[*?\[]", pattern):
+        return pattern
     return re.sub(r"([*?\[\\])", r"\\\1", pattern)
 
 
