@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 import anyio
@@ -16,7 +17,7 @@ from .failure_text import telling_line
 from .heartbeat import beating
 from .processes import ENDING_BOUND_S, describe_exit, run_process
 from .remote import RemoteError
-from .report import HookStep
+from .report import HookStep, StepResult, record, recording, started
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
@@ -40,79 +41,95 @@ def hook_argv(command: str | list[str]) -> list[str]:
     return ["/bin/sh", "-c", command] if isinstance(command, str) else list(command)
 
 
-async def run_hook(ctx: RunContext, kind: Kind, hook: Hook, phase: Phase) -> None:
-    """Run one phase of ``hook``.
+@dataclass(frozen=True)
+class HookRun:
+    """How one phase of a hook went: ``problem`` None when it succeeded."""
 
-    Raises StepFailed when the hook failed on its own (it exited non-zero,
-    or could not start), HookCutShort when it was ended from outside (its
-    timeout, a signal, a lost connection, an unexpected error: it may have
-    done half its work), CriticalStop when a critical hook failed on its own,
-    and the cancellation exception when the run is cancelled under it.
+    result: StepResult = field(default_factory=StepResult)
+    problem: str | None = None
+    # Ended from outside (its timeout, a signal, a lost connection, an
+    # unexpected error): it may have done half its work.
+    cut_short: bool = False
+
+
+async def run_hook(ctx: RunContext, kind: Kind, hook: Hook, phase: Phase) -> HookRun:
+    """Run one phase of ``hook`` and return how it went; the hook stage records it.
+
+    Raises only the cancellation exception, when the run is cancelled under it.
     """
     command = hook.pre if phase == "pre" else hook.post
     assert command is not None
     argv = hook_argv(command)
+    # Inside the try: building the environment is part of the hook's work.
+    try:
+        # A remote hook gets only its own variables, set on its command line.
+        env = ctx.hook_env(kind, phase, hook.env, inherit=hook.host is None)
+        if phase == "post":
+            log.info("hook started", kind=kind, status=env["PIBACKUP_STATUS"])
+        else:
+            log.info("hook started", kind=kind)
+        started(argv)
+        with anyio.fail_after(hook.timeout_s), beating("hook", hook=hook.name, phase=phase):
+            if hook.host is None:
+                finished = await run_process(argv, env=env, leave_background=True)
+            else:
+                remote = ctx.remotes[hook.host]
+                async with remote.limiter:
+                    finished = await remote.run(
+                        command if isinstance(command, str) else shlex.join(command), env,
+                        leave_background=True)
+    except TimeoutError:
+        return HookRun(problem=f"timed out after {hook.timeout}", cut_short=True)
+    except RemoteError as e:
+        return HookRun(problem=str(e), cut_short=True)
+    except CannotStart as e:
+        return HookRun(problem=str(e))
+    except OSError as e:
+        return HookRun(problem=f"cannot start {argv[0]!r}: {e.strerror or e}")
+    except Exception as e:
+        # A bug, or something no one foresaw: the hook's step fails, the
+        # run goes on to its clean-up (SPEC §2), and -v shows the traceback.
+        log.debug("unexpected error in a hook", exc_info=True)
+        return HookRun(problem=f"unexpected error: {e!r}", cut_short=True)
+    result = StepResult(exit_code=finished.exit_code,
+                        stderr_tail=finished.stderr.text() or finished.stdout.text())
+    if finished.exit_code == 0:
+        return HookRun(result)
+    said = telling_line(list(finished.stderr.lines) or list(finished.stdout.lines))
+    # Killed by a signal from outside: it did not end on its own.
+    return HookRun(result, describe_exit(finished.exit_code) + (f": {said}" if said else ""),
+                   cut_short=finished.exit_code < 0)
+
+
+async def _hook_step(ctx: RunContext, kind: Kind, hook: Hook, phase: Phase) -> None:
+    """Run one phase of ``hook`` and record it in the report.
+
+    Raises StepFailed when the hook failed on its own (it exited non-zero,
+    or could not start), HookCutShort when a pre was ended from outside,
+    CriticalStop when a critical hook failed, and the cancellation exception
+    when the run is cancelled under it.
+    """
+    command = hook.pre if phase == "pre" else hook.post
+    assert command is not None
     step = HookStep(hook=hook.name, kind=kind, phase=phase)
     ctx.report.hooks.append(step)
     with bound_contextvars(hook=hook.name, phase=phase):
-        # Inside the try: building the environment is part of the hook's work.
-        problem: str | None = None
-        cut_short = False
         try:
-            # A remote hook gets only its own variables, set on its command line.
-            env = ctx.hook_env(kind, phase, hook.env, inherit=hook.host is None)
-            if phase == "post":
-                log.info("hook started", kind=kind, status=env["PIBACKUP_STATUS"])
-            else:
-                log.info("hook started", kind=kind)
-            step.begin(argv)
-            with anyio.fail_after(hook.timeout_s), beating("hook", hook=hook.name, phase=phase):
-                if hook.host is None:
-                    finished = await run_process(argv, env=env, leave_background=True)
-                else:
-                    remote = ctx.remotes[hook.host]
-                    async with remote.limiter:
-                        finished = await remote.run(
-                            command if isinstance(command, str) else shlex.join(command), env,
-                            leave_background=True)
-        except TimeoutError:
-            problem, cut_short = f"timed out after {hook.timeout}", True
+            with recording(step):
+                ran = await run_hook(ctx, kind, hook, phase)
         except anyio.get_cancelled_exc_class():
-            if step.start is None:
-                step.begin(argv)
-            step.finish("cancelled")
+            record(step, "cancelled", command=hook_argv(command))
             log.warning("hook cancelled", duration_s=step.duration_s)
             raise
-        except RemoteError as e:
-            problem, cut_short = str(e), True
-        except CannotStart as e:
-            problem = str(e)
-        except OSError as e:
-            problem = f"cannot start {argv[0]!r}: {e.strerror or e}"
-        except Exception as e:
-            # A bug, or something no one foresaw: the hook's step fails, the
-            # run goes on to its clean-up (SPEC §2), and -v shows the traceback.
-            log.debug("unexpected error in a hook", exc_info=True)
-            problem, cut_short = f"unexpected error: {e!r}", True
-        else:
-            step.exit_code = finished.exit_code
-            step.stderr_tail = finished.stderr.text() or finished.stdout.text()
-            if finished.exit_code != 0:
-                # Killed by a signal from outside: it did not end on its own.
-                cut_short = finished.exit_code < 0
-                said = telling_line(list(finished.stderr.lines) or list(finished.stdout.lines))
-                problem = describe_exit(finished.exit_code) + (f": {said}" if said else "")
-        if step.start is None:
-            step.begin(argv)
-        if problem is None:
-            step.finish("ok")
+        if ran.problem is None:
+            record(step, "ok", ran.result, command=hook_argv(command))
             log.info("hook finished", duration_s=step.duration_s)
             return
-        step.finish("failed")
-        ctx.fail(f'hook "{hook.name}" {phase} failed: {problem}')
-        log.error("hook failed", problem=problem, critical=hook.critical,
+        record(step, "failed", ran.result, command=hook_argv(command))
+        ctx.fail(f'hook "{hook.name}" {phase} failed: {ran.problem}')
+        log.error("hook failed", problem=ran.problem, critical=hook.critical,
                   duration_s=step.duration_s)
-        if cut_short and phase == "pre":
+        if ran.cut_short and phase == "pre":
             # Never a critical stop: its post must undo the half it did.
             raise HookCutShort(hook.name)
         if hook.critical:
@@ -140,7 +157,7 @@ async def hook_stage(ctx: RunContext, kind: Kind, hooks: Sequence[Hook]) -> Asyn
         for hook in hooks:
             if hook.pre is not None:
                 try:
-                    await run_hook(ctx, kind, hook, "pre")
+                    await _hook_step(ctx, kind, hook, "pre")
                 except (HookCutShort, anyio.get_cancelled_exc_class()):
                     owned.append(hook)
                     raise
@@ -168,6 +185,6 @@ async def _run_posts(ctx: RunContext, kind: Kind, owned: list[Hook]) -> None:
             if ctx.halted:
                 break
             try:
-                await run_hook(ctx, kind, hook, "post")
+                await _hook_step(ctx, kind, hook, "post")
             except StepFailed:
                 continue

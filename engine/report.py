@@ -5,14 +5,18 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from contextvars import ContextVar
 from datetime import datetime
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import msgspec
 import structlog
 from msgspec import Struct
 
 from .private_dir import make_private_dir
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
 
 Status = Literal["ok", "failed", "cancelled", "skipped"]
 RunStatus = Literal["ok", "failed", "interrupted"]
@@ -53,6 +57,64 @@ class Step(Struct, kw_only=True):
         if self.start is not None:
             self.end = stamp()
             self.duration_s = round(time.monotonic() - self._t0, 6)
+
+
+class StepResult(Struct, frozen=True, kw_only=True):
+    """What a step tells of its work: returned when it succeeds, carried by its error when not.
+
+    Steps return it and never touch the report; ``record`` writes it into
+    the report's step, with the status the caller decides.
+    """
+
+    exit_code: int | None = None
+    stderr_tail: str = ""
+    # What the step wrote into the backup (a source's ``bytes``).
+    bytes: int = 0
+
+
+# The step being recorded in this task (``recording``), told by ``started``
+# when its command begins.
+_running: ContextVar[Callable[[list[str] | None], None] | None] = ContextVar(
+    "pibackup_running_step", default=None)
+
+
+@contextlib.contextmanager
+def recording(step: Step) -> Iterator[None]:
+    """While ``step`` runs, ``started`` marks its start on it."""
+    token = _running.set(step.begin)
+    try:
+        yield
+    finally:
+        _running.reset(token)
+
+
+def started(command: list[str] | None = None) -> None:
+    """The running step's command begins now.
+
+    Told rather than returned: a step cut short (its timeout, a signal)
+    returns nothing, and its report still shows when it began and what it
+    ran. Outside ``recording`` (a dry-run, a test) it does nothing.
+    """
+    begin = _running.get()
+    if begin is not None:
+        begin(command)
+
+
+def record(step: Step, status: Status, result: StepResult | None = None, *,
+           command: list[str] | None = None) -> None:
+    """Write a step's end: its result (if it told one), its status and its times.
+
+    A step that stopped before it told ``started`` begins now (with
+    ``command``, when the caller knows it): its duration is zero. Only a
+    step cancelled before it started, whose command the caller does not
+    know (a source's, waiting for its host), keeps no times.
+    """
+    if step.start is None and (status != "cancelled" or command is not None):
+        step.begin(command)
+    if result is not None:
+        step.exit_code = result.exit_code
+        step.stderr_tail = result.stderr_tail
+    step.finish(status)
 
 
 class HookStep(Step, kw_only=True):
