@@ -9,6 +9,8 @@ compilers: NOTES).
 
 from __future__ import annotations
 
+import errno
+import math
 import os
 import shlex
 import shutil
@@ -297,7 +299,8 @@ class RemoteHost:
         return connection
 
     async def run(self, command: str, env: Mapping[str, str], *, stdout_lines: int = 20,
-                  stdout_sink: Sink | None = None, leave_background: bool = False) -> Finished:
+                  stdout_sink: Sink | None = None, leave_background: bool = False,
+                  bound_s: float | None = None) -> Finished:
         """Run ``command`` under ``/bin/sh -c`` on the host; on cancel, kill its group there.
 
         With ``stdout_sink`` the output is streamed into it instead of kept
@@ -305,14 +308,20 @@ class RemoteHost:
         With ``leave_background`` (hooks) the command is finished as soon as
         it exits: what it started in the background is left running there,
         and output it still holds open is not waited for.
+        With ``bound_s`` the whole exchange must end within that many seconds,
+        else the host counts as no longer answering and its connection as lost.
         Raises RemoteError, and only that, for any trouble with the host:
         unreachable, untrusted, or the connection breaking while the command
         runs (the next call connects again).
         """
         connection = await self.connection()
         with self._mapped(connection, command):
-            return await self._run(connection, command, env, stdout_lines, stdout_sink,
-                                   leave_background)
+            deadline = math.inf if bound_s is None else anyio.current_time() + bound_s
+            with anyio.CancelScope(deadline=deadline) as bounded:
+                return await self._run(connection, command, env, stdout_lines, stdout_sink,
+                                       leave_background, bounded)
+            # A TimeoutError, for the adapter to make the "connection lost" error of.
+            raise TimeoutError(errno.ETIMEDOUT, f"no answer within {bound_s:g} s")
 
     @contextmanager
     def _mapped(self, connection: Any, command: str) -> Iterator[None]:
@@ -348,7 +357,7 @@ class RemoteHost:
 
     async def _run(self, connection: Any, command: str, env: Mapping[str, str],
                    stdout_lines: int, stdout_sink: Sink | None,
-                   leave_background: bool) -> Finished:
+                   leave_background: bool, bounded: anyio.CancelScope) -> Finished:
         script = wrap_command(command, env, sudo=self.host.sudo)
         out, err = Tail(limit=stdout_lines), Tail()
         pgid: list[int] = []
@@ -369,6 +378,10 @@ class RemoteHost:
                 else:
                     await process.wait_closed()
         finally:
+            if bounded.cancel_called:
+                # The host stopped answering: a kill sent over this connection
+                # would wait as long. Dropped, it leaves the command to sshd.
+                connection.close()
             if process.exit_status is None and process.exit_signal is None:
                 with anyio.move_on_after(GRACE_S + 2 * _CLOSE_BOUND_S + 5, shield=True):
                     await self._end_group(connection, process, pgid)

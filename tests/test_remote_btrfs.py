@@ -55,8 +55,19 @@ from datakit import (
     diff_trees,
     settle_times,
 )
-from hookkit import in_progress, source_toml, start, tail_text, wait_no_processes
-from sshkit import SSHD, ClientKey, Sshd, established_to, free_port, sshd_servers
+from hookkit import (
+    HookSpec,
+    hook_toml,
+    in_progress,
+    release_marker,
+    source_toml,
+    start,
+    started_marker,
+    tail_text,
+    wait_marker,
+    wait_no_processes,
+)
+from sshkit import SSHD, ClientKey, Sshd, descendants, established_to, free_port, sshd_servers
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -420,3 +431,60 @@ def test_an_optional_remote_btrfs_source_on_an_unreachable_host_costs_only_its_f
     assert "laptop" in said, said
     assert snapshot_names(vol.mount / SNAPSHOTS) == [], "a snapshot was taken locally"
     assert vol.subvolumes() == ["data"]
+
+
+# --- e: the host stops answering during step 1's listing of its snapshots -----------------
+
+
+def _freeze_sessions(server: Sshd) -> list[int]:
+    """SIGSTOP the server's per-connection sshd processes (not the listener): their
+    connections stay open and silent, as to a host that froze."""
+    assert server.proc is not None
+    frozen = []
+    for pid in descendants(server.proc.pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if not f.read().startswith(b"sshd"):
+                    continue
+            os.kill(pid, signal.SIGSTOP)
+        except (OSError, ProcessLookupError):
+            continue
+        frozen.append(pid)
+    return frozen
+
+
+def test_a_host_that_stops_answering_fails_the_snapshot_listing_within_its_bound(
+        ws: Workspace, remote_btrfs: Callable[..., Setup]) -> None:
+    s = remote_btrfs()
+    (s.local_source / "file.txt").write_text("made after the host froze once\n")
+    # A remote pre opens the run's connection to the host; the local one holds the run
+    # (before step 1) while the test freezes that connection's sshd.
+    s.configure(extra=f'[[backup_hooks]]\nname = "connect"\nhost = "{HOST}"\npre = "true"\n'
+                + hook_toml(ws, HookSpec("gate", phases=("pre",), block=("pre",))))
+    frozen: list[int] = []
+    try:
+        with start(ws) as running:
+            wait_marker(started_marker(ws, "gate", "pre"), running)
+            frozen = _freeze_sessions(s.sshd)
+            assert frozen, "no sshd session to freeze: the remote pre left no connection"
+            release_marker(ws, "gate", "pre").touch()
+            # Unbounded, the listing waited for asyncssh's keepalives to give up (60 s and
+            # more); bounded, it fails after 20 s and the run goes on over a new connection.
+            code = running.wait(45)
+            stderr = running.stderr
+    finally:
+        for pid in frozen:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+    [line] = [x for x in stderr.splitlines() if "stale snapshots not checked" in x]
+    assert f"host {HOST}" in line and "no answer within 20 s" in line, line
+    assert code == 0, stderr
+    [name] = complete_backups(ws.dest)
+    assert (ws.dest / name / "data" / "file.txt").read_text() == (
+        "made after the host froze once\n")
+    assert snapshot_names(s.local_snapshots) == [name]
+    wait_disconnected(s.sshd)
+    wait_no_processes(ws, 10)

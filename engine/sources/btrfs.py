@@ -21,7 +21,7 @@ from ..filesystems import is_subvolume, is_within, same_filesystem, subvolume_in
 from ..heartbeat import current
 from ..names import parse_name
 from ..processes import Finished, Tail, describe_exit, drain, managed_process, run_process
-from ..remote import RemoteError, drain_marked
+from ..remote import CONNECT_TIMEOUT_S, RemoteError, drain_marked
 from .errors import SourceError
 from .kind import InitChoice, SourceKind, SourcePlan, SourceWork, register
 from .rsync import RsyncOptions, asks_for_metadata, copy_argv, copy_into, left_out
@@ -43,6 +43,8 @@ class BtrfsSource(RsyncOptions, frozen=True, kw_only=True, tag="btrfs"):
 log = structlog.get_logger("pibackup.btrfs")
 
 _REMOTE_DELETE_BOUND_S = 120.0
+# A listing is one short exchange: as long as a connection may take, and some.
+_LISTING_BOUND_S = CONNECT_TIMEOUT_S + 5
 
 
 def snapshot_root(source: BtrfsSource) -> str:
@@ -102,16 +104,24 @@ class Site:
         return await self.remote.run(shlex.join(argv), {}, stdout_lines=200)
 
     async def snapshot_names(self, source: BtrfsSource) -> list[str]:
-        """Backup names that have a snapshot of this source here, newest first."""
+        """Backup names that have a snapshot of this source here, newest first.
+
+        Bounded: a host (or disk) that stops answering fails the listing
+        (RemoteError, or SourceError here) instead of holding the run.
+        """
         root = snapshot_root(source)
         if self.remote is None:
-            names = await anyio.to_thread.run_sync(_local_snapshot_names, root, source.name,
-                                                   abandon_on_cancel=True)
+            with anyio.move_on_after(_LISTING_BOUND_S) as scope:
+                names = await anyio.to_thread.run_sync(_local_snapshot_names, root,
+                                                       source.name, abandon_on_cancel=True)
+            if scope.cancelled_caught:
+                raise SourceError(f"listing {root}: no answer within {_LISTING_BOUND_S:g} s")
         else:
             script = (f"cd {shlex.quote(root)} 2>/dev/null || exit 0; "
                       f"for d in */{shlex.quote(source.name)}; do "
                       '[ -d "$d" ] && echo "${d%%/*}"; done; exit 0')
-            finished = await self.remote.run(script, {}, stdout_lines=10_000)
+            finished = await self.remote.run(script, {}, stdout_lines=10_000,
+                                             bound_s=_LISTING_BOUND_S)
             names = list(finished.stdout.lines)
         found = [(t, n) for n in names if (t := parse_name(n)) is not None]
         return [n for _, n in sorted(found, reverse=True)]
