@@ -1,4 +1,5 @@
-"""Issue 18's code review, bugs 4 and 9, each reproduced with the real parts.
+"""Issue 18's code review, reproduced with the real parts (bug 4, the snapshot listing of a
+host that stops answering, is in test_remote_btrfs.py beside its fixtures).
 
 9: the destination and state_dir inside an rsync source are left out of it
 whatever characters their names hold (rsync matches a pattern without
