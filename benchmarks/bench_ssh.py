@@ -246,15 +246,14 @@ def ssh_cat(server: Sshd, path: Path, cipher: str | None = None) -> Sample:
 
 async def _engine_send(server: Sshd, snapshot: Path, folder: Path) -> tuple[float, int]:
     from pibackup_async.engine.remote import RemoteHost
-    from pibackup_async.engine.report import Step
     from pibackup_async.engine.sources import btrfs
 
     with tempfile.TemporaryDirectory(prefix="bench-ssh-") as control:
         remote = RemoteHost("bench", engine_host(server), control)  # type: ignore[arg-type]
         try:
             t0 = time.perf_counter()
-            size = await btrfs.send_receive(btrfs.Site(remote), str(snapshot), None,
-                                            str(folder), Step())
+            size = (await btrfs.send_receive(btrfs.Site(remote), str(snapshot), None,
+                                             str(folder))).bytes
             wall = time.perf_counter() - t0
         finally:
             await remote.aclose()

@@ -32,9 +32,13 @@ from .report import (
     Report,
     SourceReport,
     Step,
+    StepResult,
+    recording,
     stamp,
     write_report,
 )
+from .report import record as record_step
+from .sources.errors import SourceError
 from .sources.kind import SourceConfig, kind_of
 
 if TYPE_CHECKING:
@@ -248,7 +252,7 @@ async def _open_destination(ctx: RunContext) -> None:
 
 # --- steps 3 and 5 ------------------------------------------------------------------
 
-Work = Callable[[RunContext, SourceConfig, Step], Awaitable[int]]
+Work = Callable[[RunContext, SourceConfig], Awaitable[StepResult]]
 _NO_LIMIT = contextlib.nullcontext()
 
 
@@ -313,19 +317,27 @@ async def _remove_optional_folder(ctx: RunContext, source: str) -> None:
 
 async def _run_step(ctx: RunContext, source: SourceConfig, step: Step, work: Work,
                     record: SourceReport) -> str | None:
-    """Run one source's step with its timeout; return what went wrong, or None."""
+    """Run one source's step with its timeout, record its result; return what went wrong, or None.
+
+    The kind's step returns its result (or its error carries it); only here
+    does it become the report's step.
+    """
     kind = "snapshot" if work is _snapshot else "save"
     log.info(f"{kind} started")
+    result: StepResult | None = None
     try:
-        with anyio.fail_after(source.timeout_s), beating(kind, source=source.name):
-            record.bytes += await work(ctx, source, step)
+        with (recording(step), anyio.fail_after(source.timeout_s),
+              beating(kind, source=source.name)):
+            result = await work(ctx, source)
     except anyio.get_cancelled_exc_class():
-        step.finish("cancelled")
+        record_step(step, "cancelled")
         record.status = "cancelled"
         log.warning(f"{kind} cancelled", duration_s=step.duration_s)
         raise
     except TimeoutError:
         problem = f"timed out after {source.timeout}"
+    except SourceError as e:
+        problem, result = str(e), e.result
     # An adapter's error says what failed in one line; a bare OSError is
     # tolerated in case one slips past its adapter.
     except (StepError, OSError) as e:
@@ -334,14 +346,13 @@ async def _run_step(ctx: RunContext, source: SourceConfig, step: Step, work: Wor
         log.debug("unexpected error", exc_info=True)
         problem = f"unexpected error: {e!r}"
     else:
-        step.finish("ok")
+        record.bytes += result.bytes
+        record_step(step, "ok", result)
         log.info(f"{kind} finished", duration_s=step.duration_s, bytes=record.bytes)
         return None
     # The step ran and failed: recorded before the destination is asked
     # below, so a signal while it is asked leaves the step failed, not skipped.
-    if step.start is None:
-        step.begin()
-    step.finish("failed")
+    record_step(step, "failed", result)
     record.status = "failed"
     log.error(f"{kind} failed", problem=problem, duration_s=step.duration_s)
     # A copy that failed because the disk went away (or hangs) says so, not
@@ -349,12 +360,12 @@ async def _run_step(ctx: RunContext, source: SourceConfig, step: Step, work: Wor
     return await ctx.dest.gone() or problem
 
 
-async def _snapshot(ctx: RunContext, source: SourceConfig, step: Step) -> int:
-    return await ctx.source_work[source.name].snapshot(step)
+async def _snapshot(ctx: RunContext, source: SourceConfig) -> StepResult:
+    return await ctx.source_work[source.name].snapshot()
 
 
-async def _save(ctx: RunContext, source: SourceConfig, step: Step) -> int:
-    return await ctx.source_work[source.name].save(step)
+async def _save(ctx: RunContext, source: SourceConfig) -> StepResult:
+    return await ctx.source_work[source.name].save()
 
 
 @contextmanager

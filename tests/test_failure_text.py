@@ -108,9 +108,8 @@ async def test_copy_fails_with_the_enospc_line_and_the_hint(
     tmp_path: Path, ext4_fs: Callable[..., Ext4]
 ) -> None:
     fs = ext4_fs(tmp_path / "small")
-    step = Step()
     with pytest.raises(SourceError) as raised:
-        await copy(_rsync_argv(_big_source(tmp_path), fs.mount / "copy"), [0, 24], step)
+        await copy(_rsync_argv(_big_source(tmp_path), fs.mount / "copy"), [0, 24])
     message = str(raised.value)
     assert message.startswith("rsync exit code 11: ")
     assert "No space left on device (28)" in message
@@ -118,7 +117,8 @@ async def test_copy_fails_with_the_enospc_line_and_the_hint(
     assert "pibackup-async prune" in message and "[retention]" in message
     assert "\n" not in message
     # The tail keeps everything, for the body's "Failures" section.
-    assert "No space left on device" in step.stderr_tail
+    assert raised.value.result is not None
+    assert "No space left on device" in raised.value.result.stderr_tail
     failure = f'source "data" snapshot failed: {message}'
     assert gist(failure) == 'source "data" snapshot failed: No space left on device'
 

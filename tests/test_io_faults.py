@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from conftest import needs_root, needs_rsync
 from hookkit import source_toml
-from pibackup_async.engine.report import Step
 from pibackup_async.engine.sources import btrfs
 from prunekit import make_backup, rsync_source
 
@@ -174,7 +173,7 @@ async def test_a_send_receive_short_of_descriptors_leaks_none(tmp_path: Path) ->
     try:
         with pytest.raises(OSError) as caught:
             await btrfs.send_receive(btrfs.Site(), str(tmp_path / "snapshot"), None,
-                                     str(tmp_path), Step())
+                                     str(tmp_path))
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert caught.value.errno == errno.EMFILE

@@ -40,6 +40,7 @@ from pibackup_async.cli.signals import HANDLED
 from pibackup_async.engine import Interruption, RunOptions, load_config, run_backup
 from pibackup_async.engine.destination import Destination, Entry, State
 from pibackup_async.engine.names import DELETING, IN_PROGRESS, format_name, parse_name
+from pibackup_async.engine.report import StepResult, started
 from pibackup_async.engine.sources.errors import SourceError
 from pibackup_async.engine.sources.kind import (
     DryRun,
@@ -58,7 +59,6 @@ if TYPE_CHECKING:
 
     from conftest import Workspace
     from pibackup_async.engine import Report
-    from pibackup_async.engine.report import Step
 
 
 def record(ws: Workspace, label: str) -> None:
@@ -82,25 +82,25 @@ class ScriptedWork(SourceWork[ScriptedSource]):
         super().__init__(run, source)
         self.kind = kind
 
-    async def _step(self, what: str, step: Step) -> int:
+    async def _step(self, what: str) -> StepResult:
         label = f"{self.source.name}.{what}"
         self.kind.event(label)
-        step.begin(["scripted", label])
+        started(["scripted", label])
         try:
             await self.kind.script.get(label, _done)()
         except anyio.get_cancelled_exc_class():
             self.kind.event(f"{label}.cancelled")
             raise
-        return 1
+        return StepResult(bytes=1)
 
     async def clean_stale(self) -> None:
         self.kind.event(f"{self.source.name}.clean_stale")
 
-    async def snapshot(self, step: Step) -> int:
-        return await self._step("snapshot", step)
+    async def snapshot(self) -> StepResult:
+        return await self._step("snapshot")
 
-    async def save(self, step: Step) -> int:
-        return await self._step("save", step)
+    async def save(self) -> StepResult:
+        return await self._step("save")
 
     async def finish(self, *, failed: bool) -> None:
         self.kind.event(f"{self.source.name}.finish{' failed' if failed else ''}")

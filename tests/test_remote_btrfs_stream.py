@@ -23,7 +23,6 @@ from conftest import kill_mentioning, processes_mentioning
 from pibackup_async.engine import heartbeat
 from pibackup_async.engine.config import Host
 from pibackup_async.engine.remote import RemoteError, RemoteHost
-from pibackup_async.engine.report import Step
 from pibackup_async.engine.sources import btrfs
 from sshkit import SSHD, Sshd, children, cut_connections
 
@@ -129,8 +128,8 @@ async def test_a_remote_send_goes_through_ssh_and_splice_and_counts_its_bytes(
     async def save() -> None:
         nonlocal size
         with heartbeat.beating("save", source="data"):
-            size = await btrfs.send_receive(btrfs.Site(remote), str(stream.snapshot), None,
-                                            str(stream.dest), Step())
+            size = (await btrfs.send_receive(btrfs.Site(remote), str(stream.snapshot), None,
+                                             str(stream.dest))).bytes
 
     def watch() -> None:
         # What live progress reads: the running steps, from this same event loop.
@@ -177,13 +176,12 @@ async def test_a_connection_cut_mid_send_is_a_remote_error_and_leaves_nothing_ru
         stream: Stream, tmp_path: Path) -> None:
     remote = RemoteHost("h1", _host(stream.server), str(tmp_path))
     errors: list[BaseException] = []
-    step = Step()
 
     async def save() -> None:
         try:
             with heartbeat.beating("save", source="data"):
                 await btrfs.send_receive(btrfs.Site(remote), str(stream.snapshot), None,
-                                         str(stream.dest), step)
+                                         str(stream.dest))
         except Exception as error:  # the test wants to see any type that escapes
             errors.append(error)
 

@@ -38,6 +38,7 @@ from pibackup_async.engine import (
     preflight,
     run_backup,
 )
+from pibackup_async.engine.report import StepResult, started
 from pibackup_async.engine.restore import protect_rules
 from pibackup_async.engine.sources.kind import (
     DryRun,
@@ -55,7 +56,6 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterator
 
     from conftest import Workspace
-    from pibackup_async.engine.report import Step
 
 
 # --- the toy kind: what a new kind's module holds --------------------------------------
@@ -83,22 +83,23 @@ class ToyWork(SourceWork[ToySource]):
     async def clean_stale(self) -> None:
         self.kind.event(f"{self.source.name}.clean_stale")
 
-    async def snapshot(self, step: Step) -> int:
+    async def snapshot(self) -> StepResult:
         self.kind.event(f"{self.source.name}.snapshot")
         aside = self._aside(self.run.name)
-        step.begin(["copytree", self.source.path, str(aside)])
+        started(["copytree", self.source.path, str(aside)])
         await anyio.to_thread.run_sync(shutil.copytree, self.source.path, aside)
         self.taken = aside
-        return 0
+        return StepResult()
 
-    async def save(self, step: Step) -> int:
+    async def save(self) -> StepResult:
         self.kind.event(f"{self.source.name}.save")
         assert self.taken is not None
         await self.kind.before_save(self)
-        step.begin(["copytree", str(self.taken), self.target])
+        started(["copytree", str(self.taken), self.target])
         await anyio.to_thread.run_sync(shutil.copytree, self.taken, self.target)
-        return sum(f.stat().st_size for f in Path(self.target).rglob("*")  # noqa: ASYNC240
+        size = sum(f.stat().st_size for f in Path(self.target).rglob("*")  # noqa: ASYNC240
                    if f.is_file())
+        return StepResult(bytes=size)
 
     async def finish(self, *, failed: bool) -> None:
         self.kind.event(f"{self.source.name}.finish")

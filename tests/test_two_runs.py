@@ -25,6 +25,7 @@ from datakit import table
 from hookkit import HookSpec, hook_toml, order
 from pibackup_async.engine import Interruption, RunOptions, heartbeat, load_config, run_backup
 from pibackup_async.engine.processes import end_session, managed_process
+from pibackup_async.engine.report import StepResult, started
 from pibackup_async.engine.sources.kind import (
     DryRun,
     Run,
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 
     from anyio.abc import Process
     from btrfskit import Btrfs
-    from pibackup_async.engine.report import Report, Step
+    from pibackup_async.engine.report import Report
 
 
 class TwinSource(SourceConfig, frozen=True, kw_only=True, tag="twin"):
@@ -53,17 +54,17 @@ class TwinWork(SourceWork[TwinSource]):
         super().__init__(run, source)
         self.kind = kind
 
-    async def snapshot(self, step: Step) -> int:
-        step.begin(["twin", "snapshot", self.source.name])
-        return 0
+    async def snapshot(self) -> StepResult:
+        started(["twin", "snapshot", self.source.name])
+        return StepResult()
 
-    async def save(self, step: Step) -> int:
-        step.begin(["twin", "save", self.source.name])
+    async def save(self) -> StepResult:
+        started(["twin", "save", self.source.name])
         await self.kind.meet(self.source.name)
         target = anyio.Path(self.target)
         await target.mkdir()
         await (target / "copy.txt").write_text(f"copy of {self.source.name}\n")
-        return 0
+        return StepResult()
 
     async def plan(self, dry: DryRun) -> SourcePlan:
         return SourcePlan("twin snapshot", "twin save")

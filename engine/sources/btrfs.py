@@ -22,6 +22,7 @@ from ..heartbeat import current
 from ..names import parse_name
 from ..processes import Finished, Tail, describe_exit, drain, managed_process, run_process
 from ..remote import CONNECT_TIMEOUT_S, RemoteError, drain_marked
+from ..report import StepResult, started
 from .errors import SourceError
 from .kind import InitChoice, SourceKind, SourcePlan, SourceWork, register
 from .rsync import RsyncOptions, asks_for_metadata, copy_argv, copy_into, left_out
@@ -32,7 +33,6 @@ if TYPE_CHECKING:
     from ..config import Config
     from ..heartbeat import Beat
     from ..remote import RemoteHost
-    from ..report import Step
     from .kind import DryRun, Run
 
 
@@ -189,8 +189,9 @@ async def subvolume_show(path: str, site: Site | None = None) -> dict[str, str]:
     return fields
 
 
-async def take_snapshot(site: Site, source: BtrfsSource, name: str, step: Step) -> str:
-    """Step 3: a read-only snapshot of the source; returns its path."""
+async def take_snapshot(site: Site, source: BtrfsSource, name: str
+                        ) -> tuple[str, StepResult]:
+    """Step 3: a read-only snapshot of the source; returns its path and the command's result."""
     if site.remote is None:
         problems = source_problems(source)
         if problems:
@@ -198,14 +199,14 @@ async def take_snapshot(site: Site, source: BtrfsSource, name: str, step: Step) 
     target = snapshot_path(source, name)
     await site.make_folder(os.path.dirname(target))
     argv = snapshot_argv(source, name)
-    step.begin(argv)
+    started(argv)
     finished = await site.run(argv)
-    step.exit_code = finished.exit_code
-    step.stderr_tail = finished.stderr.text()
+    result = StepResult(exit_code=finished.exit_code, stderr_tail=finished.stderr.text())
     if finished.exit_code != 0:
         raise SourceError(f"btrfs snapshot {describe_exit(finished.exit_code)}: "
-                          f"{telling_line(finished.stderr.lines) or 'no error output'}")
-    return target
+                          f"{telling_line(finished.stderr.lines) or 'no error output'}",
+                          result=result)
+    return target, result
 
 
 def _received_copy(destination: str, previous: list[Entry], name: str) -> str | None:
@@ -263,9 +264,9 @@ def _splice_all(source: int, target: int, finished: anyio.Event, beat: Beat | No
     return total
 
 
-async def send_receive(site: Site, snapshot: str, parent: str | None, folder: str,
-                       step: Step) -> int:
-    """Step 5 into btrfs: ``btrfs send [-p parent] | btrfs receive``; returns the stream size.
+async def send_receive(site: Site, snapshot: str, parent: str | None, folder: str
+                       ) -> StepResult:
+    """Step 5 into btrfs: ``btrfs send [-p parent] | btrfs receive``; its bytes: the stream size.
 
     The send runs where the source lives (for a host: a local ``ssh`` on the
     run's OpenSSH master), the receive here; the two are joined by
@@ -276,7 +277,7 @@ async def send_receive(site: Site, snapshot: str, parent: str | None, folder: st
     when the host's connection broke.
     """
     send, receive = send_argv(snapshot, parent), receive_argv(folder)
-    step.begin([*send, "|", *receive])
+    started([*send, "|", *receive])
     received = os.path.join(folder, os.path.basename(snapshot))
     try:
         size, send_code, send_err, receive_code, receive_err = await _stream(
@@ -284,8 +285,9 @@ async def send_receive(site: Site, snapshot: str, parent: str | None, folder: st
     except RemoteError:
         await remove_tree(received)
         raise
-    step.exit_code = send_code or receive_code
-    step.stderr_tail = "\n".join(t for t in (send_err, receive_err) if t)
+    result = StepResult(exit_code=send_code or receive_code,
+                        stderr_tail="\n".join(t for t in (send_err, receive_err) if t),
+                        bytes=size)
     problem = None
     # A send that died of a broken pipe is a symptom: receive's error says why.
     if send_code != 0 and not (receive_code != 0 and send_code in _PIPE_DEATHS):
@@ -295,14 +297,17 @@ async def send_receive(site: Site, snapshot: str, parent: str | None, folder: st
         said = telling_line(receive_err.splitlines()) or "no error output"
         problem = f"btrfs receive {describe_exit(receive_code)}: {said}"
     else:
-        info = await subvolume_show(received)
+        try:
+            info = await subvolume_show(received)
+        except SourceError as e:
+            raise SourceError(str(e), result=result) from e
         if "readonly" not in info.get("Flags", "") or info.get("Received UUID", "-") == "-":
             problem = (f"the received subvolume {received} is incomplete (not read-only or no "
                        "received UUID)")
     if problem is not None:
         await remove_tree(received)
-        raise SourceError(problem)
-    return size
+        raise SourceError(problem, result=result)
+    return result
 
 
 # Exit codes of a sender whose reader went away: SIGPIPE, a closed channel,
@@ -435,19 +440,20 @@ class BtrfsWork(SourceWork[BtrfsSource]):
             # An unreachable host fails its source later, in its own step.
             log.warning("stale snapshots not checked", source=self.source.name, problem=str(e))
 
-    async def snapshot(self, step: Step) -> int:
-        self.taken = await take_snapshot(self.site, self.source, self.run.name, step)
-        return 0
+    async def snapshot(self) -> StepResult:
+        # Its bytes stay 0: the snapshot writes nothing into the backup.
+        self.taken, result = await take_snapshot(self.site, self.source, self.run.name)
+        return result
 
-    async def save(self, step: Step) -> int:
+    async def save(self) -> StepResult:
         assert self.taken is not None, "a save follows its snapshot"
         run = self.run
         if not run.dest_is_btrfs:
-            return await copy_into(run, self.source, step, from_path=self.taken)
+            return await copy_into(run, self.source, from_path=self.taken)
         site = self.site
         parent = await find_parent(site, self.source, run.destination, run.previous)
         log.info("incremental send" if parent else "full send", parent=parent)
-        return await send_receive(site, self.taken, parent, run.in_progress_dir, step)
+        return await send_receive(site, self.taken, parent, run.in_progress_dir)
 
     async def finish(self, *, failed: bool) -> None:
         """This run's snapshot stays as the next run's parent, and only now may the old one go.

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from ..config import Config
     from ..destination import Entry
     from ..remote import Transport
-    from ..report import Step
+    from ..report import StepResult
 
 
 class SourceConfig(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True,
@@ -59,9 +59,9 @@ class SourceConfig(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True
 
 S = TypeVar("S", bound=SourceConfig)
 
-# One copy of a source: it fills the step (command, exit code, stderr tail) and
-# returns the bytes it wrote into the backup.
-Copy = Callable[["Step"], Awaitable[int]]
+# One copy of a source: it returns what it did (exit code, stderr tail, the bytes
+# it wrote into the backup).
+Copy = Callable[[], Awaitable["StepResult"]]
 
 
 class Run(Protocol):
@@ -122,10 +122,12 @@ class SourceWork(ABC, Generic[S]):
     """One source's work in one run: built for every source when the run starts.
 
     Holds what the run learns about the source on the way (a snapshot taken,
-    say) for the steps after it. Each copy records its command, exit code
-    and stderr tail in the step it is given and returns the bytes it wrote
-    into the backup (the report's ``bytes``; what they count is the kind's
-    to say). It raises SourceError (or RemoteError, OSError) when it fails.
+    say) for the steps after it. Each copy tells when its command starts
+    (``report.started``) and returns a StepResult: its exit code, stderr
+    tail and the bytes it wrote into the backup (the report's ``bytes``;
+    what they count is the kind's to say); the pipeline records it. It
+    never touches the report. It raises SourceError (carrying its command's
+    result, when one ended), or RemoteError, OSError, when it fails.
     """
 
     def __init__(self, run: Run, source: S) -> None:
@@ -151,10 +153,10 @@ class SourceWork(ABC, Generic[S]):
         return None
 
     @abstractmethod
-    async def snapshot(self, step: Step) -> int:
+    async def snapshot(self) -> StepResult:
         """Step 3, in the snapshot hooks' window: as short as the kind can make it."""
 
-    async def save(self, step: Step) -> int:
+    async def save(self) -> StepResult:
         """Step 5, after the window; called only for a kind that ``has_save``."""
         raise NotImplementedError(f"{self.source.kind} sources have no save step")
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import anyio.from_thread
 import anyio.to_thread
+import msgspec
 import structlog
 from msgspec import field
 
@@ -24,6 +25,7 @@ from ..filesystems import is_within
 from ..heartbeat import current
 from ..proc_io import most_written
 from ..processes import describe_exit, run_process
+from ..report import StepResult, started
 from ..threads import in_worker
 from .errors import SourceError
 from .kind import (
@@ -43,7 +45,6 @@ if TYPE_CHECKING:
     from ..heartbeat import Beat
     from ..processes import Finished
     from ..remote import Transport
-    from ..report import Step
     from .kind import DryRun, Run
 
 
@@ -144,21 +145,22 @@ def transferred_bytes(stdout: str) -> int:
     return int(re.sub(r"[,.]", "", match.group(1))) if match else 0
 
 
-async def copy(argv: list[str], ok_codes: list[int], step: Step) -> None:
-    """Run one rsync; raise SourceError if it failed."""
-    step.begin(argv)
+async def copy(argv: list[str], ok_codes: list[int]) -> StepResult:
+    """Run one rsync: its exit code and stderr tail. Raises SourceError if it failed."""
+    started(argv)
     finished, _ = await run_rsync(argv)
-    step.exit_code = finished.exit_code
-    step.stderr_tail = finished.stderr.text()
+    result = StepResult(exit_code=finished.exit_code, stderr_tail=finished.stderr.text())
     if finished.exit_code not in ok_codes:
         # Not merely the last line: rsync's "No space left on device" comes
         # before the "Broken pipe" and "rsync error: (code 11)" lines.
         telling = telling_line(finished.stderr.lines) or "no error output"
-        raise SourceError(with_hint(f"rsync {describe_exit(finished.exit_code)}: {telling}"))
+        raise SourceError(with_hint(f"rsync {describe_exit(finished.exit_code)}: {telling}"),
+                          result=result)
     if finished.exit_code != 0:
         # rsync_ok_codes let it pass (24: files vanished while copying); say so.
         log.warning("rsync reported a problem, accepted by rsync_ok_codes",
                     exit_code=finished.exit_code, stderr=finished.stderr.text())
+    return result
 
 
 async def written(target: str, link_dest: str | None) -> int:
@@ -224,12 +226,13 @@ def copy_argv(run: Run, source: RsyncOptions, remote: Transport | None, *,
     return argv, link_dest
 
 
-async def copy_into(run: Run, source: RsyncOptions, step: Step, *,
-                    excludes: Sequence[str] = (), from_path: str | None = None) -> int:
+async def copy_into(run: Run, source: RsyncOptions, *, excludes: Sequence[str] = (),
+                    from_path: str | None = None) -> StepResult:
     """Copy a source (or ``from_path``: what its kind made of it) into the backup.
 
-    Returns what the new files take on disk (``written``). Raises SourceError,
-    or RemoteError when the host cannot be reached.
+    Returns rsync's result with what the new files take on disk (``written``)
+    as its bytes. Raises SourceError, or RemoteError when the host cannot be
+    reached.
     """
     remote = None
     if source.host is not None:
@@ -241,8 +244,13 @@ async def copy_into(run: Run, source: RsyncOptions, step: Step, *,
     argv, link_dest = await anyio.to_thread.run_sync(
         functools.partial(copy_argv, run, source, remote, excludes=excludes,
                           from_path=from_path), abandon_on_cancel=True)
-    await copy(argv, source.rsync_ok_codes, step)
-    return await written(os.path.join(run.in_progress_dir, source.name), link_dest)
+    ran = await copy(argv, source.rsync_ok_codes)
+    try:
+        size = await written(os.path.join(run.in_progress_dir, source.name), link_dest)
+    except OSError as e:
+        # The copy ended: its exit code and output still belong in the report.
+        raise SourceError(str(e), result=ran) from e
+    return msgspec.structs.replace(ran, bytes=size)
 
 
 def asks_for_metadata(source: RsyncOptions) -> bool:
@@ -260,9 +268,9 @@ def left_out(config: Config, source: RsyncOptions) -> list[str]:
 class RsyncWork(SourceWork[RsyncSource]):
     """The snapshot is the copy: rsync straight into the backup, in the snapshot window."""
 
-    async def snapshot(self, step: Step) -> int:
-        """Returns what the copy's new files take on disk (``written``)."""
-        return await copy_into(self.run, self.source, step, excludes=self.source.exclude)
+    async def snapshot(self) -> StepResult:
+        """Its bytes: what the copy's new files take on disk (``written``)."""
+        return await copy_into(self.run, self.source, excludes=self.source.exclude)
 
     async def plan(self, dry: DryRun) -> SourcePlan:
         argv, _ = copy_argv(dry, self.source, dry.transport(self.source.host),
