@@ -33,7 +33,9 @@ from .report import (
     SourceReport,
     Step,
     StepResult,
+    close_report,
     recording,
+    source_status,
     stamp,
     write_report,
 )
@@ -270,7 +272,7 @@ async def _for_each_source(ctx: RunContext, work: Work) -> None:
         nonlocal failed_required
         record = ctx.report.sources[source.name]
         step = record.snapshot if work is _snapshot else record.save
-        if step is None or record.status in ("failed",):
+        if step is None or source_status(record) == "failed":
             return
         # The host's own limit first: waiting for it must not hold a global slot.
         host_limit = ctx.remotes[source.host].limiter if source.host else _NO_LIMIT
@@ -285,7 +287,6 @@ async def _for_each_source(ctx: RunContext, work: Work) -> None:
             return
         ctx.fail(f'source "{source.name}" {"snapshot" if work is _snapshot else "save"} '
                  f"failed: {problem}")
-        record.status = "failed"
         if source.optional:
             await _remove_optional_folder(ctx, source.name)
         else:
@@ -331,7 +332,6 @@ async def _run_step(ctx: RunContext, source: SourceConfig, step: Step, work: Wor
             result = await work(ctx, source)
     except anyio.get_cancelled_exc_class():
         record_step(step, "cancelled")
-        record.status = "cancelled"
         log.warning(f"{kind} cancelled", duration_s=step.duration_s)
         raise
     except TimeoutError:
@@ -353,7 +353,6 @@ async def _run_step(ctx: RunContext, source: SourceConfig, step: Step, work: Wor
     # The step ran and failed: recorded before the destination is asked
     # below, so a signal while it is asked leaves the step failed, not skipped.
     record_step(step, "failed", result)
-    record.status = "failed"
     log.error(f"{kind} failed", problem=problem, duration_s=step.duration_s)
     # A copy that failed because the disk went away (or hangs) says so, not
     # "rsync code 23"; asking is bounded, so the posts still run.
@@ -393,7 +392,7 @@ async def _finish_backup(ctx: RunContext) -> None:
     log.info("backup saved", folder=layout.final_dir)
     for source_name, work in ctx.source_work.items():
         # Only now, with the new copy under its final name (a parent for the next run).
-        await work.finish(failed=ctx.report.sources[source_name].status == "failed")
+        await work.finish(failed=source_status(ctx.report.sources[source_name]) == "failed")
     retention = ctx.report.retention
     await prune(ctx.dest, ctx.config.retention, retention, protect=layout.name)
     log.info("retention applied", deleted=len(retention.deleted), kept=len(retention.kept),
@@ -453,26 +452,15 @@ def _destination_failure(error: OSError, doing: str) -> str:
 
 
 def _finish_report(ctx: RunContext, duration: float) -> None:
-    report = ctx.report
     ctx.close()
-    report.duration_s = round(duration, 6)
-    ran = {(h.hook, h.phase) for h in report.hooks}
+    config = ctx.config
     stages: tuple[tuple[Kind, list[Hook]], ...] = (
-        ("backup", ctx.config.backup_hooks), ("snapshot", ctx.config.snapshot_hooks))
+        ("backup", config.backup_hooks), ("snapshot", config.snapshot_hooks))
+    configured: list[HookStep] = []
     for kind, hooks in stages:
         for hook in hooks:
-            if hook.pre is not None and (hook.name, "pre") not in ran:
-                report.hooks.append(HookStep(hook=hook.name, kind=kind, phase="pre"))
-            if hook.post is not None and (hook.name, "post") not in ran:
-                report.hooks.append(HookStep(hook=hook.name, kind=kind, phase="post"))
-    total = 0.0
-    for record in report.sources.values():
-        steps = [record.snapshot] + ([record.save] if record.save is not None else [])
-        total += sum(s.duration_s or 0.0 for s in steps)
-        if record.status == "skipped" and steps[0].status != "skipped":
-            # Started, and no step of it failed or was cut (those set the
-            # status): a later step that never started (the run cut while it
-            # waited for a slot, a critical hook) was stopped by something else.
-            record.status = "ok" if all(s.status == "ok" for s in steps) else "cancelled"
-    report.source_seconds_total = round(total, 6)
-
+            if hook.pre is not None:
+                configured.append(HookStep(hook=hook.name, kind=kind, phase="pre"))
+            if hook.post is not None:
+                configured.append(HookStep(hook=hook.name, kind=kind, phase="post"))
+    close_report(ctx.report, configured, duration)

@@ -16,7 +16,7 @@ from msgspec import Struct
 from .private_dir import make_private_dir
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable, Iterable, Iterator
 
 Status = Literal["ok", "failed", "cancelled", "skipped"]
 RunStatus = Literal["ok", "failed", "interrupted"]
@@ -132,6 +132,25 @@ class SourceReport(Struct, kw_only=True):
     snapshot: Step = msgspec.field(default_factory=Step)
     save: Step | None = None
 
+    def steps(self) -> list[Step]:
+        return [self.snapshot] + ([self.save] if self.save is not None else [])
+
+
+def source_status(source: SourceReport) -> Status:
+    """A source's status, from its steps alone (SPEC §6).
+
+    ``failed`` if a step failed, ``cancelled`` if one was cut short or
+    never started after an earlier one ran (the run cut while it waited for
+    a slot, a critical hook), ``skipped`` if none started, else ``ok``.
+    """
+    statuses = [step.status for step in source.steps()]
+    for status in ("failed", "cancelled"):
+        if status in statuses:
+            return status
+    if statuses[0] == "skipped":
+        return "skipped"
+    return "ok" if all(status == "ok" for status in statuses) else "cancelled"
+
 
 class DestinationSpace(Struct):
     free_bytes: int
@@ -171,6 +190,23 @@ class Report(Struct, kw_only=True):
     monitor: Delivery = msgspec.field(default_factory=Delivery)
     # Processes that survived SIGKILL and were left behind (SPEC §2).
     abandoned: list[str] = []
+
+
+def close_report(report: Report, configured: Iterable[HookStep], duration_s: float) -> None:
+    """The report's last touches, once the run is over.
+
+    ``configured``: every hook phase of the configuration, in order; those
+    that never ran follow those that did, ``skipped`` (SPEC §6). Each
+    source's status comes from its steps, ``source_seconds_total`` sums them.
+    """
+    report.duration_s = round(duration_s, 6)
+    ran = {(h.hook, h.phase) for h in report.hooks}
+    report.hooks += [h for h in configured if (h.hook, h.phase) not in ran]
+    total = 0.0
+    for record in report.sources.values():
+        total += sum(step.duration_s or 0.0 for step in record.steps())
+        record.status = source_status(record)
+    report.source_seconds_total = round(total, 6)
 
 
 _encoder = msgspec.json.Encoder()
