@@ -194,5 +194,21 @@ def btrfs_fs(tmp_path: Path) -> Iterator[Callable[..., Btrfs]]:
 
 
 @pytest.fixture
+def frozen(btrfs_fs: Callable[..., Btrfs], tmp_path: Path) -> Iterator[Path]:
+    """A mounted filesystem frozen with ``fsfreeze``: a write there sleeps in the kernel (D)
+    until it is thawed, which teardown does whatever happens."""
+    fs = btrfs_fs(tmp_path / "frozen", 200)
+    subprocess.run(["fsfreeze", "--freeze", str(fs.mount)], check=True)
+    try:
+        yield fs.mount
+    finally:
+        thaw(fs.mount)
+
+
+def thaw(mount: Path) -> None:
+    subprocess.run(["fsfreeze", "--unfreeze", str(mount)], capture_output=True, check=False)
+
+
+@pytest.fixture
 def sshd(new_sshd: Callable[[], Sshd]) -> Sshd:
     return new_sshd()

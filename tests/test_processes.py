@@ -13,14 +13,13 @@ import logging
 import shlex
 import shutil
 import signal
-import subprocess
 import time
 from typing import TYPE_CHECKING
 
 import anyio
 import pytest
 import structlog
-from conftest import kill_mentioning, needs_rsync, processes_mentioning, wait_for
+from conftest import kill_mentioning, needs_rsync, processes_mentioning, thaw, wait_for
 from hookkit import (
     release_marker,
     sleeper,
@@ -43,10 +42,9 @@ from pibackup_async.engine.processes import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Iterator
     from pathlib import Path
 
-    from btrfskit import Btrfs
     from conftest import Workspace
 
 CAP = processes._LINE_CAP
@@ -206,21 +204,6 @@ async def test_a_group_ignoring_sigterm_is_killed_after_the_grace(program: str,
     # A failure detector, not a measurement: SIGKILL acts at once.
     assert took < 0.3 + 5, took
     assert take_abandoned() == []
-
-
-@pytest.fixture
-def frozen(btrfs_fs: Callable[..., Btrfs], tmp_path: Path) -> Iterator[Path]:
-    """A mounted filesystem frozen with ``fsfreeze``; thawed at teardown whatever happens."""
-    fs = btrfs_fs(tmp_path / "frozen", 200)
-    subprocess.run(["fsfreeze", "--freeze", str(fs.mount)], check=True)
-    try:
-        yield fs.mount
-    finally:
-        thaw(fs.mount)
-
-
-def thaw(mount: Path) -> None:
-    subprocess.run(["fsfreeze", "--unfreeze", str(mount)], capture_output=True, check=False)
 
 
 @pytest.mark.slow

@@ -14,7 +14,6 @@ and each run must see only its own steps.
 from __future__ import annotations
 
 import shlex
-import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,10 +37,9 @@ from pibackup_async.engine.sources.kind import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Iterator
 
     from anyio.abc import Process
-    from btrfskit import Btrfs
     from pibackup_async.engine.report import Report
 
 
@@ -118,18 +116,6 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return "gone"
-
-
-@pytest.fixture
-def frozen(btrfs_fs: Callable[..., Btrfs], tmp_path: Path) -> Iterator[Path]:
-    """A mounted filesystem frozen with ``fsfreeze``; thawed at teardown whatever happens."""
-    fs = btrfs_fs(tmp_path / "frozen", 200)
-    subprocess.run(["fsfreeze", "--freeze", str(fs.mount)], check=True)
-    try:
-        yield fs.mount
-    finally:
-        subprocess.run(["fsfreeze", "--unfreeze", str(fs.mount)], capture_output=True,
-                       check=False)
 
 
 @pytest.fixture
