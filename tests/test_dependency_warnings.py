@@ -128,8 +128,11 @@ def test_check_connect_prints_no_python_warning(ws: Workspace, sshd: Sshd) -> No
                                     if line.startswith("{")))
     warned = [e for e in events if e["event"] == "library warning"]
     if _asyncssh_warns():
-        assert [e["library"] for e in warned] == ["asyncssh"], warned
-        assert warned[0]["warning"]
+        # One event per warning (an older asyncssh trips over several of cryptography's
+        # deprecations), each naming the library, never the same one twice.
+        assert warned and {e["library"] for e in warned} == {"asyncssh"}, warned
+        texts = [e["warning"] for e in warned]
+        assert len(set(texts)) == len(texts), texts
     else:
         assert warned == []
 
