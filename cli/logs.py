@@ -120,17 +120,6 @@ def hold_warnings() -> None:
     warnings.showwarning = _warnings.show
 
 
-def every_warning_once() -> None:
-    """Let every warning through once per place, deprecations of libraries included.
-
-    Python hides a library's DeprecationWarning but shows a UserWarning; both
-    go to the log now, where ``-v`` decides. For the command's own process only
-    (a test suite keeps its own filters); ``-W`` or PYTHONWARNINGS still win.
-    """
-    if not sys.warnoptions:
-        warnings.simplefilter("default")
-
-
 def library_of(filename: str) -> str:
     """The top-level package a source file belongs to: ``asyncssh`` for
     ``…/site-packages/asyncssh/crypto/misc.py``; the file's own name elsewhere."""

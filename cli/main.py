@@ -6,6 +6,7 @@ import argparse
 import os
 import signal
 import sys
+import warnings
 from typing import TYPE_CHECKING, NoReturn
 
 from .exit_codes import EXIT_FAILED, EXIT_OK, exit_for_signal
@@ -235,6 +236,19 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
+def every_warning_once() -> None:
+    """Let every warning through once per place, deprecations of libraries included.
+
+    Python hides a library's DeprecationWarning but shows a UserWarning; both
+    go to the log (cli/logs.py), where ``-v`` decides. For the command's own
+    process only (a test suite keeps its own filters); ``-W`` or
+    PYTHONWARNINGS still win. Here, not in logs.py: importing that module
+    loads structlog, which ``--help`` must not pay for.
+    """
+    if not sys.warnoptions:
+        warnings.simplefilter("default")
+
+
 def entry() -> NoReturn:
     """The command: ``main``, then an exit that skips the interpreter's teardown.
 
@@ -243,8 +257,6 @@ def entry() -> NoReturn:
     every run about 35 ms, and a worker thread stuck on a dying disk (SPEC §2:
     abandoned) would hold a normal exit, and the exit code, forever.
     """
-    from .logs import every_warning_once
-
     every_warning_once()
     code = main()
     try:

@@ -63,8 +63,8 @@ def _noisy_libraries(folder: Path) -> Path:
 def _driver(fmt: str, verbosity: int) -> str:
     # The command's own order: warnings held from the start, logging configured later.
     return textwrap.dedent(f"""
-        from pibackup_async.cli import logs
-        logs.every_warning_once()
+        from pibackup_async.cli import logs, main
+        main.every_warning_once()
         logs.hold_warnings()
         import noisy_early
         logs.configure_logging({fmt!r}, {verbosity})
