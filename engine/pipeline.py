@@ -347,6 +347,8 @@ async def _run_step(ctx: RunContext, source: SourceConfig, step: Step, work: Wor
         problem = f"unexpected error: {e!r}"
     else:
         record.bytes += result.bytes
+        record.hashed_bytes += result.hashed_bytes
+        record.relinked += result.relinked
         record_step(step, "ok", result)
         log.info(f"{kind} finished", duration_s=step.duration_s, bytes=record.bytes)
         return None

@@ -70,6 +70,10 @@ class StepResult(Struct, frozen=True, kw_only=True):
     stderr_tail: str = ""
     # What the step wrote into the backup (a source's ``bytes``).
     bytes: int = 0
+    # What a manifest step read to hash (a source's ``hashed_bytes``, SPEC §9).
+    hashed_bytes: int = 0
+    # Files copied afresh because verify had found their copy damaged (SPEC §9).
+    relinked: int = 0
 
 
 # The step being recorded in this task (``recording``), told by ``started``
@@ -129,8 +133,14 @@ class SourceReport(Struct, kw_only=True):
     bytes: int = 0
     # Time spent waiting for a slot of the run's concurrency limit, snapshot and save summed.
     waited_s: float = 0.0
+    # The copy before the snapshot hooks' pre (SPEC §2 step 2); None when none was due.
+    precopy: Step | None = None
     snapshot: Step = msgspec.field(default_factory=Step)
     save: Step | None = None
+    # What the manifest step read (SPEC §9).
+    hashed_bytes: int = 0
+    # Files copied afresh instead of linked: verify had found their copy damaged (SPEC §9).
+    relinked: int = 0
 
     def steps(self) -> list[Step]:
         return [self.snapshot] + ([self.save] if self.save is not None else [])
@@ -161,6 +171,8 @@ class RetentionResult(Struct):
     kept: dict[str, list[str]] = {}
     deleted: list[str] = []
     errors: list[str] = []
+    # Why nothing dated before a clock jump was deleted (SPEC §3), or None.
+    paused: str | None = None
 
 
 class Delivery(Struct):
