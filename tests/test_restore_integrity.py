@@ -1,0 +1,233 @@
+"""``restore`` never follows a link on the way and checks what it restores (SPEC §7, §9).
+
+Real backups made by ``run``, real rsync; manifests written by the real
+``sha256sum`` inside each backup (the engine's manifest writer is not needed
+for these tests: the format is coreutils').
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from typing import TYPE_CHECKING
+
+from conftest import needs_rsync
+from datakit import cli_ok, complete_backups, rsync_source
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from conftest import Workspace
+
+pytestmark = needs_rsync
+
+
+def restore(ws: Workspace, *args: str) -> subprocess.CompletedProcess[str]:
+    return ws.run("restore", *args, timeout=120)
+
+
+def expect(result: subprocess.CompletedProcess[str], code: int) -> None:
+    assert result.returncode == code, (
+        f"exit {result.returncode}, expected {code}\nstdout:\n{result.stdout}\n"
+        f"stderr:\n{result.stderr}")
+
+
+def write_manifest(backup: Path, source: str = "data") -> None:
+    """``<backup>/.pibackup/<source>.sha256`` as coreutils writes it (SPEC §9)."""
+    (backup / ".pibackup").mkdir(exist_ok=True)
+    subprocess.run(
+        f"find {source} -type f -print0 | sort -z | xargs -0 sha256sum "
+        f"> .pibackup/{source}.sha256",
+        shell=True, cwd=backup, check=True)
+
+
+def flip_byte(path: Path, offset: int = 0) -> None:
+    """Damage a copy in place: same size, same mtime (what rsync's quick check trusts)."""
+    st = os.stat(path)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def run_backup(ws: Workspace) -> Path:
+    """One ``run``; the new backup's folder."""
+    before = set(complete_backups(ws.dest))
+    cli_ok(ws, "run")
+    [name] = set(complete_backups(ws.dest)) - before
+    return ws.dest / name
+
+
+# --- 1. links on the way ----------------------------------------------------------------
+
+
+def test_a_link_on_the_way_is_refused_and_nothing_outside_the_backup_restored(
+        ws: Workspace) -> None:
+    src = ws.make_source("data", {"plain.txt": "plain\n"})
+    os.symlink("/etc", src / "etclink")
+    ws.write_config(rsync_source("data", src))
+    backup = run_backup(ws)
+    assert os.readlink(backup / "data" / "etclink") == "/etc"
+    target = ws.root / "r"
+
+    for name in ("latest", backup.name):
+        result = restore(ws, name, "data/etclink/hostname", "--to", str(target))
+        expect(result, 2)
+        assert "data/etclink" in result.stderr and "link" in result.stderr, result.stderr
+        assert not (target / "hostname").exists()
+        assert "restored" not in result.stderr, result.stderr
+
+    result = restore(ws, "latest", "data/etclink/hostname", "--to", str(target), "--dry-run")
+    expect(result, 2)
+    assert "data/etclink" in result.stderr
+    assert not (target / "hostname").exists()
+
+
+def test_a_link_as_the_last_component_is_restored_as_the_link(ws: Workspace) -> None:
+    src = ws.make_source("data", {"plain.txt": "plain\n"})
+    os.symlink("/etc", src / "etclink")
+    ws.write_config(rsync_source("data", src))
+    run_backup(ws)
+    target = ws.root / "r"
+
+    cli_ok(ws, "restore", "latest", "data/etclink", "--to", str(target))
+
+    assert os.path.islink(target / "etclink")
+    assert os.readlink(target / "etclink") == "/etc"
+
+
+def test_latest_is_the_newest_backup_holding_the_path_without_following_links(
+        ws: Workspace) -> None:
+    src = ws.make_source("data", {"d/hostname": "the backed-up one\n"})
+    ws.write_config(rsync_source("data", src))
+    older = run_backup(ws)
+    (src / "d" / "hostname").unlink()
+    (src / "d").rmdir()
+    os.symlink("/etc", src / "d")
+    newer = run_backup(ws)
+    assert os.path.islink(newer / "data" / "d")
+    target = ws.root / "r"
+
+    result = cli_ok(ws, "restore", "latest", "data/d/hostname", "--to", str(target))
+
+    assert (target / "hostname").read_text() == "the backed-up one\n"
+    assert older.name in result.stderr
+    # Named explicitly, the newer backup's link is refused.
+    expect(restore(ws, newer.name, "data/d/hostname", "--to", str(ws.root / "r2")), 2)
+
+
+def test_the_manifest_folder_is_not_a_source(ws: Workspace) -> None:
+    src = ws.make_source("data")
+    ws.write_config(rsync_source("data", src))
+    backup = run_backup(ws)
+    write_manifest(backup)
+    target = ws.root / "r"
+
+    for item in (".pibackup", ".pibackup/data.sha256"):
+        result = restore(ws, "latest", item, "--to", str(target))
+        expect(result, 1)
+        assert "no complete backup holds .pibackup" in result.stderr, result.stderr
+        expect(restore(ws, backup.name, item, "--to", str(target)), 1)
+        expect(restore(ws, "latest", item, "--to", str(target), "--dry-run"), 1)
+    assert not target.exists() or not os.listdir(target)
+
+
+# --- 2. the manifest check ---------------------------------------------------------------
+
+
+def test_a_damaged_file_is_not_written_the_others_are_and_the_restore_fails(
+        ws: Workspace) -> None:
+    src = ws.make_source("data", {"a.txt": "aaaa\n", "b.txt": "bbbb\n",
+                                  "sub/c.txt": "cccc\n", "star*": "a star\n",
+                                  "starX": "not the star\n", "new\nline": "nl\n"})
+    ws.write_config(rsync_source("data", src))
+    backup = run_backup(ws)
+    write_manifest(backup)
+    flip_byte(backup / "data" / "b.txt")
+    flip_byte(backup / "data" / "star*")
+    flip_byte(backup / "data" / "new\nline")
+    target = ws.root / "r"
+    target.mkdir()
+    (target / "b.txt").write_text("the target's own\n")
+
+    result = restore(ws, "latest", "data", "--to", str(target), "--delete")
+
+    expect(result, 1)
+    for shown in ("data/b.txt", "data/star*", "data/new\\nline"):
+        assert shown in result.stderr, (shown, result.stderr)
+    assert "no backup holds a good copy" in result.stderr
+    assert (target / "b.txt").read_text() == "the target's own\n"
+    assert not (target / "star*").exists()
+    assert not (target / "new\nline").exists()
+    assert (target / "a.txt").read_text() == "aaaa\n"
+    assert (target / "sub" / "c.txt").read_text() == "cccc\n"
+    assert (target / "starX").read_text() == "not the star\n"
+
+    # One damaged file on its own: nothing written, exit 1.
+    alone = ws.root / "alone"
+    result = restore(ws, "latest", "data/b.txt", "--to", str(alone))
+    expect(result, 1)
+    assert "data/b.txt" in result.stderr
+    assert not (alone / "b.txt").exists()
+    # A folder holding no damaged file restores as before.
+    cli_ok(ws, "restore", "latest", "data/sub", "--to", str(ws.root / "fine"))
+    assert (ws.root / "fine" / "sub" / "c.txt").read_text() == "cccc\n"
+
+
+def test_the_newest_backup_with_a_good_copy_is_named(ws: Workspace) -> None:
+    src = ws.make_source("data", {"a.txt": "aaaa\n", "b.txt": "bbbb\n"})
+    ws.write_config(rsync_source("data", src))
+    backups = []
+    for moment in (1_500_000_000, 1_500_000_100, 1_500_000_200):
+        # A new mtime: each run copies b.txt afresh (its own inode, same content).
+        os.utime(src / "b.txt", (moment, moment))
+        backups.append(run_backup(ws))
+        write_manifest(backups[-1])
+    first, second, third = backups
+    assert os.stat(second / "data" / "b.txt").st_ino != os.stat(first / "data" / "b.txt").st_ino
+    # The second's manifest has the right digest but its copy rotted too.
+    flip_byte(third / "data" / "b.txt")
+    flip_byte(second / "data" / "b.txt")
+    target = ws.root / "r"
+
+    result = restore(ws, "latest", "data", "--to", str(target))
+
+    expect(result, 1)
+    assert "data/b.txt" in result.stderr
+    assert f"good copy is in backup {first.name}" in result.stderr, result.stderr
+    assert (target / "a.txt").read_text() == "aaaa\n"
+    assert not (target / "b.txt").exists()
+
+    cli_ok(ws, "restore", first.name, "data/b.txt", "--to", str(target))
+    assert (target / "b.txt").read_text() == "bbbb\n"
+
+
+def test_a_backup_without_a_manifest_restores_as_before(ws: Workspace) -> None:
+    src = ws.make_source("data", {"a.txt": "aaaa\n"})
+    ws.write_config(rsync_source("data", src))
+    backup = run_backup(ws)
+    flip_byte(backup / "data" / "a.txt")
+
+    cli_ok(ws, "restore", "latest", "data", "--to", str(ws.root / "r"))
+
+    assert (ws.root / "r" / "a.txt").read_bytes() == (backup / "data" / "a.txt").read_bytes()
+
+
+def test_dry_run_names_the_damaged_files_and_writes_nothing(ws: Workspace) -> None:
+    src = ws.make_source("data", {"a.txt": "aaaa\n", "b.txt": "bbbb\n"})
+    ws.write_config(rsync_source("data", src))
+    backup = run_backup(ws)
+    write_manifest(backup)
+    flip_byte(backup / "data" / "b.txt")
+    target = ws.root / "r"
+
+    result = restore(ws, "latest", "data", "--to", str(target), "--dry-run")
+
+    expect(result, 1)
+    assert "data/b.txt" in result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.startswith(">f") and line.endswith(" a.txt") for line in lines), lines
+    assert not any(line.startswith(">f") and line.endswith(" b.txt") for line in lines), lines
+    assert not target.exists()
