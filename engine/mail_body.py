@@ -95,6 +95,7 @@ def render_body(report: Report, *, host: str) -> str:
         _facts(report, host),
         _hook_table(report),
         _source_table(report),
+        _relinked(report),
         _failures(report),
         _abandoned(report),
         _warnings(report),
@@ -143,6 +144,18 @@ def _source_table(report: Report) -> list[str]:
         took = _duration(sum(spent)) if spent else "-"
         lines.append(f"  {s.status:<9} {took:>6} {human_bytes(s.bytes):>10}  {name}")
     lines.append(f"  {'written':<16} {human_bytes(_written(report)):>10}")
+    return lines
+
+
+def _relinked(report: Report) -> list[str]:
+    """Damage not spread (SPEC §9): what the run copied afresh instead of linking."""
+    lines = []
+    for name, s in report.sources.items():
+        if s.relinked == 1:
+            lines.append(f"{name}: 1 file copied afresh: verify found its copy damaged")
+        elif s.relinked > 1:
+            lines.append(f"{name}: {s.relinked} files copied afresh: verify found their "
+                         "copies damaged")
     return lines
 
 
