@@ -41,7 +41,8 @@ import structlog
 
 from .errors import DestinationError
 from .filesystems import SUBVOLUME_INODE, is_btrfs, is_subvolume, on_mounted_filesystem
-from .heartbeat import beating
+from .heartbeat import beating, current
+from .manifest import Made, add_source, write_manifest
 from .names import DELETING, IN_PROGRESS, format_name, parse_name
 from .processes import describe_exit, run_process
 from .threads import Progress, in_worker
@@ -460,6 +461,17 @@ class Destination(abc.ABC):
     async def space(self) -> tuple[int, int] | None:
         """Free and total bytes of the destination's filesystem, or None if unknown."""
 
+    async def write_manifest(self, backup: str, source: str, earlier: str | None) -> Made:
+        """Write the manifest of ``<backup>/<source>`` and add it to SOURCES (SPEC §9).
+
+        ``backup``: a folder of the destination (``<name>.in-progress``);
+        ``earlier``: the path of the earlier copy the source was linked
+        against (``newest_holding``), whose backup's manifest lends the
+        digests of linked files. Raises OSError when the copy cannot be
+        read or the manifest written.
+        """
+        raise NotImplementedError(f"{type(self).__name__} writes no manifests")
+
     async def delete_backup(self, name: str) -> None:
         """Delete a complete backup: rename to ``.deleting`` first, so a crash midway
         never leaves a half-deleted folder under a backup name.
@@ -613,6 +625,27 @@ class LocalDestination(Destination):
 
     async def space(self) -> tuple[int, int] | None:
         return await self._call(space, self.path)
+
+    async def write_manifest(self, backup: str, source: str, earlier: str | None) -> Made:
+        # As long as the reads move (one big file, a slow first backup), the
+        # disk answers; only a read that makes no progress for the answer
+        # bound counts as a disk that stopped answering.
+        if self.lost is not None:
+            raise DestinationLost(self.lost)
+        folder = self.path_of(backup)
+        beat = current()
+        progress = Progress(self.answer_bound_s)
+
+        def files_so_far(count: int) -> None:
+            if beat is not None:
+                beat.files = count  # a plain attribute: read by the event loop
+
+        def work() -> Made:
+            made = write_manifest(folder, source, earlier, progress.check, files_so_far)
+            files_so_far(made.files)
+            progress.check()
+            add_source(folder, source)
+            return made
 
 
 def destination_of(config: Config) -> Destination:

@@ -13,6 +13,7 @@ import shlex
 from typing import TYPE_CHECKING, ClassVar
 
 import anyio
+import msgspec
 import structlog
 
 from ..destination import Entry, newest_holding, remove_tree
@@ -25,7 +26,14 @@ from ..remote import CONNECT_TIMEOUT_S, RemoteError, drain_marked
 from ..report import StepResult, started
 from .errors import SourceError
 from .kind import InitChoice, SourceKind, SourcePlan, SourceWork, register
-from .rsync import RsyncOptions, asks_for_metadata, copy_argv, copy_into, left_out
+from .rsync import (
+    RsyncOptions,
+    asks_for_metadata,
+    copy_argv,
+    copy_into,
+    left_out,
+    write_manifest,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -449,7 +457,12 @@ class BtrfsWork(SourceWork[BtrfsSource]):
         assert self.taken is not None, "a save follows its snapshot"
         run = self.run
         if not run.dest_is_btrfs:
-            return await copy_into(run, self.source, from_path=self.taken)
+            copied = await copy_into(run, self.source, from_path=self.taken)
+            try:
+                manifest = await write_manifest(run, self.source)
+            except SourceError as e:
+                raise SourceError(str(e), result=copied) from e
+            return msgspec.structs.replace(copied, hashed_bytes=manifest.hashed_bytes)
         site = self.site
         parent = await find_parent(site, self.source, run.destination, run.previous)
         log.info("incremental send" if parent else "full send", parent=parent)

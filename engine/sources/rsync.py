@@ -19,7 +19,7 @@ import structlog
 from msgspec import field
 
 from ..allocated import written_bytes
-from ..destination import newest_holding
+from ..destination import DestinationLost, newest_holding
 from ..failure_text import telling_line, with_hint
 from ..filesystems import is_within
 from ..heartbeat import current
@@ -37,7 +37,6 @@ from .kind import (
     engine_folders,
     register,
 )
-from .relink import copy_afresh
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -246,15 +245,36 @@ async def copy_into(run: Run, source: RsyncOptions, *, excludes: Sequence[str] =
         functools.partial(copy_argv, run, source, remote, excludes=excludes,
                           from_path=from_path), abandon_on_cancel=True)
     ran = await copy(argv, source.rsync_ok_codes)
-    # What verify found damaged is not linked again (SPEC §9): before ``written``
-    # counts, so the fresh copies count as written.
-    relinked = await copy_afresh(run, source.name, argv, link_dest, source.rsync_ok_codes)
     try:
         size = await written(os.path.join(run.in_progress_dir, source.name), link_dest)
     except OSError as e:
         # The copy ended: its exit code and output still belong in the report.
         raise SourceError(str(e), result=ran) from e
-    return msgspec.structs.replace(ran, bytes=size, relinked=relinked)
+    return msgspec.structs.replace(ran, bytes=size)
+
+
+async def write_manifest(run: Run, source: RsyncOptions) -> StepResult:
+    """The manifest of a source that rsync copied (SPEC §9); its hashed_bytes: what it read.
+
+    A file rsync linked against the previous copy (the same ``--link-dest``
+    folder as the copy's) takes its digest from that backup's manifest.
+    Raises SourceError when the copy cannot be read or the manifest written
+    (DestinationLost when the disk went away or stopped answering).
+    """
+    dest = run.dest
+    link_dest = await dest.newest_holding(run.previous, source.name)
+    try:
+        made = await dest.write_manifest(os.path.basename(run.in_progress_dir), source.name,
+                                         link_dest)
+    except DestinationLost:
+        raise
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        raise SourceError(f"manifest not written: {e.strerror or e}{where}") from e
+    if made.unused_earlier is not None:
+        log.info("manifest: every file read, none inherited", reason=made.unused_earlier,
+                 files=made.files, hashed_bytes=made.hashed_bytes)
+    return StepResult(hashed_bytes=made.hashed_bytes)
 
 
 def asks_for_metadata(source: RsyncOptions) -> bool:
@@ -276,6 +296,11 @@ class RsyncWork(SourceWork[RsyncSource]):
         """Its bytes: what the copy's new files take on disk (``written``)."""
         return await copy_into(self.run, self.source, excludes=self.source.exclude)
 
+    async def save(self) -> StepResult:
+        """The manifest (SPEC §9), after the snapshot hooks' window."""
+        started()
+        return await write_manifest(self.run, self.source)
+
     async def plan(self, dry: DryRun) -> SourcePlan:
         argv, _ = copy_argv(dry, self.source, dry.transport(self.source.host),
                             excludes=self.source.exclude)
@@ -285,7 +310,7 @@ class RsyncWork(SourceWork[RsyncSource]):
 
 class RsyncKind(SourceKind[RsyncSource]):
     config = RsyncSource
-    has_save = False
+    has_save = True  # the manifest
     leaves_out_own_folders = True
     init_rank = 0  # any folder, the last resort
 
