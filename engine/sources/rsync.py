@@ -37,6 +37,7 @@ from .kind import (
     engine_folders,
     register,
 )
+from .relink import copy_afresh
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -245,12 +246,15 @@ async def copy_into(run: Run, source: RsyncOptions, *, excludes: Sequence[str] =
         functools.partial(copy_argv, run, source, remote, excludes=excludes,
                           from_path=from_path), abandon_on_cancel=True)
     ran = await copy(argv, source.rsync_ok_codes)
+    # What verify found damaged is not linked again (SPEC §9): before ``written``
+    # counts, so the fresh copies count as written.
+    relinked = await copy_afresh(run, source.name, argv, link_dest, source.rsync_ok_codes)
     try:
         size = await written(os.path.join(run.in_progress_dir, source.name), link_dest)
     except OSError as e:
         # The copy ended: its exit code and output still belong in the report.
         raise SourceError(str(e), result=ran) from e
-    return msgspec.structs.replace(ran, bytes=size)
+    return msgspec.structs.replace(ran, bytes=size, relinked=relinked)
 
 
 async def write_manifest(run: Run, source: RsyncOptions) -> StepResult:
