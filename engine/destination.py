@@ -29,6 +29,7 @@ import ctypes
 import errno
 import os
 import stat
+import threading
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Literal, NoReturn, TypeVar
@@ -63,9 +64,20 @@ T = TypeVar("T")
 # A disk spinning up from standby answers within seconds; one that is dying,
 # or a hung network or FUSE mount, never does, and the run must still end.
 ANSWER_BOUND_S = 20.0
-# A flush waits for everything written to reach the disk: on a slow USB disk
-# that is minutes of writes, not a sign of a dead one.
-FLUSH_BOUND_S = 600.0
+# A flush waits for everything written to reach the disk, and that cannot be
+# told from a hung disk by time alone: 1 GB of dirty pages on a 30 MB/s USB
+# disk is 33 s of honest work, more than ANSWER_BOUND_S, and the kernel lets
+# a fifth of memory be dirty. So a flush is bounded like a removal, by how
+# long it goes without progress: while the kernel's Dirty + Writeback pages
+# (/proc/meminfo) keep reaching new lows, the disk is taking the writes and
+# the flush is waited for; once they have not fallen for the answer bound, it
+# is hung. The counters are the whole machine's: another disk's writeback can
+# make them fall while ours hangs, hence new lows only (a steady writer
+# elsewhere soon stops making them) and FLUSH_BOUND_S as a last resort, far
+# beyond any honest flush (8 GB at 5 MB/s, an SD card's worst, is 27 min).
+FLUSH_BOUND_S = 3600.0
+# How often a flush reads the kernel's counters.
+_FLUSH_POLL_S = 0.5
 
 
 class DestinationLost(DestinationError):
@@ -244,6 +256,51 @@ def _syncfs(path: str) -> None:
             raise OSError(code, os.strerror(code), path)
     finally:
         os.close(fd)
+
+
+def _unwritten_kib() -> int | None:
+    """Dirty + Writeback of /proc/meminfo (KiB): what the kernel has yet to write, or None."""
+    found = 0
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                key, _, value = line.partition(b":")
+                if key in (b"Dirty", b"Writeback"):
+                    found += int(value.split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return found
+
+
+def _syncfs_watched(path: str, progress: Progress) -> None:
+    """``_syncfs`` in a thread of its own, this worker watching it (see FLUSH_BOUND_S).
+
+    ``progress`` is pushed on whenever the kernel's unwritten pages reach a new
+    low; a cancel lands within _FLUSH_POLL_S. On either, the thread held in
+    syncfs by a hung disk is abandoned (a daemon, it never keeps the process
+    alive); its error, if it returns one, is raised here.
+    """
+    failure: list[OSError] = []
+    done = threading.Event()
+
+    def flush() -> None:
+        try:
+            _syncfs(path)
+        except OSError as e:
+            failure.append(e)
+        finally:
+            done.set()
+
+    threading.Thread(target=flush, name="syncfs", daemon=True).start()
+    lowest = _unwritten_kib()
+    while not done.wait(_FLUSH_POLL_S):
+        anyio.from_thread.check_cancelled()
+        now = _unwritten_kib()
+        if now is not None and (lowest is None or now < lowest):
+            lowest = now
+            progress.check()
+    if failure:
+        raise failure[0]
 
 
 # --- removal -------------------------------------------------------------------------------
@@ -476,22 +533,34 @@ class Destination(abc.ABC):
         """Delete a complete backup: rename to ``.deleting`` first, so a crash midway
         never leaves a half-deleted folder under a backup name.
 
+        The rename is flushed before anything in the folder is removed: else a
+        power cut could keep some removals and lose the rename, leaving a
+        half-deleted folder under a backup name (SPEC §1).
+
         Cancellable (see remove): a cancel before the rename leaves the
         backup as it is; one after, a ``.deleting`` folder for the next run.
         Raises OSError, and renames nothing, if ``name`` is not a real folder.
         """
         await anyio.lowlevel.checkpoint_if_cancelled()
         await self.rename(name, name + DELETING)
+        await self.flush()
         await self.remove(name + DELETING)
 
     async def clean_stale(self, entries: list[Entry]) -> None:
         """Remove in-progress folders of crashed runs and finish interrupted deletions.
 
         Links named like them are removed as links. A cancel takes effect
-        before the next entry (and within the one being removed).
+        before the next entry (and within the one being removed). A
+        ``.deleting`` rename of a run killed in this boot may not be on the
+        disk yet: the destination is flushed once before the first such
+        folder's contents go, as ``delete_backup`` does.
         """
+        flushed = False
         for entry in stale(entries):
             await anyio.lowlevel.checkpoint_if_cancelled()
+            if entry.state == "deleting" and not entry.link and not flushed:
+                await self.flush()
+                flushed = True
             if entry.link:
                 what = "symbolic link named like a backup folder"
             elif entry.state == "in-progress":
@@ -506,7 +575,7 @@ class LocalDestination(Destination):
     """A destination folder on this machine; each operation in a worker thread, bounded.
 
     ``answer_bound_s``: how long an operation may go without an answer (a
-    removal: without progress); FLUSH_BOUND_S bounds a flush.
+    removal, a flush: without progress; see FLUSH_BOUND_S).
     """
 
     def __init__(self, path: str, answer_bound_s: float = ANSWER_BOUND_S) -> None:
@@ -621,7 +690,22 @@ class LocalDestination(Destination):
             raise self._not_answering(self.answer_bound_s)
 
     async def flush(self) -> None:
-        await self._call(_syncfs, self.path, bound=FLUSH_BOUND_S)
+        if self.lost is not None:
+            raise DestinationLost(self.lost)
+        progress = Progress(self.answer_bound_s)
+        try:
+            with anyio.fail_after(FLUSH_BOUND_S), progress.scope, \
+                    beating("flush", folder=self.path):
+                await in_worker(_syncfs_watched, self.path, progress, progress=progress)
+        except TimeoutError:
+            raise self._not_answering(FLUSH_BOUND_S) from None
+        except DestinationLost:
+            raise
+        except OSError as e:
+            await self._raise_explained(e)
+        if progress.scope.cancelled_caught:
+            raise self._not_answering(self.answer_bound_s)
+
 
     async def space(self) -> tuple[int, int] | None:
         return await self._call(space, self.path)

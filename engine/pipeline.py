@@ -383,8 +383,19 @@ def _snapshot_window(ctx: RunContext) -> Iterator[None]:
 
 
 async def _finish_backup(ctx: RunContext) -> None:
-    """Rename the in-progress folder to the backup's name, then apply retention."""
+    """Flush, rename the in-progress folder to the backup's name, flush, apply retention."""
     layout = ctx.layout
+    # A backup that has its final name is on the disk, whole (SPEC §1): what
+    # was written into the in-progress folder (every save, the manifests,
+    # .pibackup/SOURCES: all of it before this point) reaches the disk before
+    # the rename. A flush that fails fails the run with nothing renamed; the
+    # folder is then removed as after any failed save (on a disk that no
+    # longer answers that fails too, within its bound, and the next run does it).
+    try:
+        await ctx.dest.flush()
+    except OSError as e:
+        ctx.fail_step(_destination_failure(
+            e, f"cannot flush {layout.in_progress_dir} to the disk"))
     try:
         await ctx.dest.rename(layout.in_progress, layout.name)
     except OSError as e:
@@ -392,15 +403,35 @@ async def _finish_backup(ctx: RunContext) -> None:
     ctx.report.saved = True
     t0 = time.monotonic()
     log.info("backup saved", folder=layout.final_dir)
+    # The rename on the disk before an old backup goes: else a power cut could
+    # keep a deletion and lose the new name, and the next run would remove the
+    # new backup as a crashed run's in-progress folder.
+    renamed_on_disk = await _flush_rename(ctx)
     for source_name, work in ctx.source_work.items():
         # Only now, with the new copy under its final name (a parent for the next run).
         await work.finish(failed=source_status(ctx.report.sources[source_name]) == "failed")
     retention = ctx.report.retention
+    if not renamed_on_disk:
+        return
     await prune(ctx.dest, ctx.config.retention, retention, protect=layout.name)
     log.info("retention applied", deleted=len(retention.deleted), kept=len(retention.kept),
              duration_s=round(time.monotonic() - t0, 6))
     if retention.errors:
         ctx.fail(f"retention: {retention.errors[0]}")  # each error was logged
+
+
+async def _flush_rename(ctx: RunContext) -> bool:
+    """Flush the destination after the rename; False (the run failed, said why) if that
+    failed: the backup keeps its name, but retention deletes nothing this time."""
+    try:
+        await ctx.dest.flush()
+    except OSError as e:
+        message = _destination_failure(
+            e, f"cannot flush {ctx.layout.final_dir} to the disk (old backups not deleted)")
+        log.error(message)
+        ctx.fail(message)
+        return False
+    return True
 
 
 async def _discard_unfinished(ctx: RunContext) -> None:

@@ -1,0 +1,236 @@
+"""A backup that has its final name is on the disk, whole (SPEC §1, §9 "Power cuts").
+
+The order of the system calls is what makes a backup survive a power cut,
+and it is seen as it happens: the real CLI runs under ``strace -f -y``
+(rsync's children and the engine's worker threads followed, every file
+descriptor shown with its path), and the trace is read by syscall name and
+path. Three promises are checked there:
+
+- ``syncfs`` of the destination after the last write into
+  ``<name>.in-progress`` (rsync's, the manifests') and before the rename to
+  ``<name>``;
+- a flush again after that rename and before retention renames the first
+  old backup to ``.deleting`` (else a power cut could keep the deletion and
+  lose the new backup's name: the next run removes it as an in-progress
+  folder, and nothing is left);
+- every ``.deleting`` rename flushed before anything inside it is unlinked.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+import pytest
+from conftest import CLI, needs_root, needs_rsync
+from pibackup_async.engine.names import format_name
+from prunekit import make_backup
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from conftest import Workspace
+
+needs_strace = pytest.mark.skipif(shutil.which("strace") is None,
+                                  reason="strace is not installed (apt-get install strace)")
+pytestmark = [needs_rsync, needs_strace]
+
+
+
+def _days_ago(days: int) -> str:
+    return format_name(datetime.now().astimezone() - timedelta(days=days))
+
+
+# Recent, so that retention sees no clock jump between them and the new backup.
+OLD = [_days_ago(3), _days_ago(2)]
+NEWER = _days_ago(1)
+STALE_DELETING = _days_ago(4) + ".deleting"
+
+# Calls that change what is on the destination; ``openat`` counts only when it creates
+# or opens for writing. The flushes are read separately.
+_CHANGING = {"write", "pwrite64", "writev", "pwritev", "pwritev2", "ftruncate", "fallocate",
+             "rename", "renameat", "renameat2", "link", "linkat", "symlink", "symlinkat",
+             "mkdir", "mkdirat", "mknodat", "unlink", "unlinkat", "rmdir", "chmod", "fchmod",
+             "fchmodat", "chown", "fchown", "lchown", "fchownat", "utimensat",
+             "setxattr", "lsetxattr", "fsetxattr", "removexattr", "lremovexattr",
+             "fremovexattr", "copy_file_range", "openat"}
+_ON_DESCRIPTOR = {"write", "pwrite64", "writev", "pwritev", "pwritev2", "ftruncate", "fallocate",
+                  "fchmod", "fchown", "fsetxattr", "fremovexattr"}
+_FLUSHES = {"syncfs", "fsync", "fdatasync"}
+_REMOVALS = {"unlink", "unlinkat", "rmdir"}
+_RENAMES = {"rename", "renameat", "renameat2"}
+TRACED = ",".join(sorted(_CHANGING | _FLUSHES))
+
+_FULL = re.compile(r"^(\d+)\s+(\w+)\((.*)\)\s+=\s+(-?\d+|\?)")
+_UNFINISHED = re.compile(r"^(\d+)\s+(\w+)\((.*?)\s*<unfinished \.\.\.>$")
+_RESUMED = re.compile(r"^(\d+)\s+<\.\.\. (\w+) resumed>(.*)\)\s+=\s+(-?\d+|\?)")
+
+
+@dataclass
+class Call:
+    """One system call of the trace: where it started and ended (line numbers)."""
+
+    pid: int
+    name: str
+    args: str
+    result: str
+    start: int
+    end: int
+
+    @property
+    def ok(self) -> bool:
+        return self.result not in ("?",) and not self.result.startswith("-")
+
+    def mentions(self, path: str) -> bool:
+        """``path`` is named, as a string argument or as a descriptor's path (``-y``)."""
+        return f'"{path}' in self.args or f"<{path}" in self.args
+
+    def writes_into(self, path: str) -> bool:
+        """The call changes something at or below ``path``. A call on a descriptor is judged
+        by the descriptor's path alone: what a log line written to a pipe says is not."""
+        if not self.changes:
+            return False
+        if self.name in _ON_DESCRIPTOR:
+            return re.match(rf"\d+<{re.escape(path)}[/>]", self.args) is not None
+        return self.mentions(path)
+
+    @property
+    def changes(self) -> bool:
+        if self.name == "openat":
+            return bool(re.search(r"O_CREAT|O_WRONLY|O_RDWR|O_TRUNC", self.args))
+        return self.name in _CHANGING
+
+
+def parse(trace: str) -> list[Call]:
+    """The calls of an ``strace -f -y`` output, in the order they ended.
+
+    A call interrupted by another process's line is printed as ``<unfinished
+    ...>`` then ``<... name resumed>``: both halves are joined, keeping the
+    start line (arguments) and the end line (result).
+    """
+    calls: list[Call] = []
+    pending: dict[int, tuple[str, str, int]] = {}
+    for number, line in enumerate(trace.splitlines()):
+        if m := _UNFINISHED.match(line):
+            pending[int(m[1])] = (m[2], m[3], number)
+        elif m := _RESUMED.match(line):
+            name, args, start = pending.pop(int(m[1]), (m[2], "", number))
+            calls.append(Call(int(m[1]), name, args + m[3], m[4], start, number))
+        elif m := _FULL.match(line):
+            calls.append(Call(int(m[1]), m[2], m[3], m[4], number, number))
+    return calls
+
+
+def traced(ws: Workspace, *args: str) -> tuple[subprocess.CompletedProcess[str], list[Call]]:
+    """The CLI under ``strace -f -y``; its result and its calls."""
+    out = ws.root / f"trace-{args[0]}"
+    done = subprocess.run(
+        ["strace", "-f", "-qq", "-y", "-s", "4096", "-e", f"trace={TRACED}", "-o", str(out),
+         *CLI, *args, "-c", str(ws.config_path)],
+        capture_output=True, text=True, timeout=300, env=ws.env())
+    assert out.exists(), done.stderr
+    return done, parse(out.read_text())
+
+
+def flushes_of(calls: list[Call], dest: Path) -> list[Call]:
+    """syncfs of the destination's filesystem, or fsync of the destination folder itself."""
+    return [c for c in calls if c.ok and (
+        (c.name == "syncfs" and c.mentions(str(dest)))
+        or (c.name in ("fsync", "fdatasync") and f"<{dest}>" in c.args))]
+
+
+def flushed_between(calls: list[Call], dest: Path, after: int, before: int) -> bool:
+    """A flush that started after line ``after`` and ended before line ``before``."""
+    return any(after < f.start and f.end < before for f in flushes_of(calls, dest))
+
+
+def assert_deletions_flushed(calls: list[Call], dest: Path) -> list[str]:
+    """Every folder renamed ``.deleting`` (or found so) had that flushed before the first
+    unlink inside it; returns the folders seen deleted."""
+    renamed: dict[str, int] = {}
+    for c in calls:
+        if c.name in _RENAMES and c.ok and (m := re.search(r'/([^/"]+\.deleting)"', c.args)):
+            renamed.setdefault(m[1], c.end)
+    seen: dict[str, int] = {}
+    for c in calls:
+        if c.name in _REMOVALS and c.ok:
+            for folder in re.findall(rf"{re.escape(str(dest))}/([^/\">]+\.deleting)", c.args):
+                seen.setdefault(folder, c.start)
+    for folder, first_unlink in seen.items():
+        # One renamed by an earlier run (a crash leftover) may not be on the disk either.
+        after = renamed.get(folder, -1)
+        assert flushed_between(calls, dest, after, first_unlink), (
+            f"{folder}: its contents were deleted (line {first_unlink}) without a flush "
+            f"after its rename (line {after})")
+    return sorted(seen)
+
+
+def _configure(ws: Workspace) -> None:
+    body = ""
+    for name in ("alpha", "beta"):
+        source = ws.make_source(name, {f"f{i}.txt": f"{name} {i}\n" * 100 for i in range(5)})
+        (source / "big.bin").write_bytes(b"\x5a" * (1 << 20))
+        body += f'[[sources]]\nname = "{name}"\ntype = "rsync"\npath = "{source}"\n'
+    ws.write_config(body, header="[retention]\nkeep_last = 1\n")
+
+
+def _backup_made(ws: Workspace) -> str:
+    name = str(ws.report()["name"])
+    assert (ws.dest / name).is_dir(), ws.backups()
+    return name
+
+
+@needs_root
+def test_a_run_flushes_before_the_rename_and_again_before_retention_deletes(
+    ws: Workspace,
+) -> None:
+    _configure(ws)
+    for name in OLD:
+        make_backup(ws.dest, name, files=3)
+    make_backup(ws.dest, STALE_DELETING, files=3)
+    done, calls = traced(ws, "run")
+    assert done.returncode == 0, done.stderr
+    name = _backup_made(ws)
+    assert ws.backups() == [name]
+    dest = ws.dest
+
+    renamed = [c for c in calls if c.name in _RENAMES and c.ok
+               and c.mentions(f"{dest}/{name}.in-progress") and f'{dest}/{name}"' in c.args]
+    assert len(renamed) == 1, [c.args for c in calls if c.name in _RENAMES]
+    rename = renamed[0]
+    writes = [c for c in calls if c.ok and c is not rename and c.end < rename.start
+              and c.writes_into(f"{dest}/{name}.in-progress")]
+    # rsync's own writes are there (the trace follows its children).
+    assert any(c.name.startswith("write") for c in writes), "no write into the backup traced"
+    last_write = max(c.end for c in writes)
+    assert flushed_between(calls, dest, last_write, rename.start), (
+        f"no syncfs of {dest} between the last write into the backup (line {last_write}) "
+        f"and its rename (line {rename.start})")
+
+    to_deleting = [c for c in calls if c.name in _RENAMES and c.ok and c.start > rename.end
+                   and ".deleting" in c.args]
+    assert to_deleting, "retention renamed nothing to .deleting"
+    assert flushed_between(calls, dest, rename.end, to_deleting[0].start), (
+        f"the rename (line {rename.end}) was not flushed before retention's first deletion "
+        f"(line {to_deleting[0].start})")
+    deleted = assert_deletions_flushed(calls, dest)
+    assert deleted == sorted([STALE_DELETING, *(f"{n}.deleting" for n in OLD)])
+
+
+@needs_root
+def test_prune_flushes_each_deleting_rename_before_deleting_its_contents(
+    ws: Workspace,
+) -> None:
+    _configure(ws)
+    for name in [*OLD, NEWER]:
+        make_backup(ws.dest, name, files=3)
+    make_backup(ws.dest, STALE_DELETING, files=3)
+    done, calls = traced(ws, "prune")
+    assert done.returncode == 0, done.stderr
+    assert ws.backups() == [NEWER]
+    deleted = assert_deletions_flushed(calls, ws.dest)
+    assert deleted == sorted([STALE_DELETING, *(f"{n}.deleting" for n in OLD)])
