@@ -27,18 +27,26 @@ def restore_command(args: argparse.Namespace, config: Config) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     if not args.dry_run:
-        return under_signals("restore",
-                             lambda interruption: restore(config, request, interruption),
+        # A link on the way to PATH is found only on the disk, under the lock:
+        # still bad usage (exit 2), whatever else the outcome.
+        refused: list[str] = []
+        code = under_signals("restore",
+                             lambda interruption: restore(config, request, interruption,
+                                                          refused),
                              progress="restore" if wanted(args) else None)
+        return EXIT_USAGE if refused and code == EXIT_FAILED else code
     try:
         anyio.run(plan_restore, config, request, print, backend="asyncio")
+    except UsageProblem as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except (DestinationUnavailable, NotHeld, PlanFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
     except OSError as e:
         if isinstance(e, BrokenPipeError):
             raise
-        print(f"error: cannot read the destination {config.destination}: {e.strerror} "
-              "(is the backup disk mounted?)", file=sys.stderr)
+        print(f"error: cannot read the destination {config.destination}: "
+              f"{e.strerror or e} (is the backup disk mounted?)", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK

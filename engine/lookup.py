@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
-from .destination import complete, holds, scan
+from .destination import complete, holds, link_on_the_way, scan
 from .errors import PibackupError
 from .names import parse_name
+from .pathtext import show_path
 
 if TYPE_CHECKING:
     from .destination import Destination
@@ -17,6 +17,10 @@ LATEST = "latest"
 
 class UsageProblem(PibackupError):
     """A malformed argument (exit 2): a backup name that is not one, a refused path."""
+
+
+class LinkOnTheWay(UsageProblem):
+    """A symbolic link stands on the way to the PATH asked for (exit 2, SPEC §7)."""
 
 
 class NotHeld(PibackupError):
@@ -38,6 +42,10 @@ def find_backup(destination: str, arg: str, source: str | None = None,
     a worker thread (``find`` is the same for async code)."""
     backups = [e.name for e in complete(scan(destination))]
     holding = [n for n in backups if holds(destination, n, source, inner)]
+    suspects = _suspects(arg, source, inner, backups, holding)
+    if suspects:
+        _refuse_link(link_on_the_way(destination, suspects, source or "", inner or b""),
+                     source, inner)
     return _choose(destination, arg, source, inner, backups, holding)
 
 
@@ -46,14 +54,41 @@ async def find(dest: Destination, arg: str, source: str | None = None,
     """``find_backup`` through ``dest``: off the event loop, bounded."""
     backups = [e.name for e in complete(await dest.scan())]
     holding = await dest.holding(backups, source, inner)
+    suspects = _suspects(arg, source, inner, backups, holding)
+    if suspects:
+        _refuse_link(await dest.link_on_the_way(suspects, source or "", inner or b""),
+                     source, inner)
     return _choose(dest.path, arg, source, inner, backups, holding)
+
+
+def _suspects(arg: str, source: str | None, inner: bytes | None, backups: list[str],
+              holding: list[str]) -> list[str]:
+    """Backups to search for a link on the way to ``inner``: the one named, if it does not
+    hold it; for ``latest``, all of them when none holds it (the newest link is named).
+    A link in one backup while an older one holds the path leaves ``latest`` to that one."""
+    if source is None or not inner:
+        return []
+    if arg == LATEST:
+        return [] if holding else backups
+    return [arg] if arg in backups and arg not in holding else []
+
+
+def _refuse_link(found: tuple[str, bytes] | None, source: str | None,
+                 inner: bytes | None) -> None:
+    if found is None:
+        return
+    backup, link = found
+    raise LinkOnTheWay(
+        f"{show_path(link)} in backup {backup} is a symbolic link: {source}/"
+        f"{show_path(inner or b'')} is not looked up through it (nothing outside the "
+        "backup is restored as if it came from it); refused")
 
 
 def _choose(destination: str, arg: str, source: str | None, inner: bytes | None,
             backups: list[str], holding: list[str]) -> str:
     what = source if source is not None else "anything"
     if inner:
-        what += "/" + os.fsdecode(inner)
+        what += "/" + show_path(inner)
     if arg == LATEST:
         if not backups:
             raise NotHeld(f"the destination {destination} holds no complete backup")

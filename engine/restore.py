@@ -20,28 +20,31 @@ import re
 import shlex
 import subprocess
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import anyio
 import structlog
 
+from .checksums import MANIFEST_DIR
 from .command_stage import find_and_use, under_hooks
 from .config import SOURCE_NAME
-from .destination import destination_of
+from .destination import ANSWER_BOUND_S, complete, destination_of
 from .errors import DestinationUnavailable
 from .failure_text import telling_line
 from .filesystems import is_within
 from .heartbeat import beating
-from .lookup import LATEST, UsageProblem, check_backup_arg, find
+from .lookup import LATEST, LinkOnTheWay, UsageProblem, check_backup_arg, find
 from .pathtext import parse_path, show_path
 from .processes import Tail, describe_exit, drain, managed_process
 from .remote import RemoteError, open_remotes
-from .restore_filters import Rule, covered, parse_rules, relative_to
+from .restore_check import Checked, Damage, check_item, good_copies
+from .restore_filters import Rule, covered, exact_pattern, parse_rules, relative_to
 from .sources.kind import kind_of
 from .sources.rsync import RSYNC_BASE, run_rsync
+from .threads import Progress, in_worker
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
     from .config import Config
     from .context import Interruption, RunContext
@@ -49,6 +52,8 @@ if TYPE_CHECKING:
     from .report import Report
 
 log = structlog.get_logger("pibackup.restore")
+
+T = TypeVar("T")
 
 # A line of ``--out-format=%i %n``: eleven change flags, a space, the name.
 _ITEM = re.compile(rb"(\*deleting  |[<>ch.][fdLDS][^ ]{9}) (.*)")
@@ -86,7 +91,9 @@ class Request:
 
 def _split_item(item: str) -> tuple[str, bytes]:
     source, _, rest = item.partition("/")
-    if not SOURCE_NAME.fullmatch(source):
+    # The manifests' folder passes here to get the answer of a source the
+    # backup does not hold (exit 1, SPEC §9), not that of a malformed name.
+    if source != MANIFEST_DIR and not SOURCE_NAME.fullmatch(source):
         raise UsageProblem(f"{source!r} is not a source name (the first part of "
                            "SOURCE[/PATH], as in data/photos/a.jpg)")
     try:
@@ -163,11 +170,17 @@ def parse_request(config: Config, backup: str, item: str, to: str, *,
 
 
 def restore_argv(config: Config, request: Request, backup: str, *,
-                 remote: Transport | None = None, dry_run: bool = False) -> list[str]:
-    """The exact rsync command of the restore (``dry_run``: the listing of what it would do)."""
+                 remote: Transport | None = None, dry_run: bool = False,
+                 skip: Sequence[bytes] = ()) -> list[str]:
+    """The exact rsync command of the restore (``dry_run``: the listing of what it would do);
+    ``skip``: files (relative to the backup) it must not write."""
     argv = [a for a in RSYNC_BASE if not (dry_run and a == "--stats")]
     if dry_run:
         argv += ["--dry-run", "--out-format=%i %n"]
+    # Excluded, a damaged file is neither sent nor, under --delete, deleted
+    # in the target: the target keeps what it had there.
+    argv += [f"--exclude={exact_pattern(os.fsdecode(rel))}"
+             for rel in (_from_top(request, path) for path in skip) if rel]
     if request.delete:
         argv.append("--delete")
         argv += [f"--filter=P {rule.text()}" for rule in request.protect]
@@ -178,6 +191,14 @@ def restore_argv(config: Config, request: Request, backup: str, *,
         if remote.sudo:
             argv.append("--rsync-path=sudo -n rsync")
     origin = os.path.join(config.destination, backup, request.source)
+    # rsync resolves this path through the kernel, following links on the
+    # way; lookup.find has just walked it one component at a time without
+    # following any (SPEC §7). That is check-then-use: acceptable because a
+    # complete backup is written by root only and not changed after its
+    # rename, so no one but root could swap a link in between. The last
+    # component is rsync's own (-a: -l sends a link as the link), and the
+    # source's folder, followed by the trailing slash, is a real folder
+    # (``locate``). No --relative, so no implied folders are looked up.
     # A trailing slash sends the source's contents; without it a file or
     # folder lands under its own name.
     origin += "/" + os.fsdecode(request.inner) if request.inner else "/"
@@ -185,6 +206,16 @@ def restore_argv(config: Config, request: Request, backup: str, *,
     if remote is not None:
         target = f"{remote.target}:{target}"
     return [*argv, origin, target]
+
+
+def _from_top(request: Request, path: bytes) -> bytes:
+    """``path`` (relative to the backup) relative to the folder rsync sends from: the
+    source's for a whole source, else the item's parent; b"" for the item itself."""
+    parent = os.path.dirname(request.inner)
+    top = request.source.encode() + (b"/" + parent if parent else b"")
+    if request.inner and path == request.source.encode() + b"/" + request.inner:
+        return b""
+    return path[len(top) + 1:]
 
 
 def _shown(argv: list[str]) -> str:
@@ -222,8 +253,8 @@ def _which(request: Request, backup: str) -> str:
 
 
 async def _rsync(config: Config, request: Request, backup: str, remote: Transport | None,
-                 ctx: RunContext) -> None:
-    argv = restore_argv(config, request, backup, remote=remote)
+                 ctx: RunContext, skip: list[bytes]) -> None:
+    argv = restore_argv(config, request, backup, remote=remote, skip=skip)
     log.info("restoring", item=request.item, backup=backup, target=request.where,
              command=_shown(argv))
     try:
@@ -243,29 +274,117 @@ async def _rsync(config: Config, request: Request, backup: str, remote: Transpor
              bytes=transferred)
 
 
-async def restore(config: Config, request: Request, interruption: Interruption) -> Report:
+async def _in_backup(config: Config, func: Callable[..., T], *args: object) -> T:
+    """``func(*args, check)``, reading the backups, in a worker thread: cancellable, and
+    given up (TimeoutError) once it goes ANSWER_BOUND_S without moving (a dying disk)."""
+    progress = Progress(ANSWER_BOUND_S)
+    with beating("manifest check", destination=config.destination), progress.scope:
+        return await in_worker(func, *args, progress.check, progress=progress)
+    raise TimeoutError(f"destination {config.destination} does not answer (nothing in "
+                       f"{ANSWER_BOUND_S:g} s while checking the manifest)")
+
+
+async def check_against_manifest(config: Config, request: Request,
+                                 backup: str) -> list[Damage]:
+    """The damaged files under the item (SPEC §7): hashed against the backup's manifest
+    before anything is written. Empty when the backup has no manifest. Raises OSError."""
+    checked: Checked | None = await _in_backup(
+        config, check_item, os.path.join(config.destination, backup), request.source,
+        request.inner)
+    if checked is None:
+        log.info("no manifest in this backup: restored without a check",
+                 backup=backup, source=request.source)
+        return []
+    if checked.malformed:
+        log.warning(f"{checked.malformed} lines of the manifest of {request.source} in "
+                    f"{backup} are not sha256sum lines: the files they name are not checked")
+    log.info("checked against the manifest", item=request.item, backup=backup,
+             files=checked.files, damaged=len(checked.damaged))
+    return checked.damaged
+
+
+async def damage_lines(config: Config, request: Request, backup: str,
+                       damaged: list[Damage]) -> list[str]:
+    """One line per damaged file, naming the newest backup whose copy has the manifest's
+    digest, if any. Raises OSError."""
+    dest = destination_of(config)
+    others = [e.name for e in complete(await dest.scan()) if e.name != backup]
+    good = await _in_backup(config, good_copies, config.destination, others, request.source,
+                            damaged)
+    lines = []
+    for damage in damaged:
+        where = good.get(damage.path)
+        elsewhere = (f"a good copy is in backup {where}" if where is not None
+                     else "no backup holds a good copy")
+        lines.append(f"{show_path(damage.path)} in backup {backup} is damaged "
+                     f"({damage.why}): not restored; {elsewhere}")
+    return lines
+
+
+async def restore(config: Config, request: Request, interruption: Interruption,
+                  refused: list[str] | None = None) -> Report:
     """Restore under the lock, inside the backup hooks; the report (never written) says how
-    it went. Raises LockHeld, StateUnusable or Interrupted as ``under_hooks`` does."""
+    it went. A refusal found only on the disk (a link on the way, exit 2) is also added
+    to ``refused``. Raises LockHeld, StateUnusable or Interrupted as ``under_hooks`` does."""
 
     async def work(ctx: RunContext) -> None:
-        backup = await find_and_use(ctx, request.backup, request.source, request.inner or None)
+        try:
+            backup = await find_and_use(ctx, request.backup, request.source,
+                                        request.inner or None)
+        except LinkOnTheWay as e:
+            if refused is not None:
+                refused.append(str(e))
+            ctx.fail_step(str(e))
         log.info(f"restoring from {_which(request, backup)}", item=request.item)
+        try:
+            damaged = await check_against_manifest(config, request, backup)
+        except OSError as e:
+            ctx.fail_step(f"cannot check {request.item} in backup {backup} against its "
+                          f"manifest: {e.strerror or e}")
+        skip = [d.path for d in damaged]
         if request.host is None:
             problem = await anyio.to_thread.run_sync(_make_local_target, request,
                                                      abandon_on_cancel=True)
             if problem is not None:
                 ctx.fail_step(problem)
-            await _rsync(config, request, backup, None, ctx)
-            return
-        async with open_remotes(config) as remotes:
-            host = remotes[request.host]
-            try:
-                await host.ensure_master()
-            except RemoteError as e:
-                ctx.fail_step(str(e))
-            await _rsync(config, request, backup, host.transport, ctx)
+            await _rsync_unless_damaged(config, request, backup, None, ctx, skip)
+        else:
+            async with open_remotes(config) as remotes:
+                host = remotes[request.host]
+                try:
+                    await host.ensure_master()
+                except RemoteError as e:
+                    ctx.fail_step(str(e))
+                await _rsync_unless_damaged(config, request, backup, host.transport, ctx,
+                                            skip)
+        if damaged:
+            await _fail_damaged(config, request, backup, damaged, ctx)
 
     return await under_hooks(config, interruption, "restore", request.backup, work)
+
+
+async def _rsync_unless_damaged(config: Config, request: Request, backup: str,
+                                remote: Transport | None, ctx: RunContext,
+                                skip: list[bytes]) -> None:
+    if any(not _from_top(request, path) for path in skip):
+        log.warning("the item itself is damaged: nothing was written", item=request.item)
+        return
+    await _rsync(config, request, backup, remote, ctx, skip)
+
+
+async def _fail_damaged(config: Config, request: Request, backup: str,
+                        damaged: list[Damage], ctx: RunContext) -> None:
+    try:
+        lines = await damage_lines(config, request, backup, damaged)
+    except OSError as e:
+        lines = [f"{show_path(d.path)} in backup {backup} is damaged ({d.why}): not "
+                 f"restored (other backups could not be searched: {e.strerror or e})"
+                 for d in damaged]
+    for line in lines:
+        log.error(line)
+    ctx.fail_step(f"restore of {request.item} from {backup} into {request.where}: "
+                  f"{len(damaged)} damaged file{'s' if len(damaged) != 1 else ''} not "
+                  f"restored ({'; '.join(lines)}); everything else was restored")
 
 
 class PlanFailed(Exception):
@@ -326,14 +445,23 @@ async def plan_restore(config: Config, request: Request, emit: Callable[[str], N
     backup = await _find(config, request)
     emit(f"would restore {request.item} from {_which(request, backup)} "
          f"into {request.where}")
+    damaged = await check_against_manifest(config, request, backup)
+    lines = await damage_lines(config, request, backup, damaged) if damaged else []
+    for line in lines:
+        emit(f"damaged: {line}")
+    skip = [d.path for d in damaged]
+    whole = not any(not _from_top(request, path) for path in skip)
+    count = 0
     if request.host is None:
         problem = await anyio.to_thread.run_sync(_local_target_problem, request,
                                                  abandon_on_cancel=True)
         if problem is not None:
             raise PlanFailed(problem)
-        argv = restore_argv(config, request, backup)
-        emit(f"would run: {_shown(argv)}")
-        count = await _list_changes(restore_argv(config, request, backup, dry_run=True), emit)
+        argv = restore_argv(config, request, backup, skip=skip)
+        if whole:
+            emit(f"would run: {_shown(argv)}")
+            count = await _list_changes(
+                restore_argv(config, request, backup, dry_run=True, skip=skip), emit)
     else:
         async with open_remotes(config) as remotes:
             host = remotes[request.host]
@@ -342,7 +470,13 @@ async def plan_restore(config: Config, request: Request, emit: Callable[[str], N
             except RemoteError as e:
                 raise PlanFailed(str(e)) from None
             remote = host.transport
-            emit(f"would run: {_shown(restore_argv(config, request, backup, remote=remote))}")
-            count = await _list_changes(
-                restore_argv(config, request, backup, remote=remote, dry_run=True), emit)
+            if whole:
+                emit("would run: "
+                     f"{_shown(restore_argv(config, request, backup, remote=remote, skip=skip))}")
+                count = await _list_changes(
+                    restore_argv(config, request, backup, remote=remote, dry_run=True,
+                                 skip=skip), emit)
     emit(f"dry run: {count} changes listed; nothing was changed")
+    if damaged:
+        raise PlanFailed(f"{len(damaged)} damaged file{'s' if len(damaged) != 1 else ''} "
+                         "would not be restored (listed above): the restore would fail")

@@ -216,3 +216,16 @@ def covered(rules: list[Rule], path: str) -> bool:
         if any(matches(rule, "/".join(parts[:depth]), True) for rule in rules):
             return True
     return False
+
+
+def exact_pattern(path: str) -> str:
+    """An rsync pattern matching ``path`` (relative to the transfer's top) and nothing else.
+
+    Anchored at the top. rsync compares a pattern without ``*``, ``?`` or
+    ``[`` literally, backslashes and all; in one with any of them a
+    backslash escapes the next character, so each of those and every
+    backslash is escaped then.
+    """
+    if any(c in path for c in _WILD):
+        path = "".join("\\" + c if c in _WILD + "\\" else c for c in path)
+    return "/" + path

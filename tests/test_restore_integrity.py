@@ -8,6 +8,7 @@ for these tests: the format is coreutils').
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from typing import TYPE_CHECKING
 
@@ -77,7 +78,7 @@ def test_a_link_on_the_way_is_refused_and_nothing_outside_the_backup_restored(
         expect(result, 2)
         assert "data/etclink" in result.stderr and "link" in result.stderr, result.stderr
         assert not (target / "hostname").exists()
-        assert "restored" not in result.stderr, result.stderr
+        assert "restoring from" not in result.stderr, result.stderr
 
     result = restore(ws, "latest", "data/etclink/hostname", "--to", str(target), "--dry-run")
     expect(result, 2)
@@ -208,6 +209,8 @@ def test_a_backup_without_a_manifest_restores_as_before(ws: Workspace) -> None:
     src = ws.make_source("data", {"a.txt": "aaaa\n"})
     ws.write_config(rsync_source("data", src))
     backup = run_backup(ws)
+    # As made before manifests existed (the run may write one now).
+    shutil.rmtree(backup / ".pibackup", ignore_errors=True)
     flip_byte(backup / "data" / "a.txt")
 
     cli_ok(ws, "restore", "latest", "data", "--to", str(ws.root / "r"))
