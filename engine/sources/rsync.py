@@ -19,7 +19,7 @@ import structlog
 from msgspec import field
 
 from ..allocated import written_bytes
-from ..destination import DestinationLost, newest_holding
+from ..destination import DestinationLost, newest_holding, remove_tree
 from ..failure_text import telling_line, with_hint
 from ..filesystems import is_within
 from ..heartbeat import current
@@ -37,6 +37,7 @@ from .kind import (
     engine_folders,
     register,
 )
+from .precopy import SAFE_AGE_S, aside_path, drop_recent, set_aside, source_clock
 from .relink import copy_afresh
 
 if TYPE_CHECKING:
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
     from ..heartbeat import Beat
     from ..processes import Finished
     from ..remote import Transport
-    from .kind import DryRun, Run
+    from .kind import Copy, DryRun, Run
 
 
 class RsyncOptions(SourceConfig, frozen=True, kw_only=True):
@@ -58,6 +59,9 @@ class RsyncOptions(SourceConfig, frozen=True, kw_only=True):
 
 class RsyncSource(RsyncOptions, frozen=True, kw_only=True, tag="rsync"):
     exclude: list[str] = field(default_factory=list)
+    # Copied once before the snapshot hooks' pre (SPEC §2 step 3). Here, not in
+    # RsyncOptions: a btrfs snapshot is instant, and its precopy is refused.
+    precopy: bool = True
 
 
 log = structlog.get_logger("pibackup.rsync")
@@ -111,12 +115,13 @@ def _real_paths(paths: tuple[str, ...]) -> tuple[str, ...]:
 
 def rsync_argv(config: Config, source: RsyncOptions, target: str, link_dest: str | None, *,
                excludes: Sequence[str] = (), from_path: str | None = None,
-               remote: Transport | None = None) -> list[str]:
+               remote: Transport | None = None, extra: Sequence[str] = ()) -> list[str]:
     """The exact rsync command that copies a source into ``target``.
 
     ``from_path`` copies from elsewhere (a btrfs source's read-only
     snapshot) with the source's own arguments; ``remote`` pulls from that
-    host over ssh.
+    host over ssh; ``extra``: the engine's own options for this copy (step
+    3's after a precopy), before the user's.
     """
     argv = list(RSYNC_BASE)
     if remote is None:
@@ -130,6 +135,7 @@ def rsync_argv(config: Config, source: RsyncOptions, target: str, link_dest: str
     argv += [f"--exclude={pattern}" for pattern in excludes]
     if link_dest is not None:
         argv.append(f"--link-dest={link_dest}")
+    argv += extra
     argv += source.rsync_args
     # A trailing slash copies the contents of the folder, whichever way the
     # user wrote the path.
@@ -213,8 +219,8 @@ def _follow(beat: Beat, pid: int) -> None:
 
 
 def copy_argv(run: Run, source: RsyncOptions, remote: Transport | None, *,
-              excludes: Sequence[str] = (), from_path: str | None = None
-              ) -> tuple[list[str], str | None]:
+              excludes: Sequence[str] = (), from_path: str | None = None,
+              extra: Sequence[str] = ()) -> tuple[list[str], str | None]:
     """The command that copies ``source`` into its folder of the backup, and its link-dest.
 
     The run and its dry-run decide here alike: ``--link-dest`` is the newest
@@ -223,12 +229,12 @@ def copy_argv(run: Run, source: RsyncOptions, remote: Transport | None, *,
     link_dest = newest_holding(run.destination, run.previous, source.name)
     target = os.path.join(run.in_progress_dir, source.name)
     argv = rsync_argv(run.config, source, target, link_dest, excludes=excludes,
-                      from_path=from_path, remote=remote)
+                      from_path=from_path, remote=remote, extra=extra)
     return argv, link_dest
 
 
 async def copy_into(run: Run, source: RsyncOptions, *, excludes: Sequence[str] = (),
-                    from_path: str | None = None) -> StepResult:
+                    from_path: str | None = None, extra: Sequence[str] = ()) -> StepResult:
     """Copy a source (or ``from_path``: what its kind made of it) into the backup.
 
     Returns rsync's result with what the new files take on disk (``written``)
@@ -244,7 +250,7 @@ async def copy_into(run: Run, source: RsyncOptions, *, excludes: Sequence[str] =
     # excludes), which may hang: off the event loop, abandoned on cancel.
     argv, link_dest = await anyio.to_thread.run_sync(
         functools.partial(copy_argv, run, source, remote, excludes=excludes,
-                          from_path=from_path), abandon_on_cancel=True)
+                          from_path=from_path, extra=extra), abandon_on_cancel=True)
     ran = await copy(argv, source.rsync_ok_codes)
     # What verify found damaged is not linked again (SPEC §9): before ``written``
     # counts, so the fresh copies count as written.
@@ -293,12 +299,112 @@ def left_out(config: Config, source: RsyncOptions) -> list[str]:
     return [e.removeprefix("--exclude=") for e in auto_excludes(config, source.path)]
 
 
+def precopy_due(config: Config, source: RsyncSource) -> bool:
+    """A source with ``precopy`` is copied first when a snapshot hook has a ``pre`` (SPEC §2)."""
+    return source.precopy and any(hook.pre is not None for hook in config.snapshot_hooks)
+
+
+def second_pass_options(in_progress_dir: str, source: str, link_dest: str | None) -> list[str]:
+    """Step 3's own options after a precopy whose ``--link-dest`` was ``link_dest``.
+
+    Step 3 must never change a file it did not create (SPEC §2): rsync sets
+    a changed mode, owner, ACL or xattr on an existing file in place, and a
+    precopy that linked against an earlier backup left that backup's inodes
+    in the folder (a chmod between the passes would change the earlier
+    backup too). So such a folder is set aside and step 3 copies into a
+    fresh one, with the precopied folder as a second ``--link-dest``: an
+    unchanged file is linked (to the same inode, the earlier backup's where
+    the precopy had linked it), one whose attributes differ is copied anew.
+    The price, inside the window, is a link per file instead of a stat
+    (benchmarks/bench_precopy.py measures it) — what a run without precopy
+    pays for its unchanged files anyway. Without an earlier backup every
+    file there is this run's own: step 3 updates the folder in place, the
+    cheaper pass, and deletes what the source no longer holds.
+    """
+    if link_dest is None:
+        return ["--delete"]
+    return [f"--link-dest={aside_path(in_progress_dir, source)}"]
+
+
 class RsyncWork(SourceWork[RsyncSource]):
-    """The snapshot is the copy: rsync straight into the backup, in the snapshot window."""
+    """The snapshot is the copy: rsync straight into the backup, in the snapshot window.
+
+    With a precopy (``precopy``), step 3 is the second pass: only what
+    changed since the precopy goes inside the window.
+    """
+
+    def __init__(self, run: Run, source: RsyncSource) -> None:
+        super().__init__(run, source)
+        # The precopy's start by the source's clock, once its copy began.
+        self._since: float | None = None
+        # Its files changed since that start are gone from the folder.
+        self._dropped = False
+        # The precopied folder, set aside by step 3 until the window is over.
+        self._aside: str | None = None
+
+    def precopy(self) -> Copy | None:
+        return self._precopy if precopy_due(self.run.config, self.source) else None
+
+    async def _precopy(self) -> StepResult:
+        """Step 3's copy, before the window: the same command, into the same folder."""
+        run, source = self.run, self.source
+        since = await source_clock(run, source)
+        remote = None
+        if source.host is not None:
+            host = run.remotes[source.host]
+            await host.ensure_master()
+            remote = host.transport
+        argv, _ = await anyio.to_thread.run_sync(
+            functools.partial(copy_argv, run, source, remote, excludes=source.exclude),
+            abandon_on_cancel=True)
+        self._since = since
+        try:
+            ran = await copy(argv, source.rsync_ok_codes)
+        except SourceError:
+            # What it copied before it failed is kept for step 3: the same rule applies.
+            await self._drop_recent()
+            raise
+        await self._drop_recent()
+        return ran
+
+    async def _drop_recent(self) -> None:
+        assert self._since is not None
+        dropped = await in_worker(drop_recent, self.target, self._since,
+                                  anyio.from_thread.check_cancelled)
+        self._dropped = True
+        if dropped:
+            log.info("precopy: files changed since it started are copied again in the window",
+                     files=dropped)
+
+    async def _second_pass(self) -> list[str]:
+        """Step 3's own options: none without a precopy (``second_pass_options``)."""
+        run, name = self.run, self.source.name
+        if self._since is None:
+            return []
+        if not self._dropped:
+            await self._drop_recent()  # the precopy was cut before it could
+        link_dest = await anyio.to_thread.run_sync(
+            newest_holding, run.destination, run.previous, name, abandon_on_cancel=True)
+        options = second_pass_options(run.in_progress_dir, name, link_dest)
+        if link_dest is None:
+            return options
+        aside = aside_path(run.in_progress_dir, name)
+        if not await anyio.to_thread.run_sync(set_aside, self.target, aside,
+                                              abandon_on_cancel=True):
+            return []  # the precopy copied nothing: a plain copy
+        self._aside = aside
+        return options
+
+    async def after_window(self) -> None:
+        """The precopied folder set aside by step 3 goes, outside the window."""
+        if self._aside is not None:
+            await remove_tree(self._aside)
+            self._aside = None
 
     async def snapshot(self) -> StepResult:
         """Its bytes: what the copy's new files take on disk (``written``)."""
-        return await copy_into(self.run, self.source, excludes=self.source.exclude)
+        return await copy_into(self.run, self.source, excludes=self.source.exclude,
+                               extra=await self._second_pass())
 
     async def save(self) -> StepResult:
         """The manifest (SPEC §9), after the snapshot hooks' window."""
@@ -306,10 +412,17 @@ class RsyncWork(SourceWork[RsyncSource]):
         return await write_manifest(self.run, self.source)
 
     async def plan(self, dry: DryRun) -> SourcePlan:
-        argv, _ = copy_argv(dry, self.source, dry.transport(self.source.host),
-                            excludes=self.source.exclude)
+        remote = dry.transport(self.source.host)
+        argv, link_dest = copy_argv(dry, self.source, remote, excludes=self.source.exclude)
         decided = "" if dry.known else "  (--link-dest decided at run time)"
-        return SourcePlan(shlex.join(argv) + decided)
+        if not precopy_due(dry.config, self.source):
+            return SourcePlan(shlex.join(argv) + decided)
+        second, _ = copy_argv(dry, self.source, remote, excludes=self.source.exclude,
+                              extra=second_pass_options(dry.in_progress_dir, self.source.name,
+                                                        link_dest))
+        return SourcePlan(shlex.join(second) + decided + "  (after its precopy; files changed "
+                          f"less than {SAFE_AGE_S:g} s before the precopy began go again)",
+                          precopy=shlex.join(argv) + decided)
 
 
 class RsyncKind(SourceKind[RsyncSource]):
