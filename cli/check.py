@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import anyio
 import structlog
 from pibackup_async.engine import Config, preflight
-from pibackup_async.engine.preflight import state_problems, writable_by_others
+from pibackup_async.engine.preflight import details, state_problems, writable_by_others
 
 from .exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
@@ -26,6 +26,9 @@ def check_command(args: argparse.Namespace, config: Config) -> int:
     unusable = state_problems(config) + writable_by_others(config)
     for warning in warnings:
         log.warning(warning)
+    if args.verbose:
+        for line in details(config):
+            print(line, file=sys.stderr)
     for problem in problems:
         print(f"error: {args.config or 'configuration'}: {problem}", file=sys.stderr)
     for problem in unusable:

@@ -27,9 +27,12 @@ from __future__ import annotations
 import abc
 import ctypes
 import errno
+import fcntl
+import hashlib
 import os
 import stat
 import threading
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Literal, NoReturn, TypeVar
@@ -40,9 +43,14 @@ import anyio.lowlevel
 import anyio.to_thread
 import structlog
 
-from .checksums import MANIFEST_DIR
 from .errors import DestinationError
-from .filesystems import SUBVOLUME_INODE, is_btrfs, is_subvolume, on_mounted_filesystem
+from .filesystems import (
+    SUBVOLUME_INODE,
+    is_btrfs,
+    is_subvolume,
+    mount_of,
+    on_mounted_filesystem,
+)
 from .heartbeat import beating, current
 from .manifest import Made, add_source, write_manifest
 from .names import DELETING, IN_PROGRESS, format_name, parse_name
@@ -197,58 +205,13 @@ def newest_holding(destination: str, entries: list[Entry], source: str) -> str |
 
 
 def holds(destination: str, backup: str, source: str | None, inner: bytes | None) -> bool:
-    """The backup holds ``source`` (a folder), or ``inner``, a path inside it (anything),
-    found without following a link (``locate``)."""
+    """The backup holds ``source`` (a folder), or ``inner``, a path inside it (anything)."""
     if source is None:
         return True
-    return locate(os.path.join(destination, backup), source, inner) == HELD
-
-
-# What ``locate`` finds: the path, nothing, or (any other value) the link on the way to it.
-HELD = b""
-ABSENT = b"/"
-
-
-def locate(backup_dir: str, source: str, inner: bytes | None) -> bytes:
-    """``source`` (a real folder) or ``inner`` (anything) in a backup, looked up one
-    component at a time without following a symbolic link (SPEC §7): HELD, ABSENT, or
-    the path (``data/etclink``, relative to the backup) of a link on the way. The
-    manifests' folder is never a source. Raises OSError for anything else."""
-    if source == MANIFEST_DIR:
-        return ABSENT
-    parts = [source.encode(), *(p for p in (inner or b"").split(b"/") if p)]
-    fd = os.open(backup_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        for depth, name in enumerate(parts[:-1]):
-            try:
-                below = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-                                | os.O_CLOEXEC, dir_fd=fd)
-            except OSError as e:
-                if e.errno == errno.ENOENT:
-                    return ABSENT
-                if e.errno not in (errno.ELOOP, errno.ENOTDIR):
-                    raise
-                is_link = stat.S_ISLNK(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode)
-                return b"/".join(parts[:depth + 1]) if is_link else ABSENT
-            os.close(fd)
-            fd = below
-        try:
-            st = os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
-        except FileNotFoundError:
-            return ABSENT
-    finally:
-        os.close(fd)
-    return HELD if inner or stat.S_ISDIR(st.st_mode) else ABSENT
-
-
-def link_on_the_way(destination: str, backups: list[str], source: str,
-                    inner: bytes) -> tuple[str, bytes] | None:
-    """The first of ``backups`` where a link stands on the way to ``inner``, and that link."""
-    for name in backups:
-        found = locate(os.path.join(destination, name), source, inner)
-        if found not in (HELD, ABSENT):
-            return name, found
-    return None
+    path = os.path.join(os.fsencode(destination), backup.encode(), source.encode())
+    if inner:
+        path = os.path.join(path, inner)
+    return os.path.lexists(path) and (inner is not None or os.path.isdir(path))
 
 
 def name_is_free(destination: str, name: str) -> bool:
@@ -476,6 +439,86 @@ def _subvolumes_at(path: str) -> list[str]:
     return found
 
 
+# --- the destination's own name, for what is kept for it elsewhere (local snapshots) ------
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Which destination this is, whatever the mount point: its filesystem and its folder there.
+
+    ``id`` names it in a btrfs source's ``snapshot_dir`` (SPEC §2 step 3):
+    two disks rotated at one mount point get two ids, so each keeps its own
+    parents, and so do two destinations on one disk.
+    """
+
+    filesystem: str  # the filesystem's UUID (or, lacking one, its type and device)
+    inner: str  # the destination's path inside that filesystem
+    id: str
+
+
+# _IOR(0x15, 0, struct fsuuid2 {u8 len; u8 uuid[16]}): any filesystem's UUID, Linux 6.5.
+_GETFSUUID = (2 << 30) | (17 << 16) | (0x15 << 8) | 0
+# _IOR(0x94, 31, struct btrfs_ioctl_fs_info_args): btrfs's fsid at byte 16 (no root needed).
+_BTRFS_FS_INFO = (2 << 30) | (1024 << 16) | (0x94 << 8) | 31
+_EXT_FILESYSTEMS = ("ext2", "ext3", "ext4")
+
+
+def _ioctl_uuid(fd: int) -> str | None:
+    for request, size, start in ((_GETFSUUID, 17, 1), (_BTRFS_FS_INFO, 1024, 16)):
+        buffer = bytearray(size)
+        try:
+            fcntl.ioctl(fd, request, buffer, True)
+        except OSError:
+            continue
+        raw = bytes(buffer[start:start + 16])
+        # A filesystem without one (tmpfs, overlay) answers zeros.
+        if any(raw):
+            return str(uuid.UUID(bytes=raw))
+    return None
+
+
+def _ext_uuid(device: str) -> str | None:
+    """The UUID in an ext2/3/4 superblock (kernels before 6.5 have no ioctl for it)."""
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        block = os.pread(fd, 136, 1024)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(block) < 136 or int.from_bytes(block[0x38:0x3A], "little") != 0xEF53:
+        return None
+    raw = block[0x68:0x78]
+    return str(uuid.UUID(bytes=raw)) if any(raw) else None
+
+
+def identify(path: str) -> Identity:
+    """The identity of the destination folder ``path``, which must exist (it reads the disk).
+
+    The UUID as blkid says it: by ioctl (any filesystem on Linux 6.5 and
+    later; btrfs on any), else from an ext superblock; a filesystem that has
+    none (tmpfs, NFS) is named by its type and device. Raises OSError.
+    """
+    real = os.path.realpath(path)
+    fd = os.open(real, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        found = _ioctl_uuid(fd)
+    finally:
+        os.close(fd)
+    mount = mount_of(real)
+    if mount is None:
+        raise OSError(errno.ENOENT, "not on any mounted filesystem", path)
+    if found is None and mount.fstype in _EXT_FILESYSTEMS:
+        found = _ext_uuid(mount.source)
+    filesystem = found or f"{mount.fstype}:{mount.source}"
+    inner = os.path.normpath(os.path.join(mount.root, os.path.relpath(real, mount.mount_point)))
+    digest = hashlib.sha256(f"{filesystem}\0{inner}".encode()).hexdigest()[:12]
+    return Identity(filesystem, inner, digest)
+
+
 # --- the interface ---------------------------------------------------------------------------
 
 
@@ -528,14 +571,6 @@ class Destination(abc.ABC):
                       inner: bytes | None) -> list[str]:
         """Those of ``backups`` that hold ``source`` (a folder) or ``inner``, a path in it."""
 
-    async def link_on_the_way(self, backups: list[str], source: str,
-                              inner: bytes) -> tuple[str, bytes] | None:
-        """The first of ``backups`` where a symbolic link stands on the way to ``inner`` in
-        ``source``, and that link's path relative to the backup; None if none."""
-        with anyio.fail_after(ANSWER_BOUND_S):
-            return await anyio.to_thread.run_sync(link_on_the_way, self.path, backups, source,
-                                                  inner, abandon_on_cancel=True)
-
     @abc.abstractmethod
     async def is_btrfs(self) -> bool:
         """The destination is on btrfs (sources are received as subvolumes)."""
@@ -582,6 +617,12 @@ class Destination(abc.ABC):
         read or the manifest written.
         """
         raise NotImplementedError(f"{type(self).__name__} writes no manifests")
+
+    async def identify(self) -> Identity:
+        """Which destination this is (``identify``): for a folder on this machine; another
+        kind of destination says its own. Raises OSError."""
+        with anyio.fail_after(ANSWER_BOUND_S):
+            return await anyio.to_thread.run_sync(identify, self.path, abandon_on_cancel=True)
 
     async def delete_backup(self, name: str) -> None:
         """Delete a complete backup: rename to ``.deleting`` first, so a crash midway
@@ -714,10 +755,6 @@ class LocalDestination(Destination):
 
         return await self._call(look)
 
-    async def link_on_the_way(self, backups: list[str], source: str,
-                              inner: bytes) -> tuple[str, bytes] | None:
-        return await self._call(link_on_the_way, self.path, backups, source, inner)
-
     async def is_btrfs(self) -> bool:
         return await self._call(is_btrfs, self.path)
 
@@ -788,6 +825,9 @@ class LocalDestination(Destination):
             progress.check()
             add_source(folder, source)
             return made
+
+    async def identify(self) -> Identity:
+        return await self._call(identify, self.path)
 
 
 def destination_of(config: Config) -> Destination:

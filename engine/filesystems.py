@@ -18,6 +18,8 @@ class Mount:
     mount_point: str
     fstype: str
     source: str  # the device, e.g. /dev/loop3; equal sources = the same filesystem
+    # The folder of the filesystem mounted there (a bind mount's, a btrfs subvol=).
+    root: str = "/"
 
 
 def is_within(child: str, parent: str) -> bool:
@@ -59,7 +61,7 @@ def mount_of(path: str) -> Mount | None:
         inside = real == point or real.startswith(point.rstrip("/") + "/")
         # Later lines are newer mounts and win over earlier ones at the same point.
         if inside and (best is None or len(point) >= len(best.mount_point)):
-            best = Mount(point, tail[0], _unescape(tail[1]))
+            best = Mount(point, tail[0], _unescape(tail[1]), _unescape(fields[3]))
     return best
 
 

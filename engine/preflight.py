@@ -14,6 +14,7 @@ import shutil
 import stat
 from typing import TYPE_CHECKING
 
+from .destination import destination_problem, identify
 from .filesystems import filesystem_type, on_mounted_filesystem, same_filesystem
 from .sources.kind import kind_of
 
@@ -111,6 +112,19 @@ def _program_problem(hook: Hook, program: str) -> str | None:
             return f"{program} is not executable"
         return f"{program} does not exist"
     return f"program {program!r} is not found in PATH"
+
+
+def details(config: Config) -> list[str]:
+    """What ``check -v`` says of each source beyond problems, with its key path (a btrfs
+    source: where its snapshots for this destination go)."""
+    identity = None
+    if destination_problem(config) is None:
+        try:
+            identity = identify(config.destination)
+        except OSError:
+            pass  # as if not there: decided at run time
+    return [f"sources[{i}].{line}" for i, source in enumerate(config.sources)
+            for line in kind_of(source).details(source, identity)]
 
 
 # --- state_dir and the lock file ----------------------------------------------------------

@@ -118,6 +118,14 @@ def sync(fs: Btrfs) -> None:
     _check(["btrfs", "filesystem", "sync", str(fs.mount)])
 
 
+def snapshot_space(snapshot_dir: Path, destination: Path) -> Path:
+    """``<snapshot_dir>/<id>``: where runs keep their snapshots for ``destination`` (SPEC §2
+    step 3). The engine's own id: test_snapshot_dir checks it against blkid's UUID."""
+    from pibackup_async.engine.destination import identify
+
+    return snapshot_dir / identify(str(destination)).id
+
+
 def snapshot_names(folder: Path) -> list[str]:
     """Entries of a snapshot_dir (backup names), sorted; [] when it does not exist."""
     return sorted(os.listdir(folder)) if folder.exists() else []

@@ -3,7 +3,8 @@
 Every test makes its own filesystems with ``btrfs_fs`` (tests/btrfskit.py): the
 source filesystem is mounted on ``<ws>/src/vol`` and holds the subvolume
 ``data``; where the destination is btrfs, a second filesystem is mounted on
-``ws.dest`` itself. The snapshot_dir is the default, ``<ws>/src/vol/.pibackup-snapshots``.
+``ws.dest`` itself. The snapshot_dir is the default, ``<ws>/src/vol/.pibackup-snapshots``;
+its folder for the destination, ``<id>``, is ``Setup.snapshots``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from btrfskit import (
     receive_running,
     save_command,
     snapshot_names,
+    snapshot_space,
     sync,
 )
 from conftest import needs_rsync, wait_for
@@ -71,11 +73,15 @@ class Setup:
     src_fs: Btrfs
     dest_fs: Btrfs | None
     source: Path      # the subvolume backed up, named "data"
-    snapshots: Path   # the default snapshot_dir
+    snapshots: Path   # the destination's folder in the default snapshot_dir
     stderr: str = ""  # the last run's log
 
     def snapshot(self, name: str) -> Path:
         return self.snapshots / name / "data"
+
+    def relative(self, name: str) -> str:
+        """The snapshot as ``btrfs subvolume list`` names it."""
+        return os.path.relpath(self.snapshot(name), self.src_fs.mount)
 
     def configure(self, extra: str = "", header: str = "", **source_keys: Any) -> None:
         self.ws.write_config(btrfs_source("data", self.source, **source_keys) + extra,
@@ -96,7 +102,7 @@ def make_setup(ws: Workspace, btrfs_fs: Callable[..., Btrfs], *, dest_btrfs: boo
     src_fs = btrfs_fs(ws.src / "vol", size_mb)
     dest_fs = btrfs_fs(ws.dest, size_mb) if dest_btrfs else None
     source = src_fs.subvolume("data")
-    return Setup(ws, src_fs, dest_fs, source, src_fs.mount / SNAPSHOTS)
+    return Setup(ws, src_fs, dest_fs, source, snapshot_space(src_fs.mount / SNAPSHOTS, ws.dest))
 
 
 def populate(root: Path) -> None:
@@ -138,7 +144,7 @@ def test_full_send_gives_a_read_only_received_subvolume_with_equal_content(
     assert s.dest_fs is not None and s.dest_fs.subvolumes() == [f"{name}/data"]
     # The snapshot whose copy is in the destination stays, as the next run's parent.
     assert snapshot_names(s.snapshots) == [name]
-    assert s.src_fs.subvolumes() == sorted(["data", f"{SNAPSHOTS}/{name}/data"])
+    assert s.src_fs.subvolumes() == sorted(["data", s.relative(name)])
 
     data = report["sources"]["data"]
     assert data["type"] == "btrfs" and data["status"] == "ok"
@@ -173,7 +179,7 @@ def test_second_run_sends_incrementally_and_rotates_the_parent(
     assert_received(ws.dest / first / "data")
     assert_received(ws.dest / second / "data", s.snapshot(second))
     assert snapshot_names(s.snapshots) == [second], "only the newest parent is kept"
-    assert s.src_fs.subvolumes() == sorted(["data", f"{SNAPSHOTS}/{second}/data"])
+    assert s.src_fs.subvolumes() == sorted(["data", s.relative(second)])
     assert s.dest_fs is not None
     assert s.dest_fs.subvolumes() == sorted([f"{first}/data", f"{second}/data"])
 
@@ -274,7 +280,7 @@ def test_sigint_during_send_receive_leaves_no_partial_subvolume(
     assert ws.backups() == [first], "no in-progress folder is left"
     assert s.dest_fs.subvolumes() == [f"{first}/data"], "no partial subvolume is left"
     assert snapshot_names(s.snapshots) == [first], "this run's snapshot is gone, the parent kept"
-    assert s.src_fs.subvolumes() == sorted(["data", f"{SNAPSHOTS}/{first}/data"])
+    assert s.src_fs.subvolumes() == sorted(["data", s.relative(first)])
 
     third, report = s.run()
     assert parent_of(save_command(report)) == str(s.snapshot(first))
@@ -353,7 +359,7 @@ def test_retention_deletes_received_subvolumes(
     assert ws.backups() == [third]
     assert s.dest_fs.subvolumes() == [f"{third}/data"]
     assert snapshot_names(s.snapshots) == [third]
-    assert s.src_fs.subvolumes() == sorted(["data", f"{SNAPSHOTS}/{third}/data"])
+    assert s.src_fs.subvolumes() == sorted(["data", s.relative(third)])
     assert_same_tree(s.source, ws.dest / third / "data")
 
 
@@ -390,7 +396,7 @@ def test_next_run_after_a_crash_removes_the_stale_received_subvolume_and_snapsho
     assert ws.backups() == sorted([first, third])
     assert s.dest_fs.subvolumes() == sorted([f"{first}/data", f"{third}/data"])
     assert snapshot_names(s.snapshots) == [third]
-    assert s.src_fs.subvolumes() == sorted(["data", f"{SNAPSHOTS}/{third}/data"])
+    assert s.src_fs.subvolumes() == sorted(["data", s.relative(third)])
     assert parent_of(save_command(report)) == str(s.snapshot(first))
     assert_same_tree(s.source, ws.dest / third / "data")
 

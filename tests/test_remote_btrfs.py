@@ -43,6 +43,7 @@ from btrfskit import (
     parent_of,
     save_command,
     snapshot_names,
+    snapshot_space,
     subvolume_list,
     subvolume_show,
 )
@@ -122,14 +123,15 @@ class Setup:
 
     @property
     def local_snapshots(self) -> Path:
-        return self.view / SNAPSHOTS
+        """The destination's folder in the default snapshot_dir (SPEC §2 step 3)."""
+        return snapshot_space(self.view / SNAPSHOTS, self.ws.dest)
 
     def snapshot(self, name: str) -> Path:
         """A snapshot's path on the host (as commands and reports name it)."""
-        return self.remote / SNAPSHOTS / name / "data"
+        return self.remote / SNAPSHOTS / self.local_snapshots.name / name / "data"
 
     def local_snapshot(self, name: str) -> Path:
-        return self.view / SNAPSHOTS / name / "data"
+        return self.local_snapshots / name / "data"
 
     def source_subvolumes(self) -> list[str]:
         return subvolume_list(self.view)
@@ -287,7 +289,8 @@ def test_remote_send_is_full_then_incremental_and_keeps_only_the_newest_parent(
     assert subvolume_show(copy)["Received UUID"] == first_uuid
     assert_received(two, s.local_snapshot(second))
     assert snapshot_names(s.local_snapshots) == [second], "only the newest parent is kept"
-    assert s.source_subvolumes() == sorted(["data", f"{SNAPSHOTS}/{second}/data"])
+    assert s.source_subvolumes() == sorted(
+        ["data", os.path.relpath(s.local_snapshot(second), s.view)])
     assert s.dest_fs is not None
     assert s.dest_fs.subvolumes() == sorted([f"{first}/data", f"{second}/data"])
     wait_disconnected(s.sshd)
@@ -376,7 +379,8 @@ def test_sigint_during_a_remote_send_ends_it_there_and_keeps_the_parent(
     assert s.dest_fs.subvolumes() == [f"{first}/data"], "no partial subvolume is left"
     assert snapshot_names(s.local_snapshots) == [first], (
         "this run's snapshot is deleted on the host, the parent kept")
-    assert s.source_subvolumes() == sorted(["data", f"{SNAPSHOTS}/{first}/data"])
+    assert s.source_subvolumes() == sorted(
+        ["data", os.path.relpath(s.local_snapshot(first), s.view)])
 
     # The next run is incremental from the kept parent (smaller, so it is quick).
     shutil.rmtree(s.local_source / "bulk")

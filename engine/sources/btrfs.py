@@ -1,15 +1,25 @@
 """btrfs sources: a read-only snapshot in step 3, ``send | receive`` (or rsync) in step 5.
 
-Local snapshots live in ``<snapshot_dir>/<backup name>/<source>``: ``btrfs
+Local snapshots live in ``<snapshot_dir>/<id>/<backup name>/<source>``: ``btrfs
 receive`` names what it receives after the snapshot's own folder, so that
-folder must be called like the source (NOTES pitfall 12). The newest local
-snapshot whose copy is in the destination is kept as the next run's parent.
+folder must be called like the source (NOTES pitfall 12); ``<id>`` names the
+destination (``destination.identify``), so that configurations backing up one
+subvolume into different destinations never touch each other's snapshots. The
+newest local snapshot whose copy is in the destination is kept as the next
+run's parent. A parent in the layout of earlier versions,
+``<snapshot_dir>/<backup name>/<source>``, is used once, then deleted, where
+this destination holds that backup. ``snapshot_dir`` is read without
+following symbolic links (SPEC §1): a link named like a snapshot never leads
+a deletion elsewhere.
 """
 
 from __future__ import annotations
 
+import errno
+import functools
 import os
 import shlex
+import stat
 from typing import TYPE_CHECKING, ClassVar
 
 import anyio
@@ -21,6 +31,7 @@ from ..failure_text import telling_line
 from ..filesystems import is_subvolume, is_within, same_filesystem, subvolume_info
 from ..heartbeat import current
 from ..names import parse_name
+from ..private_dir import make_private_dir
 from ..processes import Finished, Tail, describe_exit, drain, managed_process, run_process
 from ..remote import CONNECT_TIMEOUT_S, RemoteError, drain_marked
 from ..report import StepResult, started
@@ -36,9 +47,10 @@ from .rsync import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Mapping, Sequence
 
     from ..config import Config
+    from ..destination import Identity
     from ..heartbeat import Beat
     from ..remote import RemoteHost
     from .kind import DryRun, Run
@@ -62,12 +74,20 @@ def snapshot_root(source: BtrfsSource) -> str:
     return os.path.join(os.path.dirname(os.path.normpath(source.path)), ".pibackup-snapshots")
 
 
-def snapshot_path(source: BtrfsSource, name: str) -> str:
-    return os.path.join(snapshot_root(source), name, source.name)
+def snapshot_folder(source: BtrfsSource, space: str | None) -> str:
+    """Where the snapshots kept for one destination are: ``<snapshot_dir>/<space>``, the
+    destination's id; None: ``snapshot_dir`` itself, the layout of earlier versions."""
+    root = snapshot_root(source)
+    return root if space is None else os.path.join(root, space)
 
 
-def snapshot_argv(source: BtrfsSource, name: str) -> list[str]:
-    return ["btrfs", "subvolume", "snapshot", "-r", source.path, snapshot_path(source, name)]
+def snapshot_path(source: BtrfsSource, space: str | None, name: str) -> str:
+    return os.path.join(snapshot_folder(source, space), name, source.name)
+
+
+def snapshot_argv(source: BtrfsSource, space: str, name: str) -> list[str]:
+    return ["btrfs", "subvolume", "snapshot", "-r", source.path,
+            snapshot_path(source, space, name)]
 
 
 def send_argv(snapshot: str, parent: str | None) -> list[str]:
@@ -78,22 +98,163 @@ def receive_argv(folder: str) -> list[str]:
     return ["btrfs", "receive", folder]
 
 
-def _local_snapshot_names(root: str, source: str) -> list[str]:
+# Everything in snapshot_dir is opened with O_NOFOLLOW: a link planted there,
+# named like a snapshot, must never lead root's deletion somewhere else.
+_FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _parts(space: str | None) -> list[str]:
+    return [] if space is None else [space]
+
+
+def _open_within(root: str, parts: Sequence[str]) -> int:
+    """A descriptor of the folder ``root/parts…``, none of them followed if it is a link
+    (OSError ELOOP or ENOTDIR); the folders above ``root`` are the configuration's own."""
+    fd = os.open(root, _FOLDER)
     try:
-        return [n for n in os.listdir(root) if os.path.isdir(os.path.join(root, n, source))]
-    except OSError:
-        return []
+        for part in parts:
+            inner = os.open(part, _FOLDER, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
-def _make_folders(path: str) -> None:
-    os.makedirs(path, exist_ok=True)
+def _not_followed(root: str, parts: Sequence[str], error: OSError) -> SourceError:
+    """The line for a folder of snapshot_dir that could not be opened, naming a link on the way."""
+    path = root
+    for part in ["", *parts]:
+        path = os.path.join(path, part) if part else path
+        if os.path.islink(path):
+            return SourceError(f"{path} is a symbolic link: never followed in snapshot_dir")
+    if error.errno in (errno.ELOOP, errno.ENOTDIR):
+        return SourceError(f"{os.path.join(root, *parts)} is not a folder (snapshot_dir)")
+    return SourceError(f"{os.path.join(root, *parts)}: {error.strerror or error}")
 
 
-def _remove_if_empty(folder: str) -> None:
+def _holds_folder(fd: int, name: str, source: str) -> bool:
     try:
-        os.rmdir(folder)
+        inner = os.open(name, _FOLDER, dir_fd=fd)
     except OSError:
-        pass  # other sources' snapshots share it, or it is gone
+        return False
+    try:
+        return stat.S_ISDIR(os.stat(source, dir_fd=inner, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+    finally:
+        os.close(inner)
+
+
+def _local_listing(root: str, parts: Sequence[str], source: str
+                   ) -> tuple[list[str], list[str]]:
+    """Backup names with a snapshot of ``source`` in ``root/parts…``, and the symbolic
+    links there named like a backup. Nothing is followed."""
+    try:
+        fd = _open_within(root, parts)
+    except FileNotFoundError:
+        return [], []
+    except OSError as e:
+        raise _not_followed(root, parts, e) from e
+    names, links = [], []
+    try:
+        with os.scandir(fd) as entries:
+            for entry in entries:
+                if parse_name(entry.name) is None:
+                    continue
+                if entry.is_symlink():
+                    links.append(entry.name)
+                elif entry.is_dir(follow_symlinks=False) and _holds_folder(fd, entry.name,
+                                                                           source):
+                    names.append(entry.name)
+    finally:
+        os.close(fd)
+    return names, links
+
+
+def _make_private_folders(root: str, parts: Sequence[str]) -> None:
+    """``root`` and ``parts…`` below it, each made mode 0700 when missing, as state_dir is
+    (SPEC §1); an existing folder is left as it is, a link is never followed."""
+    make_private_dir(root)
+    try:
+        fd = _open_within(root, [])
+    except OSError as e:
+        raise _not_followed(root, [], e) from e
+    try:
+        for i, part in enumerate(parts):
+            try:
+                os.mkdir(part, 0o700, dir_fd=fd)
+                made = True
+            except FileExistsError:
+                made = False
+            try:
+                inner = os.open(part, _FOLDER, dir_fd=fd)
+            except OSError as e:
+                raise _not_followed(root, parts[:i + 1], e) from e
+            os.close(fd)
+            fd = inner
+            if made:
+                os.fchmod(fd, 0o700)  # mkdir's mode is masked by the umask
+    finally:
+        os.close(fd)
+
+
+def _local_state(root: str, parts: Sequence[str], name: str, source: str) -> str:
+    """"snapshot": ``root/parts…/name/source`` is a folder reached through folders alone;
+    "link": ``name`` is a symbolic link; "gone": neither."""
+    try:
+        fd = _open_within(root, parts)
+    except FileNotFoundError:
+        return "gone"
+    except OSError as e:
+        raise _not_followed(root, parts, e) from e
+    try:
+        try:
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return "gone"
+        if stat.S_ISLNK(st.st_mode):
+            return "link"
+        return "snapshot" if _holds_folder(fd, name, source) else "gone"
+    finally:
+        os.close(fd)
+
+
+def _unlink_or_rmdir(root: str, parts: Sequence[str], name: str, *, link: bool) -> None:
+    """Unlink the symbolic link ``name`` (never what it points at), or remove the folder
+    ``name`` once empty (other sources' snapshots may share it)."""
+    try:
+        fd = _open_within(root, parts)
+    except OSError:
+        return
+    try:
+        if link:
+            if stat.S_ISLNK(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
+                os.unlink(name, dir_fd=fd)
+        else:
+            os.rmdir(name, dir_fd=fd)
+    except OSError:
+        pass  # not empty, or gone
+    finally:
+        os.close(fd)
+
+
+# The same on a host: nothing is followed there either (exit 3: a link on the way).
+_LINK_ON_THE_WAY = ('[ -L "$p" ] && { echo "$p is a symbolic link: never followed in '
+                    'snapshot_dir" >&2; exit 3; }')
+_REMOTE_LIST = (f'p=$1 s=$2; shift 2; {_LINK_ON_THE_WAY}; '
+                f'for c do p=$p/$c; {_LINK_ON_THE_WAY}; done; '
+                'cd "$p" 2>/dev/null || exit 0; '
+                'for d in *; do [ -L "$d" ] || [ -L "$d/$s" ] || '
+                '{ [ -d "$d/$s" ] && echo "$d"; }; done; exit 0')
+_REMOTE_MAKE = (f'umask 077; p=$1; shift; mkdir -p -- "$p" || exit 1; {_LINK_ON_THE_WAY}; '
+                f'for c do p=$p/$c; mkdir -- "$p" 2>/dev/null; {_LINK_ON_THE_WAY}; done; '
+                '[ -d "$p" ] || { echo "$p: not a folder" >&2; exit 1; }')
+_REMOTE_DELETE = (f'p=$1; shift; {_LINK_ON_THE_WAY}; '
+                  f'for c do p=$p/$c; {_LINK_ON_THE_WAY}; done; '
+                  '[ -d "$p" ] || exit 0; btrfs subvolume delete "$p" >/dev/null || exit 1; '
+                  'rmdir "${p%/*}" 2>/dev/null; exit 0')
 
 
 class Site:
@@ -111,53 +272,89 @@ class Site:
             return await run_process(argv, stdout_lines=200)
         return await self.remote.run(shlex.join(argv), {}, stdout_lines=200)
 
-    async def snapshot_names(self, source: BtrfsSource) -> list[str]:
-        """Backup names that have a snapshot of this source here, newest first.
+    async def _script(self, script: str, args: list[str], *, lines: int = 200,
+                      bound_s: float | None = None) -> Finished:
+        assert self.remote is not None
+        return await self.remote.run(shlex.join(["sh", "-c", script, "sh", *args]), {},
+                                     stdout_lines=lines, bound_s=bound_s)
+
+    async def listing(self, source: BtrfsSource, space: str | None
+                      ) -> tuple[list[str], list[str]]:
+        """Backup names that have a snapshot of this source in ``space`` (None: the layout of
+        earlier versions) here, newest first, and symbolic links named like one (only
+        found here; a host's are skipped).
 
         Bounded: a host (or disk) that stops answering fails the listing
         (RemoteError, or SourceError here) instead of holding the run.
         """
         root = snapshot_root(source)
+        links: list[str] = []
         if self.remote is None:
             with anyio.move_on_after(_LISTING_BOUND_S) as scope:
-                names = await anyio.to_thread.run_sync(_local_snapshot_names, root,
-                                                       source.name, abandon_on_cancel=True)
+                names, links = await anyio.to_thread.run_sync(
+                    _local_listing, root, _parts(space), source.name, abandon_on_cancel=True)
             if scope.cancelled_caught:
                 raise SourceError(f"listing {root}: no answer within {_LISTING_BOUND_S:g} s")
         else:
-            script = (f"cd {shlex.quote(root)} 2>/dev/null || exit 0; "
-                      f"for d in */{shlex.quote(source.name)}; do "
-                      '[ -d "$d" ] && echo "${d%%/*}"; done; exit 0')
-            finished = await self.remote.run(script, {}, stdout_lines=10_000,
-                                             bound_s=_LISTING_BOUND_S)
+            finished = await self._script(_REMOTE_LIST, [root, source.name, *_parts(space)],
+                                          lines=10_000, bound_s=_LISTING_BOUND_S)
+            if finished.exit_code != 0:
+                raise SourceError(telling_line(finished.stderr.lines)
+                                  or f"listing {root}: {describe_exit(finished.exit_code)}")
             names = list(finished.stdout.lines)
         found = [(t, n) for n in names if (t := parse_name(n)) is not None]
-        return [n for _, n in sorted(found, reverse=True)]
+        return [n for _, n in sorted(found, reverse=True)], links
 
-    async def make_folder(self, path: str) -> None:
-        if self.remote is None:
-            await anyio.to_thread.run_sync(_make_folders, path, abandon_on_cancel=True)
-            return
-        finished = await self.run(["mkdir", "-p", path])
-        if finished.exit_code != 0:
-            raise SourceError(f"mkdir {path}: {telling_line(finished.stderr.lines) or 'failed'}")
+    async def snapshot_names(self, source: BtrfsSource, space: str | None) -> list[str]:
+        """``listing``'s backup names, newest first."""
+        return (await self.listing(source, space))[0]
 
-    async def delete_snapshot(self, path: str) -> None:
-        """Delete a snapshot subvolume, then its backup-name folder once empty."""
+    async def make_folders(self, source: BtrfsSource, space: str, name: str) -> None:
+        """``<snapshot_dir>/<space>/<name>``, each folder made 0700 when missing, none
+        reached through a link."""
+        root = snapshot_root(source)
         if self.remote is None:
-            await remove_tree(path)
-            await anyio.to_thread.run_sync(_remove_if_empty, os.path.dirname(path),
+            await anyio.to_thread.run_sync(_make_private_folders, root, [space, name],
                                            abandon_on_cancel=True)
+            return
+        finished = await self._script(_REMOTE_MAKE, [root, space, name])
+        if finished.exit_code != 0:
+            raise SourceError(f"mkdir {os.path.join(root, space, name)}: "
+                              f"{telling_line(finished.stderr.lines) or 'failed'}")
+
+    async def delete_snapshot(self, source: BtrfsSource, space: str | None, name: str) -> None:
+        """Delete a snapshot subvolume, then its backup-name folder once empty.
+
+        A symbolic link in its place is never followed: in this destination's
+        own folder it is removed as a link, in the layout of earlier versions
+        (shared with other configurations) it is left.
+        """
+        root, parts = snapshot_root(source), _parts(space)
+        path = snapshot_path(source, space, name)
+        if self.remote is None:
+            state = await anyio.to_thread.run_sync(_local_state, root, parts, name, source.name,
+                                                   abandon_on_cancel=True)
+            if state == "link":
+                if space is not None:
+                    log.warning("removing a symbolic link named like a snapshot (never "
+                                "followed)", link=os.path.join(root, *parts, name))
+                    await anyio.to_thread.run_sync(
+                        functools.partial(_unlink_or_rmdir, root, parts, name, link=True),
+                        abandon_on_cancel=True)
+                return
+            if state == "snapshot":
+                await remove_tree(path)
+            await anyio.to_thread.run_sync(
+                functools.partial(_unlink_or_rmdir, root, parts, name, link=False),
+                abandon_on_cancel=True)
             return
         # Shielded so that a cancel does not leave half the clean-up, bounded
         # so that a host that stopped answering cannot hold the run.
         with anyio.move_on_after(_REMOTE_DELETE_BOUND_S, shield=True) as scope:
-            finished = await self.run(["btrfs", "subvolume", "delete", path])
+            finished = await self._script(_REMOTE_DELETE, [root, *parts, name, source.name])
             if finished.exit_code != 0:
                 log.error("remote snapshot not deleted", snapshot=path,
                           error=finished.stderr.text())
-            await self.run(["sh", "-c", 'rmdir "$1" 2>/dev/null; exit 0', "rmdir",
-                            os.path.dirname(path)])
         if scope.cancelled_caught:
             log.error("remote snapshot deletion did not finish in time", snapshot=path,
                       bound_s=_REMOTE_DELETE_BOUND_S)
@@ -197,16 +394,17 @@ async def subvolume_show(path: str, site: Site | None = None) -> dict[str, str]:
     return fields
 
 
-async def take_snapshot(site: Site, source: BtrfsSource, name: str
+async def take_snapshot(site: Site, source: BtrfsSource, space: str, name: str
                         ) -> tuple[str, StepResult]:
-    """Step 3: a read-only snapshot of the source; returns its path and the command's result."""
+    """Step 3: a read-only snapshot of the source in this destination's folder ``space``;
+    returns its path and the command's result."""
     if site.remote is None:
         problems = source_problems(source)
         if problems:
             raise SourceError(problems[0])
-    target = snapshot_path(source, name)
-    await site.make_folder(os.path.dirname(target))
-    argv = snapshot_argv(source, name)
+    target = snapshot_path(source, space, name)
+    await site.make_folders(source, space, name)
+    argv = snapshot_argv(source, space, name)
     started(argv)
     finished = await site.run(argv)
     result = StepResult(exit_code=finished.exit_code, stderr_tail=finished.stderr.text())
@@ -223,9 +421,22 @@ def _received_copy(destination: str, previous: list[Entry], name: str) -> str | 
     return copy if copy is not None and is_subvolume(copy) else None
 
 
+async def old_parents(site: Site, source: BtrfsSource, run: Run) -> list[str]:
+    """Backup names with a snapshot of the source in the layout of earlier versions that are
+    this destination's: it holds a complete backup of that name with that source (SPEC §2
+    step 3). Another configuration's are never among them."""
+    done = {e.name for e in run.previous}
+    names = [n for n in await site.snapshot_names(source, None) if n in done]
+    if not names:
+        return []
+    held = set(await run.dest.holding(names, source.name, None))
+    return [n for n in names if n in held]
+
+
 async def find_parent(site: Site, source: BtrfsSource, destination: str,
-                      previous: list[Entry]) -> str | None:
-    """The snapshot whose received copy is in the newest backup holding the source.
+                      previous: list[Entry], space: str, old: list[str]) -> str | None:
+    """The snapshot whose received copy is in the newest backup holding the source: one in
+    this destination's folder ``space``, or one of ``old`` in the layout of earlier versions.
 
     Matched by UUID against the copy's ``Received UUID`` (a name match alone
     could pair a snapshot with a copy made from another one). None: full send.
@@ -240,8 +451,9 @@ async def find_parent(site: Site, source: BtrfsSource, destination: str,
         return None
     if received in ("", "-"):
         return None
-    for name in await site.snapshot_names(source):
-        candidate = snapshot_path(source, name)
+    candidates = [snapshot_path(source, space, n)
+                  for n in await site.snapshot_names(source, space)]
+    for candidate in candidates + [snapshot_path(source, None, n) for n in old]:
         try:
             if (await subvolume_show(candidate, site)).get("UUID") == received:
                 return candidate
@@ -398,17 +610,23 @@ async def _stream(remote: RemoteHost | None, send: list[str], receive: list[str]
     return size, sender.returncode, send_err.text(), receiver.returncode, receive_err.text()
 
 
-async def drop_snapshots(site: Site, source: BtrfsSource, keep: str | None) -> None:
-    """Delete this source's snapshots except the one of backup ``keep``."""
-    for name in await site.snapshot_names(source):
+async def drop_snapshots(site: Site, source: BtrfsSource, space: str, keep: str | None
+                         ) -> None:
+    """Delete this source's snapshots in this destination's folder ``space`` except the one
+    of backup ``keep``, and the symbolic links there named like one (as links)."""
+    names, links = await site.listing(source, space)
+    for name in names:
         if name != keep:
-            await drop_snapshot(site, source, name)
+            await drop_snapshot(site, source, space, name)
+    for name in links:
+        await site.delete_snapshot(source, space, name)
 
 
-async def drop_snapshot(site: Site, source: BtrfsSource, name: str) -> None:
+async def drop_snapshot(site: Site, source: BtrfsSource, space: str | None, name: str) -> None:
     """Delete one snapshot of this source, and its backup-name folder once empty."""
-    log.info("deleting snapshot", source=source.name, snapshot=snapshot_path(source, name))
-    await site.delete_snapshot(snapshot_path(source, name))
+    log.info("deleting snapshot", source=source.name,
+             snapshot=snapshot_path(source, space, name))
+    await site.delete_snapshot(source, space, name)
 
 
 _HERE = Site()
@@ -429,6 +647,8 @@ class BtrfsWork(SourceWork[BtrfsSource]):
         super().__init__(run, source)
         # The snapshot this run took, once taken: saved, then kept or deleted.
         self.taken: str | None = None
+        # The destination's id: its folder in snapshot_dir, once asked.
+        self.space: str | None = None
 
     @property
     def site(self) -> Site:
@@ -436,21 +656,34 @@ class BtrfsWork(SourceWork[BtrfsSource]):
         host = self.source.host
         return Site(self.run.remotes[host] if host is not None else None)
 
+    async def _space(self) -> str:
+        """The destination's id (SPEC §2 step 3), asked of the destination once step 1 found
+        it: a backup hook's pre may have just mounted it."""
+        if self.space is None:
+            self.space = (await self.run.dest.identify()).id
+        return self.space
+
     async def clean_stale(self) -> None:
-        """Snapshots of crashed runs go; only the newest with a copy in the destination stays."""
+        """Snapshots of crashed runs go; only the newest with a copy in the destination stays.
+
+        Only in this destination's own folder: what is kept for another is
+        none of this run's business.
+        """
         run, site = self.run, self.site
         done = {e.name for e in run.previous}
         try:
-            names = await site.snapshot_names(self.source)
+            space = await self._space()
+            names = await site.snapshot_names(self.source, space)
             keep = next((n for n in names if n in done), None) if run.dest_is_btrfs else None
-            await drop_snapshots(site, self.source, keep)
-        except (RemoteError, SourceError) as e:
+            await drop_snapshots(site, self.source, space, keep)
+        except (RemoteError, SourceError, OSError) as e:
             # An unreachable host fails its source later, in its own step.
             log.warning("stale snapshots not checked", source=self.source.name, problem=str(e))
 
     async def snapshot(self) -> StepResult:
         # Its bytes stay 0: the snapshot writes nothing into the backup.
-        self.taken, result = await take_snapshot(self.site, self.source, self.run.name)
+        self.taken, result = await take_snapshot(self.site, self.source, await self._space(),
+                                                 self.run.name)
         return result
 
     async def save(self) -> StepResult:
@@ -464,7 +697,8 @@ class BtrfsWork(SourceWork[BtrfsSource]):
                 raise SourceError(str(e), result=copied) from e
             return msgspec.structs.replace(copied, hashed_bytes=manifest.hashed_bytes)
         site = self.site
-        parent = await find_parent(site, self.source, run.destination, run.previous)
+        parent = await find_parent(site, self.source, run.destination, run.previous,
+                                   await self._space(), await old_parents(site, self.source, run))
         log.info("incremental send" if parent else "full send", parent=parent)
         return await send_receive(site, self.taken, parent, run.in_progress_dir)
 
@@ -476,11 +710,16 @@ class BtrfsWork(SourceWork[BtrfsSource]):
         if self.taken is None:
             return
         run, site = self.run, self.site
+        space = await self._space()
         try:
             if failed:
-                await drop_snapshot(site, self.source, run.name)
+                await drop_snapshot(site, self.source, space, run.name)
             else:
-                await drop_snapshots(site, self.source, run.name if run.dest_is_btrfs else None)
+                await drop_snapshots(site, self.source, space,
+                                     run.name if run.dest_is_btrfs else None)
+                # Parents in the layout of earlier versions served once: this run's is next.
+                for name in await old_parents(site, self.source, run):
+                    await drop_snapshot(site, self.source, None, name)
         except (RemoteError, SourceError, OSError) as e:
             # The backup is saved; a leftover snapshot is cleaned by the next run.
             log.warning("old snapshots not deleted", source=self.source.name, problem=str(e))
@@ -489,16 +728,25 @@ class BtrfsWork(SourceWork[BtrfsSource]):
         if self.taken is None:
             return
         try:
-            await drop_snapshot(self.site, self.source, self.run.name)
+            await drop_snapshot(self.site, self.source, await self._space(), self.run.name)
         except (RemoteError, SourceError, OSError) as e:
             log.warning("snapshot not deleted", source=self.source.name, problem=str(e))
 
     async def plan(self, dry: DryRun) -> SourcePlan:
         source = self.source
-        snapshot = snapshot_path(source, dry.name)
-        taken = (f"mkdir -p {shlex.quote(os.path.dirname(snapshot))}; "
-                 f"{shlex.join(snapshot_argv(source, dry.name))}")
-        if not dry.known:
+        space = None
+        if dry.known:
+            try:
+                space = (await dry.dest.identify()).id
+            except OSError:
+                pass  # said as at run time
+        snapshot = snapshot_path(source, space or "<id>", dry.name)
+        taken = (f"make {os.path.dirname(snapshot)}/ (0700 where missing, no link followed); "
+                 f"{shlex.join(snapshot_argv(source, space or '<id>', dry.name))}")
+        if space is None:
+            taken += ("  (<id> names the destination: its filesystem's UUID and its folder "
+                      "there, decided at run time)")
+        if not dry.known or space is None:
             return SourcePlan(taken, f"btrfs send | btrfs receive into {dry.in_progress_dir} if "
                               "the destination is btrfs, else rsync from the snapshot (decided "
                               "at run time, with the parent or --link-dest)")
@@ -507,7 +755,8 @@ class BtrfsWork(SourceWork[BtrfsSource]):
             return SourcePlan(taken, shlex.join(argv))
         # A remote host is not contacted by a dry run: full send shown.
         parent = None if source.host else await find_parent(
-            _HERE, source, dry.destination, dry.previous)
+            _HERE, source, dry.destination, dry.previous, space,
+            await old_parents(_HERE, source, dry))
         return SourcePlan(taken, f"{shlex.join(send_argv(snapshot, parent))} | "
                           f"{shlex.join(receive_argv(dry.in_progress_dir))}"
                           f"{'' if parent else '  (full send: no parent)'}")
@@ -525,6 +774,15 @@ class BtrfsKind(SourceKind[BtrfsSource]):
 
     def check(self, source: BtrfsSource) -> tuple[list[str], list[str]]:
         return [f"path: {p}" for p in source_problems(source)], []
+
+    def details(self, source: BtrfsSource, destination: Identity | None) -> list[str]:
+        where = f" on {source.host}" if source.host else ""
+        if destination is None:
+            return [f"snapshot_dir: snapshots go in {snapshot_root(source)}/<id>/{where}; <id> "
+                    "names the destination, which is not there now (decided at run time)"]
+        return [f"snapshot_dir: snapshots go in {snapshot_folder(source, destination.id)}/"
+                f"{where} (id {destination.id}: the destination's filesystem "
+                f"{destination.filesystem}, folder {destination.inner} in it)"]
 
     def own_folders(self, source: BtrfsSource) -> list[tuple[str, str]]:
         # A remote source's snapshots are on its host, out of every local copy.

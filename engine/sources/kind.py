@@ -27,12 +27,13 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 from msgspec import Struct
 
+from ..destination import LocalDestination
 from ..durations import parse_duration
 from ..remote import Remotes
 
 if TYPE_CHECKING:
     from ..config import Config
-    from ..destination import Entry
+    from ..destination import Destination, Entry, Identity
     from ..remote import Transport
     from ..report import StepResult
 
@@ -90,6 +91,10 @@ class Run(Protocol):
     @property
     def remotes(self) -> Remotes: ...
 
+    @property
+    def dest(self) -> Destination:
+        """The destination's operations, off the event loop (which destination it is, say)."""
+
 
 @dataclass
 class DryRun:
@@ -109,6 +114,11 @@ class DryRun:
     transport: Callable[[str | None], Transport | None]
     remotes: Remotes = field(default_factory=lambda: Remotes({}))
 
+    @property
+    def dest(self) -> Destination:
+        # The folder as it is now, as the plan reads it.
+        return LocalDestination(self.destination)
+
 
 @dataclass(frozen=True)
 class SourcePlan:
@@ -116,8 +126,6 @@ class SourcePlan:
 
     snapshot: str
     save: str | None = None
-    # Its precopy's command, when one is due (SPEC §2 step 3).
-    precopy: str | None = None
 
 
 class SourceWork(ABC, Generic[S]):
@@ -148,19 +156,15 @@ class SourceWork(ABC, Generic[S]):
         """
 
     def precopy(self) -> Copy | None:
-        """The copy made before the snapshot hooks' ``pre`` (SPEC §2 step 2), or None: none due.
+        """The copy made before the snapshot hooks' ``pre`` (SPEC §2 step 2), or None: none.
 
-        Its failure is no failure of the run: the snapshot copies the rest.
+        No kind has one yet; rsync's comes with its own issue.
         """
         return None
 
     @abstractmethod
     async def snapshot(self) -> StepResult:
         """Step 3, in the snapshot hooks' window: as short as the kind can make it."""
-
-    async def after_window(self) -> None:
-        """Once the window closed (after step 4), before step 5: remove what only the window
-        needed (default: nothing). Raises OSError if that cannot be removed."""
 
     async def save(self) -> StepResult:
         """Step 5, after the window; called only for a kind that ``has_save``."""
@@ -222,6 +226,11 @@ class SourceKind(ABC, Generic[S]):
     def check(self, source: S) -> tuple[list[str], list[str]]:
         """Problems (the run cannot work) and warnings about a local source whose path exists."""
         return [], []
+
+    def details(self, source: S, destination: Identity | None) -> list[str]:
+        """What ``check -v`` says of the source beyond problems (``destination``: which one
+        it is, None while it is not there)."""
+        return []
 
     def own_folders(self, source: S) -> list[tuple[str, str]]:
         """(key, path): folders the engine writes on this machine for this source.
