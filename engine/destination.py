@@ -43,6 +43,7 @@ import anyio.lowlevel
 import anyio.to_thread
 import structlog
 
+from .checksums import MANIFEST_DIR
 from .errors import DestinationError
 from .filesystems import (
     SUBVOLUME_INODE,
@@ -205,13 +206,58 @@ def newest_holding(destination: str, entries: list[Entry], source: str) -> str |
 
 
 def holds(destination: str, backup: str, source: str | None, inner: bytes | None) -> bool:
-    """The backup holds ``source`` (a folder), or ``inner``, a path inside it (anything)."""
+    """The backup holds ``source`` (a folder), or ``inner``, a path inside it (anything),
+    found without following a link (``locate``)."""
     if source is None:
         return True
-    path = os.path.join(os.fsencode(destination), backup.encode(), source.encode())
-    if inner:
-        path = os.path.join(path, inner)
-    return os.path.lexists(path) and (inner is not None or os.path.isdir(path))
+    return locate(os.path.join(destination, backup), source, inner) == HELD
+
+
+# What ``locate`` finds: the path, nothing, or (any other value) the link on the way to it.
+HELD = b""
+ABSENT = b"/"
+
+
+def locate(backup_dir: str, source: str, inner: bytes | None) -> bytes:
+    """``source`` (a real folder) or ``inner`` (anything) in a backup, looked up one
+    component at a time without following a symbolic link (SPEC §7): HELD, ABSENT, or
+    the path (``data/etclink``, relative to the backup) of a link on the way. The
+    manifests' folder is never a source. Raises OSError for anything else."""
+    if source == MANIFEST_DIR:
+        return ABSENT
+    parts = [source.encode(), *(p for p in (inner or b"").split(b"/") if p)]
+    fd = os.open(backup_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for depth, name in enumerate(parts[:-1]):
+            try:
+                below = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                                | os.O_CLOEXEC, dir_fd=fd)
+            except OSError as e:
+                if e.errno == errno.ENOENT:
+                    return ABSENT
+                if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                is_link = stat.S_ISLNK(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode)
+                return b"/".join(parts[:depth + 1]) if is_link else ABSENT
+            os.close(fd)
+            fd = below
+        try:
+            st = os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return ABSENT
+    finally:
+        os.close(fd)
+    return HELD if inner or stat.S_ISDIR(st.st_mode) else ABSENT
+
+
+def link_on_the_way(destination: str, backups: list[str], source: str,
+                    inner: bytes) -> tuple[str, bytes] | None:
+    """The first of ``backups`` where a link stands on the way to ``inner``, and that link."""
+    for name in backups:
+        found = locate(os.path.join(destination, name), source, inner)
+        if found not in (HELD, ABSENT):
+            return name, found
+    return None
 
 
 def name_is_free(destination: str, name: str) -> bool:
@@ -571,6 +617,14 @@ class Destination(abc.ABC):
                       inner: bytes | None) -> list[str]:
         """Those of ``backups`` that hold ``source`` (a folder) or ``inner``, a path in it."""
 
+    async def link_on_the_way(self, backups: list[str], source: str,
+                              inner: bytes) -> tuple[str, bytes] | None:
+        """The first of ``backups`` where a symbolic link stands on the way to ``inner`` in
+        ``source``, and that link's path relative to the backup; None if none."""
+        with anyio.fail_after(ANSWER_BOUND_S):
+            return await anyio.to_thread.run_sync(link_on_the_way, self.path, backups, source,
+                                                  inner, abandon_on_cancel=True)
+
     @abc.abstractmethod
     async def is_btrfs(self) -> bool:
         """The destination is on btrfs (sources are received as subvolumes)."""
@@ -754,6 +808,10 @@ class LocalDestination(Destination):
             return [n for n in backups if holds(self.path, n, source, inner)]
 
         return await self._call(look)
+
+    async def link_on_the_way(self, backups: list[str], source: str,
+                              inner: bytes) -> tuple[str, bytes] | None:
+        return await self._call(link_on_the_way, self.path, backups, source, inner)
 
     async def is_btrfs(self) -> bool:
         return await self._call(is_btrfs, self.path)

@@ -126,6 +126,8 @@ class SourcePlan:
 
     snapshot: str
     save: str | None = None
+    # Its precopy's command, when one is due (SPEC §2 step 3).
+    precopy: str | None = None
 
 
 class SourceWork(ABC, Generic[S]):
@@ -156,15 +158,19 @@ class SourceWork(ABC, Generic[S]):
         """
 
     def precopy(self) -> Copy | None:
-        """The copy made before the snapshot hooks' ``pre`` (SPEC §2 step 2), or None: none.
+        """The copy made before the snapshot hooks' ``pre`` (SPEC §2 step 2), or None: none due.
 
-        No kind has one yet; rsync's comes with its own issue.
+        Its failure is no failure of the run: the snapshot copies the rest.
         """
         return None
 
     @abstractmethod
     async def snapshot(self) -> StepResult:
         """Step 3, in the snapshot hooks' window: as short as the kind can make it."""
+
+    async def after_window(self) -> None:
+        """Once the window closed (after step 4), before step 5: remove what only the window
+        needed (default: nothing). Raises OSError if that cannot be removed."""
 
     async def save(self) -> StepResult:
         """Step 5, after the window; called only for a kind that ``has_save``."""
