@@ -142,13 +142,19 @@ def test_a_damaged_file_is_not_written_the_others_are_and_the_restore_fails(
         ws: Workspace) -> None:
     src = ws.make_source("data", {"a.txt": "aaaa\n", "b.txt": "bbbb\n",
                                   "sub/c.txt": "cccc\n", "star*": "a star\n",
-                                  "starX": "not the star\n", "new\nline": "nl\n"})
+                                  "starX": "not the star\n", "new\nline": "nl\n",
+                                  "br[ac]ket": "class\n", "braket": "not the class\n",
+                                  "back\\slash": "bs\n", "back\\slasX": "not bs\n",
+                                  "m\\i*x": "both\n", "m\\iZx": "not both\n"})
     ws.write_config(rsync_source("data", src))
     backup = run_backup(ws)
     write_manifest(backup)
     flip_byte(backup / "data" / "b.txt")
     flip_byte(backup / "data" / "star*")
     flip_byte(backup / "data" / "new\nline")
+    flip_byte(backup / "data" / "br[ac]ket")
+    flip_byte(backup / "data" / "back\\slash")
+    flip_byte(backup / "data" / "m\\i*x")
     target = ws.root / "r"
     target.mkdir()
     (target / "b.txt").write_text("the target's own\n")
@@ -156,7 +162,8 @@ def test_a_damaged_file_is_not_written_the_others_are_and_the_restore_fails(
     result = restore(ws, "latest", "data", "--to", str(target), "--delete")
 
     expect(result, 1)
-    for shown in ("data/b.txt", "data/star*", "data/new\\nline"):
+    for shown in ("data/b.txt", "data/star*", "data/new\\nline", "data/br[ac]ket",
+                  "data/back\\\\slash"):
         assert shown in result.stderr, (shown, result.stderr)
     assert "no backup holds a good copy" in result.stderr
     assert (target / "b.txt").read_text() == "the target's own\n"
@@ -165,6 +172,12 @@ def test_a_damaged_file_is_not_written_the_others_are_and_the_restore_fails(
     assert (target / "a.txt").read_text() == "aaaa\n"
     assert (target / "sub" / "c.txt").read_text() == "cccc\n"
     assert (target / "starX").read_text() == "not the star\n"
+    assert (target / "braket").read_text() == "not the class\n"
+    assert (target / "back\\slasX").read_text() == "not bs\n"
+    assert not (target / "br[ac]ket").exists()
+    assert not (target / "back\\slash").exists()
+    assert not (target / "m\\i*x").exists()
+    assert (target / "m\\iZx").read_text() == "not both\n"
 
     # One damaged file on its own: nothing written, exit 1.
     alone = ws.root / "alone"
