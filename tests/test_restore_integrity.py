@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
+import time
 from typing import TYPE_CHECKING
 
-from conftest import needs_rsync
+from conftest import needs_rsync, wait_for
 from datakit import cli_ok, complete_backups, rsync_source
+from hookkit import EXIT_FOR, Running
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -247,3 +250,38 @@ def test_dry_run_names_the_damaged_files_and_writes_nothing(ws: Workspace) -> No
     assert any(line.startswith(">f") and line.endswith(" a.txt") for line in lines), lines
     assert not any(line.startswith(">f") and line.endswith(" b.txt") for line in lines), lines
     assert not target.exists()
+
+
+def test_the_check_is_cancelled_at_once_by_a_signal(ws: Workspace) -> None:
+    src = ws.make_source("data", {"a.txt": "aaaa\n"})
+    ws.write_config(rsync_source("data", src))
+    backup = run_backup(ws)
+    big = backup / "data" / "big.img"
+    with open(big, "wb") as f:
+        f.truncate(64 << 30)  # sparse: minutes of hashing, no disk
+    (backup / ".pibackup").mkdir(exist_ok=True)
+    with open(backup / ".pibackup" / "data.sha256", "a") as f:
+        f.write(f"{'0' * 64}  data/big.img\n")
+    target = ws.root / "r"
+
+    def hashing(pid: int) -> bool:
+        folder = f"/proc/{pid}/fd"
+        for fd in os.listdir(folder):
+            try:
+                if os.readlink(os.path.join(folder, fd)) == str(big):
+                    return True
+            except FileNotFoundError:
+                continue  # closed since the listing
+        return False
+
+    with Running(ws.start("restore", "latest", "data", "--to", str(target))) as running:
+        wait_for(lambda: hashing(running.proc.pid), 30, "the big file to be hashed")
+        sent = time.monotonic()
+        running.send(signal.SIGTERM)
+        code = running.wait(30)
+        took = time.monotonic() - sent
+
+    assert code == EXIT_FOR[signal.SIGTERM], running.stderr
+    # Not the 10 s a worker that never looks is waited for before it is abandoned.
+    assert took < 5, took
+    assert not (target / "big.img").exists()
