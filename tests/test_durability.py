@@ -18,20 +18,27 @@ path. Three promises are checked there:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
+import os
 import re
 import shutil
+import struct
 import subprocess
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 from conftest import CLI, needs_root, needs_rsync
+from diskkit import Ext4, Ext4Factory, ext4_filesystems, needs_loop
 from pibackup_async.engine.names import format_name
 from prunekit import make_backup
 
 if TYPE_CHECKING:
-    from pathlib import Path
+    from collections.abc import Iterator
 
     from conftest import Workspace
 
@@ -234,3 +241,109 @@ def test_prune_flushes_each_deleting_rename_before_deleting_its_contents(
     assert ws.backups() == [NEWER]
     deleted = assert_deletions_flushed(calls, ws.dest)
     assert deleted == sorted([STALE_DELETING, *(f"{n}.deleting" for n in OLD)])
+
+
+# --- a power cut, for real: ext4 shut down without its journal flushed ------------------------
+
+# EXT4_IOC_SHUTDOWN (_IOR('X', 125, __u32)) with EXT4_GOING_FLAGS_NOLOGFLUSH: the
+# filesystem stops at once, as at a power cut: what its journal committed is
+# kept, nothing else reaches the disk.
+_EXT4_IOC_SHUTDOWN = 0x8004587D
+_NOLOGFLUSH = 2
+
+
+@pytest.fixture
+def ext4_fs(tmp_path: Path) -> Iterator[Ext4Factory]:
+    # The factory itself: power_cut registers its second loop device there.
+    for factory in ext4_filesystems(tmp_path):
+        assert isinstance(factory, Ext4Factory)
+        yield factory
+
+
+@contextlib.contextmanager
+def lazy_writeback() -> Iterator[None]:
+    """The kernel's background writeback held back while the test runs (restored after,
+    whatever happens): the backup's data stays in the page cache unless the engine
+    flushes it, as on a Pi whose USB disk writes slower than rsync reads."""
+    keys = ("vm/dirty_expire_centisecs", "vm/dirty_writeback_centisecs")
+    saved = {key: (Path("/proc/sys") / key).read_text() for key in keys}
+    try:
+        (Path("/proc/sys") / keys[0]).write_text("360000")
+        (Path("/proc/sys") / keys[1]).write_text("0")
+        yield
+    finally:
+        for key, value in saved.items():
+            (Path("/proc/sys") / key).write_text(value)
+
+
+def power_cut(fs: Ext4, disks: Ext4Factory) -> Ext4:
+    """What a power cut leaves of ``fs``: its disk, checked by ``e2fsck`` and mounted.
+
+    First another program on the disk fsyncs a file of its own: that commits
+    the journal (the renames and deletions done so far) without writing the
+    data still in the page cache, as the journal's own commit every 5 s does.
+    The disk is then read from a copy of its image, on a loop device of its
+    own: the shut-down filesystem writes nothing more, and its own device may
+    stay busy (a mount namespace of a process elsewhere still holding it).
+    """
+    with open(fs.mount / "other.log", "wb") as f:
+        f.write(b"another program's line\n")
+        f.flush()
+        os.fsync(f.fileno())
+    fd = os.open(fs.mount, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.ioctl(fd, _EXT4_IOC_SHUTDOWN, struct.pack("I", _NOLOGFLUSH))
+    finally:
+        os.close(fd)
+    fs.unmount()
+    image = fs.image.with_name(fs.image.stem + "-after.img")
+    shutil.copyfile(fs.image, image)
+    attached = subprocess.run(["losetup", "--find", "--show", str(image)],
+                              capture_output=True, text=True, timeout=60, check=True)
+    after = Ext4(image, attached.stdout.strip(), fs.mount.with_name("after-power-cut"))
+    disks.made.append(after)  # detached at teardown
+    checked = subprocess.run(["e2fsck", "-fy", after.device], capture_output=True, text=True,
+                             timeout=120, check=False)
+    assert checked.returncode in (0, 1), checked.stdout + checked.stderr  # 1: fixed
+    after.mount.mkdir()
+    after.mount_now()
+    return after
+
+
+def _contents(folder: Path) -> dict[str, tuple[int, str]]:
+    """Each file's size and digest (a failure shows sizes, not kilobytes of bytes)."""
+    return {p.name: (p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest()[:12])
+            for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@needs_root
+@needs_loop
+def test_a_power_cut_after_a_run_leaves_every_complete_backup_whole(
+    ws: Workspace, ext4_fs: Ext4Factory,
+) -> None:
+    """The issue's reproduction: keep_last = 1, two runs, the power cut right after the
+    second. Without the flushes the only complete backup's files are all 0 bytes and
+    the good one is gone."""
+    fs = ext4_fs(ws.root / "disk", 64)
+    dest = fs.mount / "backups"
+    dest.mkdir()
+    source = ws.make_source("data")
+    ws.write_config(f'[[sources]]\nname = "data"\ntype = "rsync"\npath = "{source}"\n',
+                    header="[retention]\nkeep_last = 1\n")
+    ws.config_path.write_text(ws.config_path.read_text().replace(
+        f'destination = "{ws.dest}"', f'destination = "{dest}"'))
+    wanted: dict[str, dict[str, tuple[int, str]]] = {}
+    with lazy_writeback():
+        for run in range(2):
+            for i in range(10):
+                (source / f"file{i}.bin").write_bytes(os.urandom(32 * 1024 + run * 100 + i))
+            done = ws.run("run")
+            assert done.returncode == 0, done.stderr
+            wanted[str(ws.report()["name"])] = _contents(source)
+        dest = power_cut(fs, ext4_fs).mount / "backups"
+    backups = sorted(p.name for p in dest.iterdir() if not p.name.endswith(
+        (".in-progress", ".deleting")))
+    assert backups, f"no complete backup is left: {sorted(os.listdir(dest))}"
+    for name in backups:
+        assert _contents(dest / name / "data") == wanted[name], (
+            f"{name} has its final name but not its content")
