@@ -431,6 +431,8 @@ def _source_problems(raw: Mapping[str, Any], hosts: set[str] | None) -> Iterator
             yield from _nesting_problems(f"{where}.path", path, destination, whole=whole)
         for key in kind.path_keys if kind is not None else ():
             yield from _absolute(f"{where}.{key}", _text(source, key))
+        for line in kind.key_problems(source) if kind is not None else ():
+            yield f"{where}.{line}"
 
 
 def _nesting_problems(where: str, source: str, destination: str, *,

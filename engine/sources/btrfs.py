@@ -766,7 +766,12 @@ class BtrfsKind(SourceKind[BtrfsSource]):
     config = BtrfsSource
     path_keys = ("snapshot_dir",)
     key_hints: ClassVar[Mapping[str, str]] = {
-        "exclude": "a btrfs snapshot is whole; exclude is only for rsync sources"}
+        "exclude": "a btrfs snapshot is whole; exclude is only for rsync sources",
+        # Its path must be a subvolume, which an unmounted disk's empty folder is not.
+        "require_mountpoint": "a btrfs source fails already when its subvolume is not "
+        "there; require_mountpoint is only for rsync sources",
+        "allow_empty": "a btrfs snapshot is whole, empty or not; allow_empty is only for "
+        "rsync sources"}
     init_rank = 10  # a snapshot keeps the snapshot hooks' window short: before a copy
 
     def work(self, run: Run, source: BtrfsSource) -> BtrfsWork:

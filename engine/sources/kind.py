@@ -238,6 +238,15 @@ class SourceKind(ABC, Generic[S]):
         it is, None while it is not there)."""
         return []
 
+    def key_problems(self, table: Mapping[str, Any]) -> list[str]:
+        """Problems of one raw ``[[sources]]`` table of this kind that tie its keys together
+        (``key: why``), listed at load with every other problem.
+
+        It reads the table as written: a value of the wrong type counts as
+        absent (the shape check names it).
+        """
+        return []
+
     def own_folders(self, source: S) -> list[tuple[str, str]]:
         """(key, path): folders the engine writes on this machine for this source.
 

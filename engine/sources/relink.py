@@ -52,7 +52,7 @@ async def copy_afresh(run: Run, source: str, argv: list[str], link_dest: str | N
     """Copy afresh what verify found damaged that the copy (``argv``) linked; return the count.
 
     ``argv``: the command that just copied the source into its folder of
-    the backup, with ``--link-dest=<link_dest>``. Raises SourceError if the
+    the backup, with ``--link-dest=<link_dest>`` (and any other). Raises SourceError if the
     second rsync fails. A ``damaged.json`` that cannot be read is logged,
     not a failure: the backup is still a backup.
     """
@@ -72,7 +72,7 @@ async def copy_afresh(run: Run, source: str, argv: list[str], link_dest: str | N
                                anyio.from_thread.check_cancelled)
     if not unlinked:
         return 0
-    await _rsync_paths(_without_link_dest(argv, link_dest), unlinked, ok_codes)
+    await _rsync_paths(_without_link_dest(argv), unlinked, ok_codes)
     copied = await in_worker(_present, target, unlinked)
     log.info("copied afresh: verify had found their copies damaged", files=copied)
     return copied
@@ -178,8 +178,10 @@ def _present(target: str, paths: list[bytes]) -> int:
     return count
 
 
-def _without_link_dest(argv: list[str], link_dest: str) -> list[str]:
-    return [arg for arg in argv if arg != f"--link-dest={link_dest}"]
+def _without_link_dest(argv: list[str]) -> list[str]:
+    # Every one: after a precopy, step 3 also links from the precopied folder,
+    # which holds the damaged inode as the earlier backup does.
+    return [arg for arg in argv if not arg.startswith("--link-dest=")]
 
 
 async def _rsync_paths(argv: list[str], paths: list[bytes], ok_codes: list[int]) -> None:

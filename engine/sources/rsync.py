@@ -10,7 +10,7 @@ import functools
 import os
 import re
 import shlex
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio.from_thread
 import anyio.to_thread
@@ -38,10 +38,11 @@ from .kind import (
     register,
 )
 from .precopy import SAFE_AGE_S, aside_path, drop_recent, set_aside, source_clock
+from .presence import mountpoint_problem, refuse_empty, refuse_unmounted
 from .relink import copy_afresh
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
 
     from ..config import Config
     from ..heartbeat import Beat
@@ -62,6 +63,11 @@ class RsyncSource(RsyncOptions, frozen=True, kw_only=True, tag="rsync"):
     # Copied once before the snapshot hooks' pre (SPEC §2 step 3). Here, not in
     # RsyncOptions: a btrfs snapshot is instant, and its precopy is refused.
     precopy: bool = True
+    # A source that is not there fails (SPEC §2 Failures): a local one must be on a
+    # mounted filesystem other than the root one; an empty copy fails while the
+    # last backup held files, unless allowed.
+    require_mountpoint: bool = False
+    allow_empty: bool = False
 
 
 log = structlog.get_logger("pibackup.rsync")
@@ -403,8 +409,14 @@ class RsyncWork(SourceWork[RsyncSource]):
 
     async def snapshot(self) -> StepResult:
         """Its bytes: what the copy's new files take on disk (``written``)."""
-        return await copy_into(self.run, self.source, excludes=self.source.exclude,
-                               extra=await self._second_pass())
+        source = self.source
+        if source.require_mountpoint and source.host is None:
+            await refuse_unmounted(source.path)
+        result = await copy_into(self.run, self.source, excludes=self.source.exclude,
+                                 extra=await self._second_pass())
+        if not source.allow_empty:
+            await refuse_empty(self.run, source.name, source.path, result)
+        return result
 
     async def save(self) -> StepResult:
         """The manifest (SPEC §9), after the snapshot hooks' window."""
@@ -433,6 +445,19 @@ class RsyncKind(SourceKind[RsyncSource]):
 
     def work(self, run: Run, source: RsyncSource) -> RsyncWork:
         return RsyncWork(run, source)
+
+    def check(self, source: RsyncSource) -> tuple[list[str], list[str]]:
+        if source.require_mountpoint and mountpoint_problem(source.path) is not None:
+            return [], [f"path: {source.path} is not on a mounted filesystem other than the "
+                        "root one (require_mountpoint = true): a run fails until it is mounted"]
+        return [], []
+
+    def key_problems(self, table: Mapping[str, Any]) -> list[str]:
+        if "host" in table and "require_mountpoint" in table:
+            # What is mounted there is the host's to say; emptiness is still judged.
+            return ["require_mountpoint: only for a local source (this one has host); "
+                    "an empty copy still fails unless allow_empty = true"]
+        return []
 
     def asks_for_metadata(self, source: RsyncSource) -> bool:
         return asks_for_metadata(source)
