@@ -395,6 +395,18 @@ def _nul_problems(where: str, value: Any) -> Iterator[str]:
         yield f"{where}: expected text without a NUL byte"
 
 
+# rsync writes into the existing file with them: a file that earlier backups
+# share through --link-dest would change in every one of them.
+_REWRITING_ARGS = ("--inplace", "--append", "--append-verify")
+
+
+def _rewriting_args(where: str, value: Any) -> Iterator[str]:
+    for arg in value if isinstance(value, list) else []:
+        if isinstance(arg, str) and arg.partition("=")[0] in _REWRITING_ARGS:
+            yield (f"{where}: {arg} is refused: rsync would rewrite files that earlier "
+                   "backups share (hard links)")
+
+
 def _host_problems(hosts: set[str] | None, where: str, host: str | None) -> Iterator[str]:
     if hosts is not None and host is not None and host not in hosts:
         listed = ", ".join(sorted(hosts)) or "none"
@@ -420,6 +432,7 @@ def _source_problems(raw: Mapping[str, Any], hosts: set[str] | None) -> Iterator
         yield from _absolute(f"{where}.path", path)
         for key in ("rsync_args", "exclude"):
             yield from _nul_problems(f"{where}.{key}", source.get(key))
+        yield from _rewriting_args(f"{where}.rsync_args", source.get("rsync_args"))
         yield from _timeout(f"{where}.timeout", _text(source, "timeout"))
         tag = source.get("type")
         kind = kinds().get(tag) if isinstance(tag, str) else None

@@ -76,6 +76,8 @@ async def run_backup(config: Config, options: RunOptions, interruption: Interrup
         report.sources[source.name] = SourceReport(
             type=source.kind, save=Step() if kind.has_save else None)
         ctx.source_work[source.name] = kind.work(ctx, source)
+        if ctx.source_work[source.name].precopy() is not None:
+            report.sources[source.name].precopy = Step()  # due: skipped until it starts
     ctx.started = started
     with (ctx.scope(), private_state(config) as warnings,  # step 0
           bound_contextvars(backup=name)):
@@ -204,9 +206,11 @@ async def _steps(ctx: RunContext) -> None:
         try:
             await _open_destination(ctx)  # 1
             try:
+                await _precopy_sources(ctx)  # 2, before the snapshot hooks' pre
                 with _snapshot_window(ctx):
                     async with hook_stage(ctx, "snapshot", config.snapshot_hooks):  # 2 (and 4)
                         await _for_each_source(ctx, _snapshot)  # 3
+                await _after_window(ctx)
                 await _for_each_source(ctx, _save)  # 5
                 await _finish_backup(ctx)  # 6
             finally:
@@ -250,6 +254,82 @@ async def _open_destination(ctx: RunContext) -> None:
     ctx.in_progress_created = True
     log.info("in-progress folder created", folder=layout.in_progress_dir,
              duration_s=round(time.monotonic() - t0, 6))
+
+
+# --- the precopy, before step 2 ------------------------------------------------------
+
+
+async def _precopy_sources(ctx: RunContext) -> None:
+    """Copy every source that has a precopy once, while the services still run (SPEC §2).
+
+    Concurrently, at most ``concurrency`` at once, as step 3. A precopy that
+    fails or times out fails nothing: its step says so, the log says why,
+    and step 3 copies what it left. A signal interrupts the run as anywhere.
+    """
+    due = [s for s in ctx.config.sources if ctx.report.sources[s.name].precopy is not None]
+    if not due:
+        return
+    limiter = anyio.CapacityLimiter(ctx.concurrency)
+
+    async def one(source: SourceConfig) -> None:
+        record = ctx.report.sources[source.name]
+        copy = ctx.source_work[source.name].precopy()
+        assert record.precopy is not None and copy is not None
+        # The host's own limit first: waiting for it must not hold a global slot.
+        host_limit = ctx.remotes[source.host].limiter if source.host else _NO_LIMIT
+        async with host_limit:
+            waiting = time.monotonic()
+            async with limiter:
+                record.waited_s = round(record.waited_s + time.monotonic() - waiting, 6)
+                with bound_contextvars(source=source.name):
+                    await _run_precopy(source, record.precopy, copy)
+
+    t0 = time.monotonic()
+    async with anyio.create_task_group() as tg:
+        for source in due:
+            tg.start_soon(one, source)
+    log.info("precopies finished", duration_s=round(time.monotonic() - t0, 6))
+
+
+async def _run_precopy(source: SourceConfig, step: Step,
+                       copy: Callable[[], Awaitable[StepResult]]) -> None:
+    """One precopy with the source's timeout; its end recorded, a failure only logged."""
+    log.info("precopy started")
+    result: StepResult | None = None
+    try:
+        with (recording(step), anyio.fail_after(source.timeout_s),
+              beating("precopy", source=source.name)):
+            result = await copy()
+    except anyio.get_cancelled_exc_class():
+        record_step(step, "cancelled")
+        log.warning("precopy cancelled", duration_s=step.duration_s)
+        raise
+    except TimeoutError:
+        problem = f"timed out after {source.timeout}"
+    except SourceError as e:
+        problem, result = str(e), e.result
+    except (StepError, OSError) as e:
+        problem = str(e)
+    except Exception as e:
+        log.debug("unexpected error", exc_info=True)
+        problem = f"unexpected error: {e!r}"
+    else:
+        record_step(step, "ok", result)
+        log.info("precopy finished", duration_s=step.duration_s)
+        return
+    record_step(step, "failed", result)
+    log.warning("precopy failed; the snapshot copies the whole source in the window",
+                problem=problem, duration_s=step.duration_s)
+
+
+async def _after_window(ctx: RunContext) -> None:
+    """What only the window needed goes before the saves (a precopied folder set aside)."""
+    for name, work in ctx.source_work.items():
+        try:
+            await work.after_window()
+        except OSError as e:
+            ctx.fail_step(_destination_failure(
+                e, f"cannot remove what source {name} left in {ctx.layout.in_progress_dir}"))
 
 
 # --- steps 3 and 5 ------------------------------------------------------------------

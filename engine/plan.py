@@ -96,16 +96,25 @@ async def plan_run(config: Config, jobs: int | None = None, no_report: bool = Fa
         if config.require_mountpoint:
             lines.append(f"   then check that {dest} is on a mounted filesystem other than /")
     lines.append(f"   then create {in_progress}/")
-    lines.append("2. snapshot hooks, pre, in order:")
-    _hooks(lines, config.snapshot_hooks, "pre")
     concurrency = jobs or config.concurrency
-    lines.append(f"3. snapshots, concurrently, at most {concurrency} at a time:")
     # Each source's lines come from its kind, decided by the code its run would use.
     dry = DryRun(config, name, dest, in_progress, previous, on_btrfs,
                  known=visible, transport=functools.partial(_transport, config))
+    plans = [(source, await kind_of(source).work(dry, source).plan(dry))
+             for source in config.sources]
+    precopies = [f"   - {source.name}: {planned.precopy}" for source, planned in plans
+                 if planned.precopy is not None]
+    if precopies:
+        lines.append("2. precopy, while the services still run (a failure is only logged), "
+                     f"concurrently, at most {concurrency} at a time:")
+        lines.extend(precopies)
+        lines.append("   then snapshot hooks, pre, in order:")
+    else:
+        lines.append("2. snapshot hooks, pre, in order:")
+    _hooks(lines, config.snapshot_hooks, "pre")
+    lines.append(f"3. snapshots, concurrently, at most {concurrency} at a time:")
     saves: list[str] = []
-    for source in config.sources:
-        planned = await kind_of(source).work(dry, source).plan(dry)
+    for source, planned in plans:
         lines.append(f"   - {source.name}: {planned.snapshot}")
         if planned.save is not None:
             saves.append(f"   - {source.name}: {planned.save}")

@@ -143,7 +143,9 @@ class SourceReport(Struct, kw_only=True):
     relinked: int = 0
 
     def steps(self) -> list[Step]:
-        return [self.snapshot] + ([self.save] if self.save is not None else [])
+        """Its steps in the order they run: the source's duration is theirs (SPEC §6)."""
+        before = [self.precopy] if self.precopy is not None else []
+        return before + [self.snapshot] + ([self.save] if self.save is not None else [])
 
 
 def source_status(source: SourceReport) -> Status:
@@ -153,7 +155,9 @@ def source_status(source: SourceReport) -> Status:
     never started after an earlier one ran (the run cut while it waited for
     a slot, a critical hook), ``skipped`` if none started, else ``ok``.
     """
-    statuses = [step.status for step in source.steps()]
+    # A failed precopy is no failure (SPEC §2 step 3): step 3 copies the rest.
+    statuses = [step.status for step in source.steps()
+                if step is not source.precopy or step.status != "failed"]
     for status in ("failed", "cancelled"):
         if status in statuses:
             return status
