@@ -150,3 +150,52 @@ def subvolume_info(path: str) -> dict[str, str] | None:
     return {"UUID": str(uuid.UUID(bytes=bytes(info.uuid))),
             "Received UUID": str(uuid.UUID(bytes=received)) if any(received) else "-",
             "Flags": "readonly" if info.flags & _ROOT_SUBVOL_RDONLY else "-"}
+
+
+# Filesystems that keep no journal: after a power cut a file may have its name and
+# size but not its content, whatever was flushed in between (SPEC §1).
+_WITHOUT_JOURNAL = {"vfat", "msdos", "fat", "exfat", "ext2"}
+
+
+def _kernel_name(path: str) -> str | None:
+    """The block device's kernel name (``sda1``, ``loop3``) of the filesystem of ``path``:
+    what /sys/fs/ext4 and /proc/fs/jbd2 name it by."""
+    try:
+        dev = os.stat(path).st_dev
+        return os.path.basename(os.path.realpath(
+            f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"))
+    except OSError:
+        return None
+
+
+def _ext_has_journal(path: str) -> bool | None:
+    """An ext3/ext4 filesystem has a journal (its jbd2 thread runs), or None if unknown.
+
+    Read from what the kernel publishes of the mounted filesystem, so no
+    device needs to be opened: /sys/fs/ext4/<dev>/journal_task names the
+    journal's thread, ``<none>`` without one; /proc/fs/jbd2/<dev>-<inode>
+    exists only for a journal.
+    """
+    name = _kernel_name(path)
+    if name is None:
+        return None
+    try:
+        with open(f"/sys/fs/ext4/{name}/journal_task") as f:
+            return f.read().strip() != "<none>"
+    except OSError:
+        pass
+    try:
+        return any(entry.startswith(f"{name}-") for entry in os.listdir("/proc/fs/jbd2"))
+    except OSError:
+        return None
+
+
+def durability_problem(path: str) -> str | None:
+    """Why the filesystem of ``path`` cannot promise that a flushed file survives a power
+    cut whole ("vfat, which has no journal"), or None (also when it cannot be told)."""
+    fstype = filesystem_type(path)
+    if fstype in _WITHOUT_JOURNAL:
+        return f"{fstype}, which has no journal"
+    if fstype in ("ext3", "ext4") and _ext_has_journal(path) is False:
+        return f"{fstype} without a journal"
+    return None

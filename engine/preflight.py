@@ -15,7 +15,12 @@ import stat
 from typing import TYPE_CHECKING
 
 from .destination import destination_problem, identify
-from .filesystems import filesystem_type, on_mounted_filesystem, same_filesystem
+from .filesystems import (
+    durability_problem,
+    filesystem_type,
+    on_mounted_filesystem,
+    same_filesystem,
+)
 from .sources.kind import kind_of
 
 if TYPE_CHECKING:
@@ -77,6 +82,12 @@ def _destination_warnings(config: Config) -> list[str]:
             f"destination: {dest} is on the root filesystem and require_mountpoint is not "
             "set: if the backup disk is not mounted one night, the run fills the root disk; "
             "set require_mountpoint = true")
+    fragile = durability_problem(dest)
+    if fragile is not None:
+        warnings.append(
+            f"destination: its filesystem ({fragile}) cannot promise that a backup survives "
+            "a power cut whole: a complete backup may be left with empty or short files; "
+            "prefer ext4 (with its journal), XFS or btrfs")
     fstype = filesystem_type(dest)
     poor = [s.name for s in config.sources if kind_of(s).asks_for_metadata(s)]
     if fstype in _POOR_FILESYSTEMS and poor:
