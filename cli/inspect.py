@@ -139,7 +139,7 @@ def diff_command(args: argparse.Namespace, config: Config) -> int:
     try:
         check_args(args.old, args.new)
         if args.source is not None and (not args.source or "/" in args.source
-                                        or args.source in (".", "..")):
+                                        or args.source in (".", "..", ".pibackup")):
             raise UsageProblem(f"--source {args.source!r} is not a source folder's name")
     except UsageProblem as e:
         print(f"error: {e}", file=sys.stderr)

@@ -132,11 +132,15 @@ def _parser() -> argparse.ArgumentParser:
 
     verify = commands.add_parser("verify", parents=[common],
                                  help="read a backup back; find what cannot be read")
-    verify.add_argument("backup", metavar="BACKUP", nargs="?", default="latest",
+    verify.add_argument("backup", metavar="BACKUP", nargs="?",
                         help="a backup name, or latest (default)")
+    verify.add_argument("--all", action="store_true", dest="every",
+                        help="every complete backup, oldest first")
     verify.add_argument("--source", metavar="NAME", help="only this source")
     verify.add_argument("--against-source", action="store_true",
                         help="also compare unchanged files with the live source")
+    verify.add_argument("--sample", metavar="PERCENT",
+                        help="read only the next of ceil(100/PERCENT) groups of the files")
     verify.add_argument("--no-progress", action="store_true", help="no live progress")
 
     init = commands.add_parser("init", parents=[common],

@@ -6,8 +6,13 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from pibackup_async.engine.lookup import UsageProblem, check_backup_arg
-from pibackup_async.engine.verify import VerifyRequest, check_source_name, verify_backup
+from pibackup_async.engine.lookup import LATEST, UsageProblem, check_backup_arg
+from pibackup_async.engine.verify import (
+    VerifyRequest,
+    check_sample,
+    check_source_name,
+    verify_backup,
+)
 
 from .exit_codes import EXIT_USAGE
 from .progress import cleared, wanted
@@ -21,12 +26,17 @@ if TYPE_CHECKING:
 
 def verify_command(args: argparse.Namespace, config: Config) -> int:
     try:
-        check_backup_arg(args.backup)
+        if args.every and args.backup is not None:
+            raise UsageProblem("BACKUP and --all: give one or the other")
+        backup = args.backup if args.backup is not None else LATEST
+        check_backup_arg(backup)
         check_source_name(args.source)
+        sample = check_sample(args.sample)
     except UsageProblem as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    request = VerifyRequest(args.backup, args.source, args.against_source)
+    request = VerifyRequest(backup, args.source, args.against_source, every=args.every,
+                            sample=sample)
     out = _Stdout()
     return under_signals("verify",
                          lambda interruption: verify_backup(config, interruption, request,

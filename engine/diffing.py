@@ -21,6 +21,7 @@ import stat
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from .checksums import MANIFEST_DIR
 from .destination import complete, scan
 from .errors import PibackupError
 from .lookup import LATEST, NotHeld, check_backup_arg, find_backup
@@ -33,8 +34,11 @@ ChangeKind = Literal["+", "-", "M", "T"]
 # How many entries pass between two calls of ``check`` (a cancel is heard
 # within a few milliseconds without paying for a call per entry).
 CHECK_EVERY = 256
+# The backup's manifests: never a source (SPEC §9).
+_MANIFEST = MANIFEST_DIR.encode()
 
 _GONE = (FileNotFoundError, NotADirectoryError)
+_FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class TooFewBackups(PibackupError):
@@ -132,30 +136,36 @@ def source_names(destination: str, old: str, new: str, only: str | None = None) 
         if not (holds_source(destination, old, name) or holds_source(destination, new, name)):
             raise NotHeld(f"neither {old} nor {new} holds a source {only}")
         return [name]
-    return sorted(_folders(os.path.join(base, old.encode()))
-                  | _folders(os.path.join(base, new.encode())))
+    return sorted((_folders(os.path.join(base, old.encode()))
+                   | _folders(os.path.join(base, new.encode()))) - {_MANIFEST})
 
 
-def _lstat(path: bytes) -> os.stat_result | None:
+def _lstat(name: bytes, folder: int | None = None) -> os.stat_result | None:
     try:
-        return os.lstat(path)
+        return os.stat(name, dir_fd=folder, follow_symlinks=False)
     except _GONE:
         return None
 
 
-def _names(folder: bytes | None) -> list[bytes]:
+def _open_folder(name: bytes, folder: int | None = None) -> int | None:
+    try:
+        return os.open(name, _FOLDER, dir_fd=folder)
+    except _GONE:
+        return None
+
+
+def _names(folder: int | None) -> list[bytes]:
     if folder is None:
         return []
     try:
-        with os.scandir(folder) as entries:
-            names = [e.name for e in entries]
+        names = [os.fsencode(n) for n in os.listdir(folder)]
     except _GONE:
         return []
     names.sort()
     return names
 
 
-def _merged(old: bytes | None, new: bytes | None) -> Iterator[bytes]:
+def _merged(old: int | None, new: int | None) -> Iterator[bytes]:
     """Every name of either folder once, in byte order."""
     a, b = _names(old), _names(new)
     i = j = 0
@@ -178,15 +188,18 @@ def _size(st: os.stat_result | None) -> int | None:
     return st.st_size if st is not None and stat.S_ISREG(st.st_mode) else None
 
 
-def _readlink(path: bytes) -> bytes | None:
+# Where an entry is: its folder's descriptor (None: ``name`` is a whole path) and name.
+_Place = tuple[int | None, bytes]
+
+
+def _readlink(place: _Place) -> bytes | None:
     try:
-        return os.readlink(path)
+        return os.readlink(place[1], dir_fd=place[0])
     except _GONE:
         return None
 
 
-def _differs(old: os.stat_result, new: os.stat_result, old_path: bytes,
-             new_path: bytes) -> bool:
+def _differs(old: os.stat_result, new: os.stat_result, old_at: _Place, new_at: _Place) -> bool:
     """Same type: does anything but a folder's mtime and size differ?"""
     if (old.st_mode != new.st_mode or old.st_uid != new.st_uid
             or old.st_gid != new.st_gid):
@@ -201,14 +214,14 @@ def _differs(old: os.stat_result, new: os.stat_result, old_path: bytes,
     if kind == stat.S_IFLNK:
         # A link that vanished reads as None here: it differs, and is gone
         # by the time anyone looks.
-        return _readlink(old_path) != _readlink(new_path)
+        return _readlink(old_at) != _readlink(new_at)
     if kind in (stat.S_IFCHR, stat.S_IFBLK):
         return old.st_rdev != new.st_rdev
     return False
 
 
-def _classify(old: os.stat_result | None, new: os.stat_result | None, old_path: bytes,
-              new_path: bytes) -> ChangeKind | None:
+def _classify(old: os.stat_result | None, new: os.stat_result | None, old_at: _Place,
+              new_at: _Place) -> ChangeKind | None:
     if old is None:
         return "+"
     if new is None:
@@ -217,7 +230,7 @@ def _classify(old: os.stat_result | None, new: os.stat_result | None, old_path: 
         return None
     if stat.S_IFMT(old.st_mode) != stat.S_IFMT(new.st_mode):
         return "T"
-    return "M" if _differs(old, new, old_path, new_path) else None
+    return "M" if _differs(old, new, old_at, new_at) else None
 
 
 def diff_source(old_root: bytes | None, new_root: bytes | None,
@@ -226,6 +239,8 @@ def diff_source(old_root: bytes | None, new_root: bytes | None,
     everything added or removed), in sorted order, each folder's entries right after it.
 
     The two folders themselves are compared too (path ``b"."``), without their mtime.
+    Below them, everything is reached by directory descriptor, never by a whole
+    path (which may be longer than PATH_MAX); one descriptor per side and level.
     Raises OSError for a read error other than an entry vanishing.
     """
     old_st = _lstat(old_root) if old_root is not None else None
@@ -234,38 +249,49 @@ def diff_source(old_root: bytes | None, new_root: bytes | None,
     new_dir = new_root if new_st is not None and stat.S_ISDIR(new_st.st_mode) else None
     if old_dir is not None and new_dir is not None:
         assert old_st is not None and new_st is not None
-        if _classify(old_st, new_st, old_dir, new_dir) is not None:
+        if _classify(old_st, new_st, (None, old_dir), (None, new_dir)) is not None:
             yield Change(b".", "M", None, None)
-    # Depth first without recursion: (path relative to the root, old folder,
-    # new folder, the names still to visit).
-    stack = [(b"", old_dir, new_dir, _merged(old_dir, new_dir))]
+    old_fd = _open_folder(old_dir) if old_dir is not None else None
+    new_fd = _open_folder(new_dir) if new_dir is not None else None
+    # Depth first without recursion: (path relative to the root, old folder, new
+    # folder, the names still to visit).
+    stack = [(b"", old_fd, new_fd, _merged(old_fd, new_fd))]
     seen = 0
-    while stack:
-        rel, old, new, names = stack[-1]
-        name = next(names, None)
-        if name is None:
-            stack.pop()
-            continue
-        seen += 1
-        if seen % CHECK_EVERY == 0:
-            check()
-        old_path = old + b"/" + name if old is not None else b""
-        new_path = new + b"/" + name if new is not None else b""
-        old_st = _lstat(old_path) if old is not None else None
-        new_st = _lstat(new_path) if new is not None else None
-        if old_st is None and new_st is None:
-            continue
-        path = rel + b"/" + name if rel else name
-        change = _classify(old_st, new_st, old_path, new_path)
-        if change is not None:
-            yield Change(path, change, _size(old_st), _size(new_st))
-        elif old_st is not None and new_st is not None and old_st.st_ino == new_st.st_ino \
-                and old_st.st_dev == new_st.st_dev:
-            continue  # the same inode: the same folder, nothing below can differ
-        old_sub = old_path if old_st is not None and stat.S_ISDIR(old_st.st_mode) else None
-        new_sub = new_path if new_st is not None and stat.S_ISDIR(new_st.st_mode) else None
-        if old_sub is not None or new_sub is not None:
-            stack.append((path, old_sub, new_sub, _merged(old_sub, new_sub)))
+    try:
+        while stack:
+            rel, old, new, names = stack[-1]
+            name = next(names, None)
+            if name is None:
+                stack.pop()
+                for fd in (old, new):
+                    if fd is not None:
+                        os.close(fd)
+                continue
+            seen += 1
+            if seen % CHECK_EVERY == 0:
+                check()
+            old_st = _lstat(name, old) if old is not None else None
+            new_st = _lstat(name, new) if new is not None else None
+            if old_st is None and new_st is None:
+                continue
+            path = rel + b"/" + name if rel else name
+            change = _classify(old_st, new_st, (old, name), (new, name))
+            if change is not None:
+                yield Change(path, change, _size(old_st), _size(new_st))
+            elif old_st is not None and new_st is not None and old_st.st_ino == new_st.st_ino \
+                    and old_st.st_dev == new_st.st_dev:
+                continue  # the same inode: the same folder, nothing below can differ
+            old_sub = _open_folder(name, old) if old_st is not None and stat.S_ISDIR(
+                old_st.st_mode) else None
+            new_sub = _open_folder(name, new) if new_st is not None and stat.S_ISDIR(
+                new_st.st_mode) else None
+            if old_sub is not None or new_sub is not None:
+                stack.append((path, old_sub, new_sub, _merged(old_sub, new_sub)))
+    finally:
+        for _, old, new, _ in stack:
+            for fd in (old, new):
+                if fd is not None:
+                    os.close(fd)
 
 
 def diff_backups(destination: str, old: str, new: str, source: bytes,

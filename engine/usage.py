@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 CHECK_EVERY = 1024
 _GONE = (FileNotFoundError, NotADirectoryError)
+_FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 # A value of the inode map: links seen << 32 | shared flag | index of the
 # last backup that held it.
@@ -117,24 +118,45 @@ def _lstat(path: bytes) -> os.stat_result | None:
         return None
 
 
-def _entries(folders: list[bytes], check: Callable[[], None]) -> Iterator[os.DirEntry[bytes]]:
-    """Every entry of ``folders``, and of the folders the caller appends while reading.
+def _walk(top: bytes, check: Callable[[], None], enter: Callable[[os.DirEntry[str]], bool]
+          ) -> Iterator[tuple[int, os.DirEntry[str], bytes]]:
+    """(folder's descriptor, entry, folder's path below ``top``) for every entry below the
+    folder ``top``, depth first; a folder is entered when ``enter(entry)`` says so.
 
-    A folder that vanished is skipped; ``check`` runs every ``CHECK_EVERY``
-    entries (a cancel lands there).
+    Folders are reached by descriptor (``openat``), never by a whole path, which may
+    be longer than PATH_MAX. A folder that vanished is skipped; ``check`` runs every
+    ``CHECK_EVERY`` entries (a cancel lands there).
     """
+    try:
+        fd = os.open(top, _FOLDER)
+    except _GONE:
+        return
+    stack = [(fd, os.scandir(fd), b"")]
     seen = 0
-    while folders:
-        try:
-            entries = os.scandir(folders.pop())
-        except _GONE:
-            continue
-        with entries:
-            for entry in entries:
-                seen += 1
-                if seen % CHECK_EVERY == 0:
-                    check()
-                yield entry
+    try:
+        while stack:
+            fd, entries, rel = stack[-1]
+            entry = next(entries, None)
+            if entry is None:
+                entries.close()
+                os.close(fd)
+                stack.pop()
+                continue
+            seen += 1
+            if seen % CHECK_EVERY == 0:
+                check()
+            yield fd, entry, rel
+            if entry.is_dir(follow_symlinks=False) and enter(entry):
+                try:
+                    child = os.open(entry.name, _FOLDER, dir_fd=fd)
+                except _GONE:
+                    continue
+                name = os.fsencode(entry.name)
+                stack.append((child, os.scandir(child), rel + b"/" + name if rel else name))
+    finally:
+        for fd, entries, _ in stack:
+            entries.close()
+            os.close(fd)
 
 
 def walk_backup(tally: Tally, index: int, top: bytes,
@@ -147,18 +169,26 @@ def walk_backup(tally: Tally, index: int, top: bytes,
         return
     device = st.st_dev
     alone = st.st_blocks  # blocks of folders and single-link files, summed once at the end
-    folders = [top]
     is_dir = stat.S_ISDIR
-    for entry in _entries(folders, check):
+
+    def enter(entry: os.DirEntry[str]) -> bool:
+        try:
+            st = entry.stat(follow_symlinks=False)  # cached: the loop below read it
+        except _GONE:
+            return False
+        return not (st.st_ino == SUBVOLUME_INODE and st.st_dev != device)
+
+    for _, entry, rel in _walk(top, check, enter):
         try:
             st = entry.stat(follow_symlinks=False)
         except _GONE:
             continue
         if is_dir(st.st_mode):
             if st.st_ino == SUBVOLUME_INODE and st.st_dev != device:
-                tally.subvolumes.append((index, entry.path))
+                name = os.fsencode(entry.name)
+                tally.subvolumes.append((index, os.path.join(top, rel, name) if rel
+                                         else os.path.join(top, name)))
                 continue
-            folders.append(entry.path)
             alone += st.st_blocks
         elif st.st_nlink <= 1:
             alone += st.st_blocks
@@ -234,12 +264,8 @@ def shared_bytes(subvolumes: list[bytes], check: Callable[[], None] = lambda: No
     """The bytes of the extents that files of ``subvolumes`` share, each counted once."""
     shared: dict[int, int] = {}
     for top in subvolumes:
-        folders = [top]
         inodes: set[int] = set()  # hard links within a subvolume: read once
-        for entry in _entries(folders, check):
-            if entry.is_dir(follow_symlinks=False):
-                folders.append(entry.path)
-                continue
+        for folder, entry, _ in _walk(top, check, lambda _: True):
             if not entry.is_file(follow_symlinks=False):
                 continue
             try:
@@ -248,7 +274,8 @@ def shared_bytes(subvolumes: list[bytes], check: Callable[[], None] = lambda: No
                     if st.st_ino in inodes:
                         continue
                     inodes.add(st.st_ino)
-                fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                fd = os.open(entry.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             dir_fd=folder)
             except _GONE:
                 continue
             try:
