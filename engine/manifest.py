@@ -38,7 +38,8 @@ if TYPE_CHECKING:
     from typing import BinaryIO
 
 CHUNK = 1 << 20  # bytes per read, into one reused buffer
-CHECK_EVERY = 256  # entries between calls of ``check`` while nothing is read
+CHECK_EVERY = 256  # entries between calls of ``check``
+CHECK_BYTES = 8 * CHUNK  # or bytes read
 _OPEN_FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # Reading must not write: without O_NOATIME the first read of each file
 # writes its inode back (relatime). Only the owner (or root) may ask for it.
@@ -47,9 +48,6 @@ _OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _GONE = (FileNotFoundError, NotADirectoryError)
 # Sources are saved concurrently, each adding its name to SOURCES.
 _SOURCES_LOCK = threading.Lock()
-
-# A path's place in the canonical order: (its folders, its name).
-_Key = tuple[tuple[bytes, ...], bytes]
 
 
 @dataclass
@@ -148,28 +146,41 @@ def _open_file(name: str, folder: int | None) -> int:
 
 
 class _Inherited:
-    """The earlier manifest, read in step with the walk (both in the canonical order)."""
+    """The earlier manifest, read in step with the walk (both in the canonical order).
+
+    A folder's lines are consecutive and share their folder's part of the
+    path: that part is compared as bytes, and split into its components
+    (to tell which of two folders comes first) once per folder, not per line.
+    """
 
     def __init__(self, stream: BinaryIO | None) -> None:
         self._lines = read_manifest(stream) if stream is not None else iter(())
-        self._next: tuple[_Key, str] | None = None
         self._ended = stream is None
+        # The line read ahead: its folder part, name and digest (name None: none).
+        self._folder = b""
+        self._folder_key: tuple[bytes, ...] = ()
+        self._name: bytes | None = None
+        self._digest = ""
         # Why the earlier manifest stopped being used midway, if it did.
         self.broken: str | None = None
 
-    def digest(self, key: _Key) -> str | None:
-        """The earlier manifest's digest for the path ``key``, or None if it has none."""
+    def digest(self, folder: _Folder, name: bytes) -> str | None:
+        """The earlier manifest's digest for ``name`` in ``folder``, or None if it has none."""
         while not self._ended:
-            if self._next is None:
+            if self._name is None:
                 self._advance()
                 continue
-            seen, digest = self._next
-            if seen < key:
-                self._next = None
+            if self._folder == folder.path:
+                if self._name < name:
+                    self._name = None
+                    continue
+                if self._name == name:
+                    self._name = None
+                    return self._digest
+                return None
+            if self._folder_key < folder.folders:
+                self._name = None
                 continue
-            if seen == key:
-                self._next = None
-                return digest
             return None
         return None
 
@@ -184,8 +195,10 @@ class _Inherited:
             self.broken = f"the earlier backup's manifest is malformed ({e})"
             self._ended = True
             return
-        *folders, name = path.split(b"/")
-        self._next = ((tuple(folders), name), digest)
+        folder, _, name = path.rpartition(b"/")
+        if folder != self._folder:
+            self._folder, self._folder_key = folder, tuple(folder.split(b"/"))
+        self._name, self._digest = name, digest
 
 
 @dataclass
@@ -194,6 +207,10 @@ class _Folder:
     earlier: int | None  # the same folder in the earlier copy, if there is one
     folders: tuple[bytes, ...]  # its path's components, the source's name first
     subfolders: Iterator[str] | None = None
+
+    def __post_init__(self) -> None:
+        self.path = b"/".join(self.folders)  # relative to the backup: b"data/photos"
+        self.prefix = self.path + b"/"
 
     def close(self) -> None:
         os.close(self.fd)
@@ -232,34 +249,37 @@ def _write_lines(out: BinaryIO, top: str, source: str, earlier: str | None,
     # Files of this run with several names in the copy: read once, by inode.
     # Dropped once every name is seen, so this follows such files, not the tree.
     several: dict[int, _Shared] = {}
-    seen = 0
-    for folder, entry, linked in _walk(top, source, earlier, check):
+    seen = checked_at = 0
+    for folder, name, entry, linked in _walk(top, source, earlier, check):
         seen += 1
-        if seen % CHECK_EVERY == 0:
+        # Between files, not after each: a check costs as much as hashing a
+        # small file. Often enough that a cancel lands, and a read that moves
+        # keeps its Progress alive, within a fraction of a second.
+        if seen % CHECK_EVERY == 0 or made.hashed_bytes - checked_at >= CHECK_BYTES:
+            checked_at = made.hashed_bytes
             check()
             if on_file is not None:
                 on_file(made.files)
-        name = os.fsencode(entry.name)
-        key = (folder.folders, name)
-        digest = inherit.digest(key) if linked else None
+        digest = inherit.digest(folder, name) if linked else None
         if digest is not None:
             made.inherited += 1
         else:
-            digest = _digest_new(folder, entry, several, buffer, made, check)
+            digest = _digest_new(folder, name, entry, several, buffer, made, check)
             if digest is None:
                 continue  # gone, or no longer a regular file
-        out.write(format_line(digest, b"/".join((*folder.folders, name))))
+        out.write(format_line(digest, folder.prefix + name))
         made.files += 1
 
 
-def _digest_new(folder: _Folder, entry: os.DirEntry[str], several: dict[int, _Shared],
-                buffer: bytearray, made: Made, check: Callable[[], None]) -> str | None:
+def _digest_new(folder: _Folder, name: bytes, entry: os.DirEntry[str],
+                several: dict[int, _Shared], buffer: bytearray, made: Made,
+                check: Callable[[], None]) -> str | None:
     try:
         fd = _open_file(entry.name, folder.fd)
     except _GONE:
         return None
     except OSError as e:
-        raise OSError(e.errno, e.strerror, _shown(folder, entry)) from None
+        raise OSError(e.errno, e.strerror, os.fsdecode(folder.prefix + name)) from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -271,9 +291,9 @@ def _digest_new(folder: _Folder, entry: os.DirEntry[str], several: dict[int, _Sh
                 del several[st.st_ino]
             return known.digest
         try:
-            digest = _hash(fd, buffer, made, check)
+            digest = _hash(fd, st.st_size, buffer, made, check)
         except OSError as e:
-            raise OSError(e.errno, e.strerror, _shown(folder, entry)) from None
+            raise OSError(e.errno, e.strerror, os.fsdecode(folder.prefix + name)) from None
         if st.st_nlink > 1:
             several[st.st_ino] = _Shared(digest, 1)
         return digest
@@ -281,26 +301,30 @@ def _digest_new(folder: _Folder, entry: os.DirEntry[str], several: dict[int, _Sh
         os.close(fd)
 
 
-def _hash(fd: int, buffer: bytearray, made: Made, check: Callable[[], None]) -> str:
+def _hash(fd: int, size: int, buffer: bytearray, made: Made, check: Callable[[], None]) -> str:
     digest = hashlib.sha256()
     view = memoryview(buffer)
+    total = 0
     while True:
         count = os.readv(fd, [buffer])
         if count == 0:
             return digest.hexdigest()
         # hashlib lets go of the GIL for blocks this size: the event loop runs on.
         digest.update(view[:count])
+        total += count
         made.hashed_bytes += count
-        check()
-
-
-def _shown(folder: _Folder, entry: os.DirEntry[str]) -> str:
-    return os.fsdecode(b"/".join((*folder.folders, os.fsencode(entry.name))))
+        if count < CHUNK and total == size:
+            # A short read that ends where fstat said: the end, without one
+            # more read (most files are smaller than a block).
+            return digest.hexdigest()
+        if count == CHUNK:
+            check()
 
 
 def _walk(top: str, source: str, earlier: str | None, check: Callable[[], None]
-          ) -> Iterator[tuple[_Folder, os.DirEntry[str], bool]]:
-    """Every regular file below ``top`` in the canonical order: (its folder, it, linked).
+          ) -> Iterator[tuple[_Folder, bytes, os.DirEntry[str], bool]]:
+    """Every regular file below ``top`` in the canonical order: (its folder, its name, it,
+    linked).
 
     ``linked``: the same inode as the same path in ``earlier``. Folders on
     another filesystem are not entered. The folder's descriptor is open
@@ -358,13 +382,13 @@ def _open_earlier(name: str | None, parent: int | None, device: int) -> int | No
 
 
 def _files_of(folder: _Folder, trust: _Trust
-              ) -> Iterator[tuple[_Folder, os.DirEntry[str], bool]]:
+              ) -> Iterator[tuple[_Folder, bytes, os.DirEntry[str], bool]]:
     """The folder's regular files, sorted; its subfolders are kept, sorted, for later."""
     with os.scandir(folder.fd) as listing:
-        entries = sorted(listing, key=lambda e: os.fsencode(e.name))
-    folder.subfolders = iter([e.name for e in entries if e.is_dir(follow_symlinks=False)])
+        entries = sorted(((os.fsencode(e.name), e) for e in listing), key=_by_name)
+    folder.subfolders = iter([e.name for _, e in entries if e.is_dir(follow_symlinks=False)])
     earlier = _earlier_inodes(folder.earlier)
-    for entry in entries:
+    for name, entry in entries:
         try:
             if not entry.is_file(follow_symlinks=False):
                 continue
@@ -372,7 +396,11 @@ def _files_of(folder: _Folder, trust: _Trust
                       and trust.confirm(entry))
         except _GONE:
             continue
-        yield folder, entry, linked
+        yield folder, name, entry, linked
+
+
+def _by_name(item: tuple[bytes, os.DirEntry[str]]) -> bytes:
+    return item[0]
 
 
 def _earlier_inodes(fd: int | None) -> dict[str, int]:

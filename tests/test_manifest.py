@@ -222,3 +222,39 @@ def test_a_btrfs_source_saved_onto_a_plain_folder_gets_its_manifest(
     backup, report = saved(ws)
     assert sha256sum_check(backup).returncode == 0
     assert report["sources"]["data"]["hashed_bytes"] == len("a btrfs file, changed\n")
+
+
+def _two_copies(ws: Workspace) -> tuple[Path, Path]:
+    """Two backups of one source by real rsync, the second linked against the first."""
+    src = ws.make_source("data", {f"d{i % 3}/f{i}.txt": f"file {i}\n" for i in range(30)})
+    first, second = ws.root / "b1", ws.root / "b2"
+    for backup, link in ((first, None), (second, first / "data")):
+        backup.mkdir()
+        argv = ["rsync", "-aH", *([f"--link-dest={link}"] if link else []),
+                f"{src}/", f"{backup}/data/"]
+        subprocess.run(argv, check=True)
+    return first, second
+
+
+@pytest.mark.parametrize("damage", ["shuffled", "malformed"])
+def test_an_earlier_manifest_out_of_order_or_malformed_only_costs_reads(
+        ws: Workspace, damage: str) -> None:
+    from pibackup_async.engine.manifest import write_manifest
+
+    first, second = _two_copies(ws)
+    made = write_manifest(str(first), "data", None)
+    assert made.files == 30 and made.inherited == 0
+    manifest = first / ".pibackup" / "data.sha256"
+    lines = manifest.read_bytes().split(b"\n")[:-1]
+    if damage == "shuffled":
+        lines.reverse()
+    else:
+        lines[10] = b"not a line of sha256sum"
+    manifest.write_bytes(b"".join(line + b"\n" for line in lines))
+
+    made = write_manifest(str(second), "data", str(first / "data"))
+    checked = sha256sum_check(second)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert made.files == 30 and made.hashed_bytes > 0
+    if damage == "malformed":
+        assert made.inherited == 10 and "malformed" in str(made.unused_earlier), made

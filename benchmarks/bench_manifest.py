@@ -1,0 +1,182 @@
+"""Benchmark: what the manifests (SPEC §9) cost a run, and SHA-256's speed here.
+
+Run from the repository root (root: to drop the page cache)::
+
+    python benchmarks/bench_manifest.py             # 4 sources x 20,000 files of 4 KiB
+    python benchmarks/bench_manifest.py --quick     # 4 x 2,000: a smoke run
+
+Three runs of the engine into one destination, in order:
+
+- **first**: a fresh destination, cold page cache: every file is copied and
+  every file is read once to hash it;
+- **nightly, nothing changed**: cold cache again (a night later nothing of it
+  is cached); every file is linked, nothing is read, the digests come from
+  the first backup's manifest;
+- **nightly, 1% changed**: 1% of each source's files rewritten (same size,
+  new contents and mtime), cold cache: only those are read.
+
+For each: the run's ``duration_s`` (report), step 5's wall time (the
+"saves finished" log event: the sources' saves are their manifests, run
+concurrently), the sum of the sources' ``save.duration_s``, the report's
+``hashed_bytes``, and the engine process's own peak RSS (VmHWM of the CLI,
+not its rsync children). SPEC §9's goals: step 5 at most 10% of a first
+backup, at most 3% of a nightly re-run; RSS under 60 MB.
+
+Also: hashlib's SHA-256 throughput on this machine (MB/s, 1 MiB blocks in
+memory), to set against published Raspberry Pi 4 figures (README "Manifests").
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from benchkit import build_tree, drop_caches, measure
+
+REPO = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, "-m", "pibackup_async.cli"]
+FILE_SIZE = 4096
+NAMES = ["alpha", "beta", "gamma", "delta"]
+
+
+def engine_config(path: Path, dest: Path, state: Path, sources: list[tuple[str, Path]],
+                  jobs: int) -> Path:
+    lines = [f"destination = {json.dumps(str(dest))}",
+             f"state_dir = {json.dumps(str(state))}",
+             f"concurrency = {jobs}"]
+    for name, src in sources:
+        lines += ["", "[[sources]]", f"name = {json.dumps(name)}", 'type = "rsync"',
+                  f"path = {json.dumps(str(src))}"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def change_one_percent(tree: Path, rep: int) -> int:
+    """Rewrite every 100th file with new contents of the same size and a new mtime."""
+    changed = 0
+    for folder in sorted(p for p in tree.iterdir() if p.is_dir()):
+        for i, f in enumerate(sorted(folder.iterdir())):
+            if i % 100 == 0:
+                f.write_bytes(os.urandom(f.stat().st_size))
+                stamp = time.time() - 3600 + rep
+                os.utime(f, (stamp, stamp))
+                changed += 1
+    return changed
+
+
+def one_run(config: Path, state: Path) -> dict[str, float]:
+    measured = measure([*CLI, "run", "-c", str(config), "--no-report", "--no-progress",
+                        "--log-format", "json"], own_rss=True)
+    reports = sorted((state / "reports").glob("*.json"))
+    report = json.loads(reports[-1].read_text())
+    assert report["status"] == "ok", report
+    saves = [json.loads(line) for line in measured.stderr.splitlines()
+             if line.startswith("{") and '"saves finished"' in line]
+    sources = report["sources"].values()
+    return {
+        "wall_s": measured.wall_s,
+        "run_s": float(report["duration_s"]),
+        "step5_s": float(saves[-1]["duration_s"]) if saves else float("nan"),
+        "saves_sum_s": sum(float(s["save"]["duration_s"]) for s in sources),
+        "snapshots_sum_s": sum(float(s["snapshot"]["duration_s"]) for s in sources),
+        "hashed_mib": sum(int(s["hashed_bytes"]) for s in sources) / 2**20,
+        "rss_mib": (measured.own_rss_kib or 0) / 1024,
+    }
+
+
+def sha256_throughput(total_mib: int = 512) -> float:
+    """MB/s (10^6 bytes) of hashlib.sha256 over 1 MiB blocks already in memory."""
+    block = os.urandom(1 << 20)
+    best = 0.0
+    for _ in range(3):
+        digest = hashlib.sha256()
+        started = time.perf_counter()
+        for _ in range(total_mib):
+            digest.update(block)
+        best = max(best, total_mib * (1 << 20) / (time.perf_counter() - started) / 1e6)
+    return best
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="4 x 2,000 files: a smoke run")
+    parser.add_argument("--work", type=Path, default=REPO / "benchmarks" / "work",
+                        help="work folder (default: benchmarks/work, gitignored)")
+    parser.add_argument("--files", type=int, help="files per source (default 20000)")
+    parser.add_argument("--jobs", type=int, default=4, help="the run's concurrency (default 4)")
+    parser.add_argument("--reps", type=int, default=1, help="repetitions; medians are shown")
+    args = parser.parse_args()
+
+    files = args.files or (2000 if args.quick else 20000)
+    work: Path = args.work.resolve()
+    runs = work / "manifest-runs"
+    if runs.exists():
+        shutil.rmtree(runs)
+    runs.mkdir(parents=True)
+    print(f"building 4 sources of {files} x 4 KiB under {work} ...", flush=True)
+    sources = []
+    for i, name in enumerate(NAMES):
+        # Trees of their own: the 1% run rewrites them (bench_run's stay as they are).
+        tree = work / "trees" / f"manifest-{name}-{files}"
+        build_tree(tree, files, size=FILE_SIZE, seed=200 + i)
+        sources.append((name, tree))
+    cold = drop_caches_ok()
+
+    results: dict[str, list[dict[str, float]]] = {}
+    for rep in range(args.reps):
+        dest, state = runs / f"r{rep}-dest", runs / f"r{rep}-state"
+        dest.mkdir()
+        config = engine_config(runs / f"r{rep}.toml", dest, state, sources, args.jobs)
+        for label in ("first backup", "nightly, nothing changed", "nightly, 1% changed"):
+            if label.endswith("1% changed"):
+                for _, tree in sources:
+                    change_one_percent(tree, rep)
+            if cold:
+                drop_caches()
+            row = one_run(config, state)
+            results.setdefault(label, []).append(row)
+            print(f"  r{rep} {label}: run {row['run_s']:.2f}s, step 5 {row['step5_s']:.3f}s, "
+                  f"hashed {row['hashed_mib']:.1f} MiB", flush=True)
+
+    throughput = sha256_throughput()
+    print()
+    print(f"4 sources x {files} files x 4 KiB, --jobs {args.jobs}, "
+          f"{'cold cache before each run' if cold else 'WARM (page cache not dropped)'}; "
+          f"median of {args.reps}; {os.cpu_count()} CPUs, {platform.release()}")
+    header = (f"{'run':<28}{'run s':>8}{'step 5 s':>10}{'step 5 %':>10}{'saves sum s':>13}"
+              f"{'hashed MiB':>12}{'RSS MiB':>9}{'goal':>7}")
+    print(header)
+    print("-" * len(header))
+    for label, rows in results.items():
+        def med(key: str, rows: list[dict[str, float]] = rows) -> float:
+            return statistics.median(r[key] for r in rows)
+        share = 100 * med("step5_s") / med("run_s")
+        goal = "10%" if label == "first backup" else "3%"
+        print(f"{label:<28}{med('run_s'):>8.2f}{med('step5_s'):>10.3f}{share:>9.1f}%"
+              f"{med('saves_sum_s'):>13.3f}{med('hashed_mib'):>12.1f}{med('rss_mib'):>9.1f}"
+              f"{goal:>7}")
+    print()
+    print(f"hashlib sha256 ({hashlib.sha256().name}, OpenSSL), 1 MiB blocks in memory: "
+          f"{throughput:.0f} MB/s ({platform.machine()})")
+    shutil.rmtree(runs)
+    return 0
+
+
+def drop_caches_ok() -> bool:
+    try:
+        drop_caches()
+    except OSError:
+        return False
+    return True
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
