@@ -99,6 +99,22 @@ def test_allow_empty_lets_a_source_become_empty(ws: Workspace) -> None:
     assert os.listdir(ws.dest / newest / "data") == []
 
 
+def test_with_a_precopy_an_empty_source_fails_all_the_same(ws: Workspace) -> None:
+    src = ws.src / "data"
+    src.mkdir()
+    twenty_files(src)
+    hook = '[[snapshot_hooks]]\nname = "window"\npre = "true"\n'
+    ws.write_config(rsync_source("data", src) + hook + KEEP_3)
+    cli_ok(ws, "run")
+    for path in sorted(src.rglob("*"), reverse=True):
+        path.unlink() if path.is_file() else path.rmdir()
+
+    _, report = failed_run(ws)
+
+    assert EMPTY in str(report["failure"]), report
+    assert len(complete_backups(ws.dest)) == 1
+
+
 def test_a_source_that_was_empty_or_had_no_files_stays_fine(ws: Workspace) -> None:
     src = ws.src / "data"
     src.mkdir()

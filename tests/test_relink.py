@@ -206,3 +206,46 @@ def test_the_mail_says_which_files_were_copied_afresh() -> None:
     assert "etc:" not in body
     quiet = render_body(_report_with({"data": 0}), host="pi")
     assert "afresh" not in quiet
+
+
+def test_verify_finds_the_flipped_byte_and_the_next_run_copies_it_afresh(ws: Workspace) -> None:
+    """The whole way through the CLI: verify (its manifest) records, run relinks."""
+    src = ws.make_source("data", {"a.txt": CONTENT.decode(), "same.txt": "left alone\n"})
+    ws.write_config(rsync_source("data", src))
+    cli_ok(ws, "run")
+    cli_ok(ws, "run")
+    first, second = complete_backups(ws.dest)
+    copy = ws.dest / second / "data" / "a.txt"
+    flip_byte(copy)
+    bad = os.lstat(copy)
+
+    verified = ws.run("verify")
+    assert verified.returncode == 1, (verified.returncode, verified.stderr, verified.stdout)
+    assert [d.path for d in damaged.load(str(ws.state), str(ws.dest))] == ["a.txt"]
+    cli_ok(ws, "run")
+
+    third = new_backup(ws, [first, second])
+    assert_copied_afresh(ws, "data", b"a.txt", bad, CONTENT, [first, second], third)
+    assert ws.report()["sources"]["data"]["relinked"] == 1
+
+
+def test_with_a_precopy_the_damaged_copy_is_not_linked_from_the_precopied_folder(
+        ws: Workspace) -> None:
+    """The precopy links the damaged inode too, and step 3 links from what it precopied:
+    neither may bring it back."""
+    src = ws.make_source("data", {"a.txt": CONTENT.decode(), "same.txt": "left alone\n"})
+    os.utime(src / "a.txt", (1_600_000_000, 1_600_000_000))  # old: the precopy's copy is trusted
+    hook = '[[snapshot_hooks]]\nname = "window"\npre = "true"\n'
+    ws.write_config(rsync_source("data", src) + hook)
+    cli_ok(ws, "run")
+    [first] = complete_backups(ws.dest)
+    flip_byte(ws.dest / first / "data" / "a.txt")
+    bad = record(ws, first, "data", b"a.txt")
+
+    cli_ok(ws, "run")
+
+    report = ws.report()
+    assert report["sources"]["data"]["precopy"]["status"] == "ok", report
+    second = new_backup(ws, [first])
+    assert_copied_afresh(ws, "data", b"a.txt", bad, CONTENT, [first], second)
+    assert report["sources"]["data"]["relinked"] == 1
