@@ -19,6 +19,7 @@ path. Three promises are checked there:
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
@@ -26,14 +27,18 @@ import re
 import shutil
 import struct
 import subprocess
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import anyio
 import pytest
 from conftest import CLI, needs_root, needs_rsync
 from diskkit import Ext4, Ext4Factory, ext4_filesystems, needs_loop
+from hangkit import hanging, needs_fuse
+from pibackup_async.engine.destination import DestinationLost, LocalDestination
 from pibackup_async.engine.names import format_name
 from prunekit import make_backup
 
@@ -347,3 +352,58 @@ def test_a_power_cut_after_a_run_leaves_every_complete_backup_whole(
     for name in backups:
         assert _contents(dest / name / "data") == wanted[name], (
             f"{name} has its final name but not its content")
+
+
+# --- the flush's own bound: a hung disk is told from a slow one -------------------------------
+
+BOUND_S = 0.5
+
+
+@needs_fuse
+async def test_a_flush_on_a_disk_that_stops_answering_gives_up_after_the_answer_bound(
+    tmp_path: Path,
+) -> None:
+    # Nothing is being written anywhere that this flush waits for: the kernel's
+    # unwritten pages do not fall, so the answer bound applies, not FLUSH_BOUND_S.
+    folder = tmp_path / "dest"
+    folder.mkdir()
+    dest = LocalDestination(str(folder), answer_bound_s=BOUND_S)
+    with hanging(folder) as hang:
+        hang.start()
+        t0 = time.monotonic()
+        with pytest.raises(DestinationLost, match="does not answer"):
+            await dest.flush()
+        assert time.monotonic() - t0 < BOUND_S + 5
+
+
+@needs_fuse
+async def test_a_signal_is_heard_during_a_flush_that_hangs(tmp_path: Path) -> None:
+    folder = tmp_path / "dest"
+    folder.mkdir()
+    dest = LocalDestination(str(folder), answer_bound_s=60)
+    with hanging(folder) as hang:
+        hang.start()
+        t0 = time.monotonic()
+        with anyio.move_on_after(0.3) as scope:
+            await dest.flush()
+        assert scope.cancelled_caught
+        assert time.monotonic() - t0 < 3
+        assert dest.lost is None  # cancelled, not judged lost
+
+
+@needs_root
+@needs_loop
+async def test_a_flush_that_fails_raises_the_disks_error(
+    tmp_path: Path, ext4_fs: Ext4Factory,
+) -> None:
+    fs = ext4_fs(tmp_path / "disk", 16)
+    dest = LocalDestination(str(fs.mount), answer_bound_s=BOUND_S)
+    (fs.mount / "written").write_bytes(b"x" * 65536)
+    fd = os.open(fs.mount, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.ioctl(fd, _EXT4_IOC_SHUTDOWN, struct.pack("I", _NOLOGFLUSH))
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError) as raised:
+        await dest.flush()
+    assert raised.value.errno == errno.EIO, raised.value
