@@ -45,3 +45,31 @@ def test_systemd_analyze_verify_passes_on_the_unit_and_the_timer(tmp_path: Path)
         capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "pibackup-async" not in result.stderr, result.stderr
+
+
+def test_the_verify_unit_reads_a_sample_of_every_backup_and_takes_a_held_lock_as_success(
+        ) -> None:
+    text = (UNITS / "pibackup-async-verify.service").read_text()
+    [line] = [ln for ln in text.splitlines() if ln.startswith("ExecStart=")]
+    argv = shlex.split(line.removeprefix("ExecStart="))
+    assert argv[0] == INSTALLED
+    args = _parser().parse_args(argv[1:])
+    assert (args.command, args.every, args.sample, args.backup) == ("verify", True, "5", None)
+    assert "SuccessExitStatus=3" in text.splitlines()  # the lock held by a run: exit 3
+    timer = (UNITS / "pibackup-async-verify.timer").read_text()
+    [when] = [ln for ln in timer.splitlines() if ln.startswith("OnCalendar=")]
+    assert when == "OnCalendar=*-*-* 05:30:00"  # daily, after the backup's 03:00
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd is not installed")
+def test_systemd_analyze_verify_passes_on_the_verify_unit_and_its_timer(tmp_path: Path) -> None:
+    here = str(Path(sys.executable).with_name("pibackup-async"))
+    service = (UNITS / "pibackup-async-verify.service").read_text().replace(INSTALLED, here)
+    (tmp_path / "pibackup-async-verify.service").write_text(service)
+    shutil.copy(UNITS / "pibackup-async-verify.timer", tmp_path)
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(tmp_path / "pibackup-async-verify.service"),
+         str(tmp_path / "pibackup-async-verify.timer")],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "pibackup-async" not in result.stderr, result.stderr
