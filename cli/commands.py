@@ -22,6 +22,7 @@ from pibackup_async.engine import (
     prune_backups,
     run_backup,
 )
+from pibackup_async.engine.pruning import discard_backup
 from pibackup_async.engine.secret_env import withhold_secrets
 
 from .check import check_command
@@ -126,14 +127,23 @@ def _list(args: argparse.Namespace, config: Config) -> int:
 
 
 def _prune(args: argparse.Namespace, config: Config) -> int:
+    name: str | None = args.discard
     if not args.dry_run:
+        if name is not None:
+            return under_signals("prune", lambda interruption: discard_backup(
+                config, interruption, name))
         return under_signals("prune", lambda interruption: prune_backups(config, interruption))
     rows = _read_backups(config)
     if rows is None:
         return EXIT_FAILED
-    doomed = [r.name for r in rows if r.state == "complete" and not r.kept_by]
-    for name in doomed:
-        print(f"would delete {os.path.join(config.destination, name)}")
-    kept = sum(1 for r in rows if r.kept_by)
+    if name is not None and not any(r.name == name and r.state == "complete" for r in rows):
+        print(f"error: prune --discard: {name} is not a complete backup in "
+              f"{config.destination}", file=sys.stderr)
+        return EXIT_FAILED
+    doomed = ([name] if name is not None else
+              [r.name for r in rows if r.state == "complete" and not r.kept_by])
+    for backup in doomed:
+        print(f"would delete {os.path.join(config.destination, backup)}")
+    kept = sum(1 for r in rows if r.state == "complete" and r.name not in doomed)
     print(f"dry run: {len(doomed)} backups would be deleted, {kept} kept; nothing was changed")
     return EXIT_OK

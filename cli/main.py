@@ -24,6 +24,15 @@ def _jobs(text: str) -> int:
     return value
 
 
+def _backup_name(text: str) -> str:
+    from pibackup_async.engine.names import parse_name  # not for --help: it stays fast
+
+    if parse_name(text) is None:
+        raise argparse.ArgumentTypeError(
+            f"not a backup name (such as 2021-04-02t07-00-12+0200): {text!r}")
+    return text
+
+
 # What bash completion offers for a path option, in shtab's terms (the
 # generated completions/pibackup-async.bash; shtab itself is never imported).
 _FILES = {"bash": "_shtab_compgen_files", "zsh": "_files", "tcsh": "f"}
@@ -105,6 +114,9 @@ def _parser() -> argparse.ArgumentParser:
 
     prune = commands.add_parser("prune", parents=[common], help="apply retention alone")
     prune.add_argument("--dry-run", action="store_true", help="say what would go, delete nothing")
+    prune.add_argument("--discard", metavar="NAME", type=_backup_name,
+                       help="delete that one backup instead, whatever keeps it (a backup "
+                            "dated ahead by a wrong clock)")
 
     restore = commands.add_parser("restore", parents=[common],
                                   help="copy a backup (or a file or folder of it) back")

@@ -8,7 +8,7 @@ import msgspec
 
 from .destination import complete, destination_problem, scan
 from .errors import DestinationUnavailable
-from .retention import plan_retention
+from .pruning import decide, held_by
 
 if TYPE_CHECKING:
     from .config import Config
@@ -24,7 +24,9 @@ class Listed(msgspec.Struct, frozen=True):
 def list_backups(config: Config) -> list[Listed]:
     """The destination's backups, newest first, each with the retention rules that keep it.
 
-    A complete backup with an empty ``kept_by`` goes at the next prune; in-progress
+    What keeps a backup is what ``prune`` would decide now (``last_of_source``, and
+    ``paused`` after a clock jump, included). A complete backup with an empty
+    ``kept_by`` goes at the next prune; in-progress
     and deleting entries never have rules; symbolic links are not listed.
     Raises DestinationUnavailable, with one line naming the destination and
     why, when it is not visible (missing; not mounted while
@@ -36,10 +38,12 @@ def list_backups(config: Config) -> list[Listed]:
         raise DestinationUnavailable(problem)
     try:
         entries = [e for e in scan(config.destination) if not e.link]
+        done = complete(entries)
+        holders = held_by(config.destination, done, [s.name for s in config.sources])
     except OSError as e:
         raise DestinationUnavailable(
             f"destination {config.destination} cannot be read: {e.strerror}") from e
-    plan = plan_retention([e.name for e in complete(entries)], config.retention)
+    plan = decide([e.name for e in done], config.retention, holders=holders)
     return [
         Listed(
             name=e.name,

@@ -254,6 +254,8 @@ def _retention(report: Report) -> list[str]:
     lines += [f"  kept     {name}  {', '.join(r.kept[name])}"
               for name in sorted(r.kept, reverse=True)]
     lines += [f"  error    {error}" for error in r.errors]
+    if r.paused is not None:
+        lines.append(f"  paused   {r.paused}")
     return lines
 
 

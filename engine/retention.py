@@ -9,7 +9,7 @@ of the last backup that same rule kept, until the count is used up.
 from __future__ import annotations
 
 import re
-from datetime import date
+from datetime import date, timedelta
 from functools import cache
 from typing import TYPE_CHECKING
 
@@ -20,19 +20,27 @@ from .durations import parse_duration
 from .names import parse_name
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import Callable, Iterable, Mapping
 
 NEWEST = "newest"
+LAST_OF_SOURCE = "last_of_source"
 KEEP_WITHIN = "keep_within"
+PAUSED = "paused"
 KEEP_ALL = "keep_all"
-RULE_ORDER = (NEWEST, *RETENTION_COUNTS, KEEP_WITHIN, KEEP_ALL)
+RULE_ORDER = (NEWEST, LAST_OF_SOURCE, *RETENTION_COUNTS, KEEP_WITHIN, PAUSED, KEEP_ALL)
 """The order in which the rules that keep a backup are listed."""
 
+JUMP_S = 30 * 86400
+"""A backup dated more than this after the one before it is a clock jump (SPEC §3), and
+nothing older is deleted until the backups from the jump on span as long."""
 
-class RetentionPlan(msgspec.Struct, frozen=True):
+
+class RetentionPlan(msgspec.Struct, frozen=True, omit_defaults=True):
     # Both in walk order, newest first; each kept backup's rules in RULE_ORDER.
     kept: dict[str, list[str]]
     deleted: list[str]
+    # Why nothing dated before a clock jump is deleted, or None (guarded_plan only).
+    paused: str | None = None
 
 
 # (instant, name, (year, month, day, hour)): the instant in POSIX seconds, the
@@ -45,22 +53,47 @@ _Backup = tuple[int, str, _Local]
 def plan_retention(names: Iterable[str], retention: Retention | None) -> RetentionPlan:
     """Split the backup names among ``names`` into kept (with their rules) and deleted.
 
-    Only exact backup names count; anything else in ``names`` appears in
-    neither list, and duplicates count once. "Newest first" means by instant;
-    backups at the same instant (names with different offsets) are ordered by
-    name, the greater name counting as the newer. The newest backup is always
-    kept, with ``newest`` first among its rules. With ``retention`` None, or a
-    table with no rule that keeps anything (every count 0 or None and no
-    positive ``keep_within``; the configuration refuses such a table), nothing
-    is deleted: every backup is kept by ``keep_all``. Raises ValueError if
-    ``keep_within`` is not a duration.
+    The rules alone, restic's walk; ``guarded_plan`` adds what SPEC §3 never
+    lets them delete. Only exact backup names count; anything else in
+    ``names`` appears in neither list, and duplicates count once. "Newest
+    first" means by instant; backups at the same instant (names with
+    different offsets) are ordered by name, the greater name counting as the
+    newer. The newest backup is always kept, with ``newest`` first among its
+    rules. With ``retention`` None, or a table with no rule that keeps
+    anything (every count 0 or None and no positive ``keep_within``; the
+    configuration refuses such a table), nothing is deleted: every backup is
+    kept by ``keep_all``. Raises ValueError if ``keep_within`` is not a
+    duration.
     """
-    ordered = _newest_first(names)
+    return _plan(_newest_first(names), retention, None, guard=False)
+
+
+def guarded_plan(names: Iterable[str], retention: Retention | None,
+                 holders: Mapping[str, Iterable[str]]) -> RetentionPlan:
+    """What retention does (SPEC §3): ``plan_retention``, and what it must never delete.
+
+    ``holders`` gives, for each source of the configuration, backups that hold
+    it (at least the newest one that does): the newest of them is kept by
+    ``last_of_source``, unless it is the newest backup. A backup dated more
+    than JUMP_S after the one before it is a clock jump; while the backups
+    from the newest jump on span less than JUMP_S, every backup dated before
+    it that the rules would delete is kept by ``paused``, and ``paused`` of
+    the plan says why (also when none is held back). Raises ValueError as
+    plan_retention does.
+    """
+    return _plan(_newest_first(names), retention, holders, guard=True)
+
+
+def _plan(ordered: list[_Backup], retention: Retention | None,
+          holders: Mapping[str, Iterable[str]] | None, *, guard: bool) -> RetentionPlan:
     if not ordered:
         return RetentionPlan(kept={}, deleted=[])
     # Only kept backups get a list: most of a long history is deleted.
     reasons: dict[int, list[str]] = {0: [NEWEST]}
+    if holders:
+        _apply_last_of_source(holders, ordered, reasons)
     rules = None if retention is None else _rules(retention)
+    paused = None
     if rules is None:
         for i in range(len(ordered)):
             reasons.setdefault(i, []).append(KEEP_ALL)
@@ -70,9 +103,12 @@ def plan_retention(names: Iterable[str], retention: Retention | None) -> Retenti
             _apply_count(rule, count, ordered, reasons)
         if within > 0:
             _apply_within(within, ordered, reasons)
+        if guard:
+            paused = _apply_pause(ordered, reasons)
     return RetentionPlan(
         kept={ordered[i][1]: reasons[i] for i in sorted(reasons)},
         deleted=[name for i, (_, name, _) in enumerate(ordered) if i not in reasons],
+        paused=paused,
     )
 
 
@@ -131,6 +167,46 @@ def _apply_within(seconds: float, ordered: list[_Backup], reasons: dict[int, lis
         if instant <= after:
             return
         reasons.setdefault(i, []).append(KEEP_WITHIN)
+
+
+def _apply_last_of_source(holders: Mapping[str, Iterable[str]], ordered: list[_Backup],
+                          reasons: dict[int, list[str]]) -> None:
+    # Applied right after ``newest`` (RULE_ORDER): the newest backup already has its
+    # rule, and a backup that holds several sources gets this one once.
+    where = {name: i for i, (_, name, _) in enumerate(ordered)}
+    for held in holders.values():
+        found = [where[name] for name in held if name in where]
+        if found and (i := min(found)) not in reasons:
+            reasons[i] = [LAST_OF_SOURCE]
+
+
+def _apply_pause(ordered: list[_Backup], reasons: dict[int, list[str]]) -> str | None:
+    """Keep by ``paused`` what is dated before the newest clock jump, while it is recent.
+
+    A jump is read between neighbours in time: a wrong clock (a real-time
+    clock ten years ahead) makes one, and ``keep_within`` measured from it
+    would delete every real backup. A machine switched off for two months
+    makes one too, and merely keeps its older backups a month longer.
+    """
+    jump = next((i for i in range(len(ordered) - 1)
+                 if ordered[i][0] - ordered[i + 1][0] > JUMP_S), None)
+    if jump is None or ordered[0][0] - ordered[jump][0] >= JUMP_S:
+        return None
+    held = 0
+    for i in range(jump + 1, len(ordered)):
+        if i not in reasons:
+            reasons[i] = [PAUSED]
+            held += 1
+    name, before = ordered[jump][1], ordered[jump + 1][1]
+    days = (ordered[jump][0] - ordered[jump + 1][0]) // 86400
+    moment = parse_name(name)
+    until = "" if moment is None else f", on {(moment + timedelta(seconds=JUMP_S)):%Y-%m-%d}"
+    newer = f" (and each of the {jump} newer ones)" if jump else ""
+    return (f"clock jump: backup {name} is dated {days} days after the backup before it "
+            f"({before}); retention deletes nothing older ({held} kept that it would "
+            f"delete) until the backups from {name} on span {JUMP_S // 86400} days{until}. "
+            f"If the clock was ahead when it was made: pibackup-async prune --discard {name}"
+            f"{newer}")
 
 
 def _newest_first(names: Iterable[str]) -> list[_Backup]:
