@@ -44,8 +44,10 @@ from .sources.errors import SourceError
 from .sources.kind import SourceConfig, kind_of
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from .config import Config, Hook
-    from .destination import Destination
+    from .destination import Destination, Entry
 
 log = structlog.get_logger("pibackup")
 
@@ -236,9 +238,7 @@ async def _open_destination(ctx: RunContext) -> None:
     # The name's own time, not a later reading: NTP may step the clock
     # forward during a pre, and the name is what orders the backups.
     if done and done[0].time > ctx.started:
-        ctx.fail_step(f"destination: the clock read {ctx.started.isoformat()} when the run "
-                      f"started, earlier than the newest backup {done[0].name}; is the time "
-                      "set (NTP synced)?")
+        ctx.fail_step(_clock_behind(ctx.started, done))
     layout = ctx.layout
     if not await dest.name_is_free(layout.name):
         ctx.fail_step(f"destination: the backup name {layout.name} is already taken")
@@ -254,6 +254,20 @@ async def _open_destination(ctx: RunContext) -> None:
     ctx.in_progress_created = True
     log.info("in-progress folder created", folder=layout.in_progress_dir,
              duration_s=round(time.monotonic() - t0, 6))
+
+
+def _clock_behind(started: datetime, done: list[Entry]) -> str:
+    """The clock guard's line: which backups are dated after the clock, and both ways out."""
+    # Either reading may be the wrong one: a Pi before NTP has synced reads
+    # behind, a wrong real-time clock dated those backups ahead. Short, so that
+    # the names fit in the report's failure line.
+    ahead = [e.name for e in reversed(done) if e.time > started]
+    one = len(ahead) == 1
+    return (f"destination: the clock read {started.isoformat(timespec='seconds')} when the "
+            f"run started, before {'the backup' if one else f'{len(ahead)} backups'} dated "
+            f"after it: {', '.join(ahead)}; either the clock is behind (wait for NTP to "
+            f"sync) or {'that backup is' if one else 'those are'} dated ahead (pibackup-async "
+            f"prune --discard {ahead[0] if one else 'NAME, for each'})")
 
 
 # --- the precopy, before step 2 ------------------------------------------------------
@@ -493,7 +507,8 @@ async def _finish_backup(ctx: RunContext) -> None:
     retention = ctx.report.retention
     if not renamed_on_disk:
         return
-    await prune(ctx.dest, ctx.config.retention, retention, protect=layout.name)
+    await prune(ctx.dest, ctx.config.retention, retention, protect=layout.name,
+                sources=[source.name for source in ctx.config.sources])
     log.info("retention applied", deleted=len(retention.deleted), kept=len(retention.kept),
              duration_s=round(time.monotonic() - t0, 6))
     if retention.errors:
