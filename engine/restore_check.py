@@ -24,7 +24,7 @@ import stat
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .checksums import manifest_path, parse_line
+from .checksums import DIGEST_HEX, manifest_path, parse_line
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -34,6 +34,9 @@ _BLOCK = 1 << 20
 # A manifest line is at most a digest and a path of 4,096 bytes written twice
 # as long by the escaping; a longer one is not a line of a manifest.
 _LINE_CAP = 16 << 10
+# How many manifest lines are read between two looks for a cancel.
+_LINES_PER_CHECK = 4096
+_PATH_AT = DIGEST_HEX + 2
 
 
 @dataclass(frozen=True)
@@ -114,18 +117,38 @@ def _digest(fd: int, check: Callable[[], None]) -> str:
         sha.update(view[:count])
 
 
-def _lines(stream: BinaryIO) -> Iterator[tuple[str, bytes] | None]:
-    """(digest, path) of every line of an open manifest, None for a malformed one."""
-    while line := stream.readline(_LINE_CAP):
+def _lines(stream: BinaryIO, check: Callable[[], None],
+           starts: tuple[tuple[bytes, ...], tuple[bytes, ...]],
+           ) -> Iterator[tuple[str, bytes] | None]:
+    """(digest, path) of the lines of an open manifest whose path may start with one of
+    ``starts`` (raw forms, escaped forms: ``_forms``), None for such a line that is
+    malformed. Other lines are only looked at, not parsed: a restore of one file goes
+    through a manifest of millions of lines at about the speed of reading it."""
+    raw, escaped = starts
+    for number, line in enumerate(iter(lambda: stream.readline(_LINE_CAP), b"")):
+        if number % _LINES_PER_CHECK == 0:
+            check()  # a long manifest read is progress too
         if not line.endswith(b"\n") and len(line) == _LINE_CAP:
             while (rest := stream.readline(_LINE_CAP)) and not rest.endswith(b"\n"):
                 pass
             yield None
             continue
+        # After the digest and its two separator characters; one more for the
+        # backslash that starts a line with an escaped name.
+        if not (line.startswith(raw, _PATH_AT) or line.startswith(escaped, _PATH_AT + 1)):
+            continue
         try:
             yield parse_line(line)
         except ValueError:
             yield None
+
+
+def _forms(*paths: bytes) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
+    """``paths`` as a manifest line may hold them: raw, and escaped as coreutils 8 and the
+    engine write them (``\\\\``, ``\\n``) or as coreutils 9 does (``\\r`` too)."""
+    escaped = [p.replace(b"\\", b"\\\\").replace(b"\n", b"\\n") for p in paths]
+    escaped += [p.replace(b"\r", b"\\r") for p in escaped if b"\r" in p]
+    return tuple(paths), tuple(escaped)
 
 
 def _under(path: bytes, item: bytes) -> bool:
@@ -147,7 +170,7 @@ def check_item(backup_dir: str, source: str, inner: bytes,
     with stream:
         opener = Opener(backup_dir)
         try:
-            for entry in _lines(stream):
+            for entry in _lines(stream, check, _forms(item)):
                 if entry is None:
                     malformed += 1
                     continue
@@ -205,6 +228,7 @@ def good_copies(destination: str, backups: list[str], source: str, damaged: list
     the same digest and whose copy really has it. Reads only those copies (a copy that
     is the damaged one, the same inode, is not read again)."""
     pending = {d.path: d for d in damaged}
+    starts = _forms(*(d.path for d in damaged))
     found: dict[bytes, str] = {}
     for name in backups:
         if not pending:
@@ -212,9 +236,11 @@ def good_copies(destination: str, backups: list[str], source: str, damaged: list
         top = os.path.join(destination, name)
         try:
             with open(manifest_path(top, source), "rb") as stream:
-                candidates = [entry[1] for entry in _lines(stream)
-                              if entry is not None and entry[1] in pending
-                              and entry[0] == pending[entry[1]].digest]
+                candidates = []
+                for entry in _lines(stream, check, starts):
+                    if (entry is not None and entry[1] in pending
+                            and entry[0] == pending[entry[1]].digest):
+                        candidates.append(entry[1])
         except OSError:
             continue  # no manifest there (or none readable): nothing to compare with
         if candidates and _same_copy(top, candidates, pending, found, name, check):

@@ -11,10 +11,11 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from typing import TYPE_CHECKING
 
-from conftest import needs_rsync, wait_for
+from conftest import CLI, needs_rsync, wait_for
 from datakit import cli_ok, complete_backups, rsync_source
 from hookkit import EXIT_FOR, Running
 
@@ -285,3 +286,34 @@ def test_the_check_is_cancelled_at_once_by_a_signal(ws: Workspace) -> None:
     # Not the 10 s a worker that never looks is waited for before it is abandoned.
     assert took < 5, took
     assert not (target / "big.img").exists()
+
+
+# Runs a command and prints its peak memory (KiB), exiting as it did.
+_PEAK_OF = ("import os, subprocess, sys; p = subprocess.Popen(sys.argv[1:]); "
+            "_, status, usage = os.wait4(p.pid, 0); print(usage.ru_maxrss); "
+            "sys.exit(os.waitstatus_to_exitcode(status))")
+
+
+def test_one_file_through_a_manifest_of_a_million_lines(ws: Workspace) -> None:
+    src = ws.make_source("data", {"one.txt": "one\n"})
+    ws.write_config(rsync_source("data", src))
+    backup = run_backup(ws)
+    write_manifest(backup)
+    with open(backup / ".pibackup" / "data.sha256", "ab") as f:
+        line = "ab" * 32 + "  data/some/deep/folder/that/is/long/file-{:08d}.jpg\n"
+        for start in range(0, 1_000_000, 10_000):
+            f.write("".join(line.format(i) for i in range(start, start + 10_000)).encode())
+    target = ws.root / "r"
+
+    # Started from a small process of its own: a child forked from this test's
+    # process would count this process's memory as its own peak.
+    result = subprocess.run(
+        [sys.executable, "-c", _PEAK_OF, *CLI, "restore", "latest", "data/one.txt",
+         "--to", str(target), "-c", str(ws.config_path)],
+        capture_output=True, text=True, timeout=120, env=ws.env())
+
+    expect(result, 0)
+    peak_kib = int(result.stdout.splitlines()[-1])
+    assert (target / "one.txt").read_text() == "one\n"
+    # A manifest of 124 MB held in memory as parsed lines would take ten times this.
+    assert peak_kib < 80 * 1024, peak_kib
