@@ -15,14 +15,17 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
+import pytest
 from conftest import CLI, needs_rsync, wait_for
 from datakit import cli_ok, complete_backups, rsync_source
 from hookkit import EXIT_FOR, Running
+from sshkit import SSHD
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from conftest import Workspace
+    from sshkit import Sshd
 
 pytestmark = needs_rsync
 
@@ -317,3 +320,24 @@ def test_one_file_through_a_manifest_of_a_million_lines(ws: Workspace) -> None:
     assert (target / "one.txt").read_text() == "one\n"
     # A manifest of 124 MB held in memory as parsed lines would take ten times this.
     assert peak_kib < 80 * 1024, peak_kib
+
+
+@pytest.mark.skipif(not os.path.exists(SSHD), reason="OpenSSH sshd is not installed")
+def test_a_push_to_a_host_leaves_the_damaged_file_out(ws: Workspace, sshd: Sshd) -> None:
+    src = ws.make_source("data", {"a.txt": "aaaa\n", "b[1].txt": "bbbb\n"})
+    ws.write_config(sshd.host_toml("far") + rsync_source("data", src))
+    backup = run_backup(ws)
+    write_manifest(backup)
+    flip_byte(backup / "data" / "b[1].txt")
+    target = ws.root / "pushed"
+    target.mkdir()
+    (target / "b[1].txt").write_text("the host's own\n")
+    logins = sshd.logins()
+
+    result = restore(ws, "latest", "data", "--to", f"far:{target}", "--delete")
+
+    expect(result, 1)
+    assert "data/b[1].txt" in result.stderr
+    assert sshd.logins() > logins, "the restore did not go through the test sshd"
+    assert (target / "a.txt").read_text() == "aaaa\n"
+    assert (target / "b[1].txt").read_text() == "the host's own\n"
