@@ -24,6 +24,7 @@ from .names import DELETING, IN_PROGRESS, format_name
 from .pruning import decide
 from .remote import Transport, transport
 from .sources.kind import DryRun, kind_of
+from .sources.precopy import SAFE_AGE_S
 
 if TYPE_CHECKING:
     from .config import Config, Hook
@@ -116,6 +117,9 @@ async def plan_run(config: Config, jobs: int | None = None, no_report: bool = Fa
     saves: list[str] = []
     for source, planned in plans:
         lines.append(f"   - {source.name}: {planned.snapshot}")
+    if precopies:
+        lines.append(f"   (after a precopy: what changed since it, and every file changed less "
+                     f"than {SAFE_AGE_S:g} s before it began)")
         if planned.save is not None:
             saves.append(f"   - {source.name}: {planned.save}")
     lines.append("4. snapshot hooks, post, in reverse order:")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shlex
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from conftest import needs_rsync
@@ -34,7 +35,8 @@ def configure(ws: Workspace, dest: Path, *sources: str, lock_file: Path | None =
         text += f'lock_file = "{lock_file}"\n'
     text += hooks()
     for name in sources:
-        text += rsync_source(name, ws.src / name)
+        # One copy per source, in the window: the precopy's plan is test_precopy's.
+        text += rsync_source(name, ws.src / name, precopy=False)
     write_raw_config(ws, text)
 
 
@@ -224,8 +226,10 @@ def test_plan_deletes_what_the_run_then_deletes(ws: Workspace) -> None:
     configure(ws, ws.dest, "alpha")
     with ws.config_path.open("a") as config:
         config.write("\n[retention]\nkeep_last = 2\nkeep_monthly = 2\n")
-    old = ["2024-01-05t03-00-00+0000", "2024-01-20t03-00-00+0000", "2024-02-03t03-00-00+0000",
-           "2024-02-17t03-00-00+0000", "2024-03-02t03-00-00+0000", "2024-03-16t03-00-00+0000"]
+    # Two weeks apart up to 10 days ago: the run is no clock jump after them (SPEC §3).
+    today = datetime.now(UTC).replace(hour=3, minute=0, second=0, microsecond=0)
+    old = [f"{today - timedelta(days=days):%Y-%m-%dt%H-%M-%S%z}"
+           for days in (80, 66, 52, 38, 24, 10)]
     for name in old:
         (ws.dest / name / "alpha").mkdir(parents=True)
     stale = ["2024-03-20t03-00-00+0000.in-progress", "2024-01-01t03-00-00+0000.deleting"]

@@ -37,7 +37,7 @@ from .kind import (
     engine_folders,
     register,
 )
-from .precopy import SAFE_AGE_S, aside_path, drop_recent, set_aside, source_clock
+from .precopy import aside_path, drop_recent, set_aside, source_clock
 from .presence import mountpoint_problem, refuse_empty, refuse_unmounted
 from .relink import copy_afresh
 
@@ -432,9 +432,7 @@ class RsyncWork(SourceWork[RsyncSource]):
         second, _ = copy_argv(dry, self.source, remote, excludes=self.source.exclude,
                               extra=second_pass_options(dry.in_progress_dir, self.source.name,
                                                         link_dest))
-        return SourcePlan(shlex.join(second) + decided + "  (after its precopy; files changed "
-                          f"less than {SAFE_AGE_S:g} s before the precopy began go again)",
-                          precopy=shlex.join(argv) + decided)
+        return SourcePlan(shlex.join(second) + decided, precopy=shlex.join(argv) + decided)
 
 
 class RsyncKind(SourceKind[RsyncSource]):
