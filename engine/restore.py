@@ -7,10 +7,16 @@ decides what is replaced; ``--delete`` acts only inside the restored item
 and never removes what the source's backups leave out (restore_filters).
 The item lands under its own name; a whole source gives its contents.
 
+PATH is looked up in the backup without following links (``lookup.find``);
+every file under the item that the backup's manifest lists is hashed first
+(``restore_check``) and a damaged one is left out of the rsync and named,
+with the newest backup holding a good copy: the restore then fails.
+
 Usage problems (exit 2) are found by ``parse_request`` before the lock and
-before any hook. The work itself runs under the lock, inside the backup
-hooks (``command_stage.under_hooks``); ``plan_restore`` is ``--dry-run``:
-no lock, no hook, nothing written.
+before any hook, a link on the way to PATH only on the disk, under the
+lock. The work itself runs under the lock, inside the backup hooks
+(``command_stage.under_hooks``); ``plan_restore`` is ``--dry-run``: no
+lock, no hook, nothing written.
 """
 
 from __future__ import annotations
@@ -437,10 +443,13 @@ async def _list_changes(argv: list[str], emit: Callable[[str], None]) -> int:
 
 
 async def plan_restore(config: Config, request: Request, emit: Callable[[str], None]) -> None:
-    """``--dry-run``: say which backup, the command, then every change rsync would make.
+    """``--dry-run``: say which backup, the damaged files, the command, then every change
+    rsync would make.
 
-    Takes no lock and runs no hook. Raises DestinationUnavailable, NotHeld or
-    PlanFailed (exit 1); OSError if the destination cannot be read.
+    Takes no lock and runs no hook (and still reads every file the manifest
+    lists under the item). Raises LinkOnTheWay (exit 2); DestinationUnavailable,
+    NotHeld or PlanFailed (exit 1: damaged files too, once listed); OSError if
+    the destination cannot be read.
     """
     backup = await _find(config, request)
     emit(f"would restore {request.item} from {_which(request, backup)} "
