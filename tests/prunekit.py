@@ -13,11 +13,14 @@ by calling the engine's policy; the walk is written next to each table.
 from __future__ import annotations
 
 import fcntl
+import glob
 import json
 import os
 import stat
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
+
+import pytest
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
@@ -141,17 +144,21 @@ EXPECTED_PRUNE_DELETED = [n for n in HISTORY if n not in EXPECTED_PRUNE_KEPT]
 
 RULES_RUN = {"keep_last": 3, "keep_monthly": 4, "keep_yearly": 2}
 
-# The walk for RULES_RUN once a backup N is made now (a month and a year
-# after every name of HISTORY, so N is alone in its month and year):
+# The run's clock (UTC): within 30 days of HISTORY's newest, else N would be a clock
+# jump and retention would pause (SPEC §3); alone in its month, not in its year.
+RUN_CLOCK = "2025-12-01 12:00:00"
+
+# The walk for RULES_RUN once a backup N is made at RUN_CLOCK:
 # keep_last 3:    N, 11-02t03, 11-01t21-15.
-# keep_monthly 4: N's month; 2025-11 11-02t03; 2025-10 10-31; 2025-09 09-28.
-# keep_yearly 2:  N's year; 2025 11-02t03.
+# keep_monthly 4: 2025-12 N; 2025-11 11-02t03; 2025-10 10-31; 2025-09 09-28.
+# keep_yearly 2:  2025 N; 2024 12-31t23-30 (01-01t00-30+0100 is 2025's).
 # N itself is the newest: [newest, keep_last, keep_monthly, keep_yearly].
 EXPECTED_RUN_KEPT_OLD = {
-    "2025-11-02t03-00-00+0100": [LAST, MONTHLY, YEARLY],
+    "2025-11-02t03-00-00+0100": [LAST, MONTHLY],
     "2025-11-01t21-15-00+0100": [LAST],
     "2025-10-31t03-00-00+0100": [MONTHLY],
     "2025-09-28t03-00-00+0200": [MONTHLY],
+    "2024-12-31t23-30-00+0100": [YEARLY],
 }
 EXPECTED_RUN_NEW_RULES = [NEWEST, LAST, MONTHLY, YEARLY]
 EXPECTED_RUN_DELETED = [n for n in HISTORY if n not in EXPECTED_RUN_KEPT_OLD]
@@ -263,6 +270,27 @@ def rsync_source(path: Path | str) -> str:
 
 
 # --- running -----------------------------------------------------------------------------------
+
+# libfaketime (Debian: faketime): a command, and every child it starts, reads a clock
+# set by the test.
+FAKETIME = next(iter(sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))), None)
+needs_faketime = pytest.mark.skipif(FAKETIME is None,
+                                    reason="libfaketime is not installed (Debian: faketime)")
+
+
+def clock_at(moment: str) -> dict[str, str]:
+    """The environment of a command whose clock starts at ``moment`` ("YYYY-MM-DD hh:mm:ss"),
+    in UTC, and runs on from there."""
+    assert FAKETIME is not None
+    return {"LD_PRELOAD": FAKETIME, "FAKETIME": f"@{moment}", "TZ": "UTC",
+            "FAKETIME_DONT_RESET": "1"}
+
+
+def clock_ahead(offset: str) -> dict[str, str]:
+    """The environment of a command whose clock is ``offset`` ("+10y") ahead of this one's."""
+    assert FAKETIME is not None
+    return {"LD_PRELOAD": FAKETIME, "FAKETIME": offset, "FAKETIME_DONT_RESET": "1"}
+
 
 
 @contextmanager

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 import anyio
@@ -41,8 +42,11 @@ pytestmark = needs_rsync
 
 FILES = 20_000  # ~0.4 s to remove on the CI machine
 FULL = FILES + FILES // 1000 + 1  # entries below a big backup: files, their folders, the source
-KEEP = "2025-11-02t03-00-00+0100"
-DOOMED = [f"2025-10-{day:02d}t03-00-00+0200" for day in range(20, 14, -1)]  # six, newest first
+# Dated in the days before the test: a run now is no clock jump after them (SPEC §3).
+_TODAY = datetime.now().astimezone().replace(microsecond=0)
+KEEP = f"{_TODAY - timedelta(days=1):%Y-%m-%dt%H-%M-%S%z}"
+DOOMED = [f"{_TODAY - timedelta(days=days):%Y-%m-%dt%H-%M-%S%z}"
+          for days in range(2, 8)]  # six, newest first
 
 
 def _entries_below(path: Path) -> int:

@@ -26,8 +26,10 @@ from prunekit import (
     NEWEST,
     RULES_PRUNE,
     RULES_RUN,
+    RUN_CLOCK,
     SOURCE,
     STALE_IN_PROGRESS,
+    clock_at,
     complete_backups,
     event_hooks,
     fabricate,
@@ -35,6 +37,7 @@ from prunekit import (
     list_json,
     make_backup,
     make_big_backup,
+    needs_faketime,
     retention_table,
     rsync_source,
     subtree,
@@ -162,15 +165,14 @@ def test_prune_of_a_destination_that_does_not_exist_fails_inside_the_hooks(ws: W
 # --- run ---------------------------------------------------------------------------------------
 
 
+@needs_faketime
 def test_run_saves_then_deletes_exactly_the_unkept_backups(ws: Workspace) -> None:
     fabricate(ws.dest)
     source = ws.make_source(SOURCE, {"new.txt": "made by this run\n"})
     ws.write_config(rsync_source(source) + "\n" + retention_table(RULES_RUN))
-    # The hand-worked walk assumes this run is alone in its month and year.
-    assert time.localtime().tm_year > 2025, "the expectations need a clock after 2025"
     before = tree(ws.dest)
 
-    result = ws.run("run")
+    result = ws.run("run", env=clock_at(RUN_CLOCK))
 
     assert result.returncode == 0, result.stderr
     report = ws.report()
@@ -212,7 +214,7 @@ def test_a_failed_save_deletes_nothing(ws: Workspace) -> None:
 # --- an interrupted deletion -----------------------------------------------------------------
 
 NEWER, OLDER = "2025-11-02t03-00-00+0100", "2025-11-01t03-00-00+0100"
-BIG = "2025-10-01t03-00-00+0200"
+BIG = "2025-10-05t03-00-00+0200"  # less than 30 days before OLDER: no clock jump
 
 
 def _kill_prune_while_it_deletes(ws: Workspace) -> None:
@@ -244,7 +246,7 @@ def _kill_prune_while_it_deletes(ws: Workspace) -> None:
     assert processes_mentioning(str(ws.root)) == []
 
 
-@pytest.mark.parametrize("finisher", ["run", "prune"])
+@pytest.mark.parametrize("finisher", [pytest.param("run", marks=needs_faketime), "prune"])
 def test_an_interrupted_deletion_is_never_a_backup_and_the_next_command_finishes_it(
         ws: Workspace, finisher: str) -> None:
     _kill_prune_while_it_deletes(ws)
@@ -256,7 +258,8 @@ def test_an_interrupted_deletion_is_never_a_backup_and_the_next_command_finishes
         (BIG, "deleting", []),
     ]
 
-    result = ws.run(finisher)
+    # A run within 30 days of NEWER: a later one would be a clock jump (SPEC §3).
+    result = ws.run(finisher, env=clock_at("2025-11-20 12:00:00") if finisher == "run" else {})
 
     assert result.returncode == 0, result.stderr
     assert not os.path.lexists(ws.dest / f"{BIG}.deleting"), "the deletion was not finished"

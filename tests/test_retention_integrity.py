@@ -20,13 +20,21 @@ from __future__ import annotations
 import json
 import os
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 from conftest import needs_rsync, processes_mentioning
 from datakit import complete_backups, rsync_source, table
-from prunekit import SOURCE, event_hooks, holding_lock, list_json, make_backup, tree
+from prunekit import (
+    SOURCE,
+    clock_ahead,
+    event_hooks,
+    holding_lock,
+    list_json,
+    make_backup,
+    needs_faketime,
+    tree,
+)
 from smtpkit import MailServer, parts
 
 if TYPE_CHECKING:
@@ -35,9 +43,6 @@ if TYPE_CHECKING:
 pytestmark = needs_rsync
 
 LAST_OF_SOURCE, PAUSED, NEWEST = "last_of_source", "paused", "newest"
-FAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
-needs_faketime = pytest.mark.skipif(not FAKETIME.exists(),
-                                    reason="libfaketime is not installed (Debian: faketime)")
 
 
 def _name(moment: datetime) -> str:
@@ -168,8 +173,7 @@ def test_a_backup_dated_ten_years_ahead_makes_prune_delete_nothing(ws: Workspace
 @needs_faketime
 def test_a_run_ten_years_ahead_deletes_nothing_and_discard_undoes_it(ws: Workspace) -> None:
     nights = _eight_nights(ws)
-    ahead_clock = {"LD_PRELOAD": str(FAKETIME), "FAKETIME": "+10y",
-                   "FAKETIME_DONT_RESET": "1", "FAKETIME_NO_CACHE": "1"}
+    ahead_clock = clock_ahead("+10y")
     base = ws.config_path.read_text()
     with MailServer(None, security="none", require_auth=False) as server:
         ws.config_path.write_text(base + _mail_config(server))

@@ -21,9 +21,11 @@ from conftest import needs_rsync, processes_mentioning
 from pibackup_async.engine.destination import delete_backup, remove_tree
 from prunekit import (
     SOURCE,
+    clock_at,
     event_hooks,
     list_json,
     make_backup,
+    needs_faketime,
     retention_table,
     rsync_source,
     tree,
@@ -39,7 +41,7 @@ if TYPE_CHECKING:
 pytestmark = needs_rsync
 
 NEWER, MIDDLE = "2025-11-02t03-00-00+0100", "2025-11-01t03-00-00+0100"
-OLD_REAL = "2025-08-01t03-00-00+0200"        # a real backup retention deletes
+OLD_REAL = "2025-10-15t03-00-00+0200"        # a real backup retention deletes (no clock jump)
 LINK_SUBVOLUME = "2025-10-01t03-00-00+0200"  # older than NEWER and MIDDLE: keep_last drops it
 LINK_FOLDER = "2025-09-01t03-00-00+0200"
 LINK_FUTURE = "2099-01-01t00-00-00+0000"     # newer than any clock: the clock guard's bait
@@ -152,6 +154,7 @@ def test_prune_never_renames_deletes_or_follows_a_link_named_like_a_backup(
 
 
 @pytest.mark.slow
+@needs_faketime
 def test_run_is_not_stopped_by_links_and_retention_leaves_them(
         ws: Workspace, btrfs_fs: Callable[..., Btrfs]) -> None:
     outside = _outside(ws, btrfs_fs)
@@ -164,7 +167,8 @@ def test_run_is_not_stopped_by_links_and_retention_leaves_them(
     _config(ws, {"keep_last": 2})
     before = outside.snapshot()
 
-    result = ws.run("run")
+    # Within 30 days of NEWER: a later run would be a clock jump, and delete nothing.
+    result = ws.run("run", env=clock_at("2025-11-20 12:00:00"))
 
     assert result.returncode == 0, result.stderr
     report = ws.report()

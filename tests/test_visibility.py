@@ -24,7 +24,8 @@ if TYPE_CHECKING:
     from conftest import Workspace
     from diskkit import Ext4
 
-NAMES = ["2025-11-02t03-00-00+0100", "2025-11-01t03-00-00+0100", "2025-10-01t03-00-00+0200"]
+# Less than 30 days apart: no clock jump pauses retention (SPEC §3).
+NAMES = ["2025-11-02t03-00-00+0100", "2025-11-01t03-00-00+0100", "2025-10-05t03-00-00+0200"]
 COMMANDS = [("list",), ("list", "--json"), ("prune", "--dry-run")]
 
 
