@@ -1,9 +1,11 @@
-"""Benchmark: ``verify`` against ``find -type f -print0 | xargs -0 cat > /dev/null``.
+"""Benchmark: ``verify`` against ``find -type f -print0 | xargs -0 cat > /dev/null`` and
+the standard checker, ``sha256sum --check``, over the same backup.
 
 Run from the repository root (as root: it drops the page cache)::
 
     python benchmarks/bench_verify.py             # 100,000 small files + 4 x 128 MiB
     python benchmarks/bench_verify.py --quick     # 10,000 files + 2 x 16 MiB: a smoke run
+    python benchmarks/bench_verify.py --files 80000 --sources 4 --big 0   # 4 x 20,000
 
 The source tree is built once under ``--work`` and backed up once by the
 engine (``run``); every timed run then reads that backup with a cold page
@@ -11,6 +13,11 @@ cache (``sync; echo 3 > /proc/sys/vm/drop_caches``), the rows interleaved
 rep by rep so that a drift of the shared machine hits them alike:
 
 - ``find | xargs cat``: the plain reading of the backup, the goal's yardstick;
+- ``sha256sum --check``: coreutils checking every source's manifest
+  (``.pibackup/<source>.sha256``, SPEC §9) from inside the backup, one after the
+  other, as a rescue system would; ``verify`` reads and hashes the same files
+  (goal: at least 0.9 of its speed). A backup without manifests (an engine
+  before them) gets them from ``sha256sum`` itself first;
 - ``verify``: ``pibackup-async verify -q`` (the engine's readers as shipped),
   its wall time, throughput, ratio to the yardstick (goal: >= 0.90 of its
   throughput) and its peak RSS (``ru_maxrss`` from ``wait4``; goal <= 60 MB);
@@ -71,22 +78,44 @@ def build_source(root: Path, files: int, big: int, big_mib: int) -> None:
     marker.write_text(f"{files} {big} {big_mib}\n")
 
 
-def backed_up(work: Path, source: Path) -> tuple[Path, Path]:
-    """The engine's config and the backup of ``source`` (made once, by ``run``)."""
+def source_names(sources: int) -> list[str]:
+    return ["data"] if sources == 1 else [f"data{k}" for k in range(sources)]
+
+
+def backed_up(work: Path, source: Path, sources: int = 1) -> tuple[Path, Path]:
+    """The engine's config and the backup of ``source`` (made once, by ``run``); with
+    several sources, each is a folder of ``source``."""
     dest, state, config = work / "dest", work / "state", work / "config.toml"
     stamp = work / "backup.source"
-    if not (stamp.exists() and stamp.read_text() == (source / ".complete").read_text()):
+    names = source_names(sources)
+    roots = [source] if sources == 1 else [source / n for n in names]
+    marker = "".join((r / ".complete").read_text() for r in roots) + f"{sources}\n"
+    if not (stamp.exists() and stamp.read_text() == marker):
         sh(["rm", "-rf", str(dest), str(state)])
         dest.mkdir()
         config.write_text(f"destination = {json.dumps(str(dest))}\n"
-                          f"state_dir = {json.dumps(str(state))}\n\n"
-                          "[[sources]]\nname = \"data\"\ntype = \"rsync\"\n"
-                          f"path = {json.dumps(str(source))}\n")
+                          f"state_dir = {json.dumps(str(state))}\n\n" + "".join(
+                              f"[[sources]]\nname = \"{n}\"\ntype = \"rsync\"\n"
+                              f"path = {json.dumps(str(r))}\n\n" for n, r in zip(names, roots)))
         print("backing the tree up once (pibackup-async run) ...", flush=True)
         sh([*CLI, "run", "-q", "--no-report", "-c", str(config)])
-        stamp.write_text((source / ".complete").read_text())
+        stamp.write_text(marker)
     [backup] = [p for p in dest.iterdir() if "." not in p.name]
+    with_manifests(backup, names)
     return config, backup
+
+
+def with_manifests(backup: Path, names: list[str]) -> None:
+    """``.pibackup/<source>.sha256`` and ``SOURCES``, by sha256sum, where the run left none."""
+    folder = backup / ".pibackup"
+    if all((folder / f"{n}.sha256").exists() for n in names):
+        return
+    print("writing the manifests with sha256sum (the engine wrote none) ...", flush=True)
+    folder.mkdir(exist_ok=True)
+    for name in names:
+        sh(["sh", "-c", f'cd "$1" && find {name} -type f -print0 | sort -z '
+                        f"| xargs -0 sha256sum > .pibackup/{name}.sha256", "-", str(backup)])
+    (folder / "SOURCES").write_text("".join(f"{n}\n" for n in names))
 
 
 @dataclass
@@ -120,6 +149,8 @@ def main() -> int:
     parser.add_argument("--files", type=int, help="small files (default 100000; quick 10000)")
     parser.add_argument("--big", type=int, help="big files (default 4; quick 2)")
     parser.add_argument("--big-mib", type=int, help="MiB per big file (default 128; quick 16)")
+    parser.add_argument("--sources", type=int, default=1,
+                        help="split the files into this many sources (default 1)")
     parser.add_argument("--reps", type=int, default=3, help="repetitions; medians are shown")
     parser.add_argument("--readers", default="1,2,4", help="extra rows: these reader counts")
     parser.add_argument("--no-against", action="store_true",
@@ -134,16 +165,25 @@ def main() -> int:
     source = work / f"source-{files}"
     print(f"building {files} files of 1/4/16 KiB and {big} x {big_mib} MiB under {work} ...",
           flush=True)
-    build_source(source, files, big, big_mib)
-    config, backup = backed_up(work, source)
+    if args.sources == 1:
+        build_source(source, files, big, big_mib)
+    else:
+        source = work / f"source-{files}-{args.sources}"
+        for k, name in enumerate(source_names(args.sources)):
+            build_source(source / name, files // args.sources, big if k == 0 else 0, big_mib)
+    config, backup = backed_up(work, source, args.sources)
     total = sum(os.lstat(os.path.join(d, n)).st_size
                 for d, _, names in os.walk(backup) for n in names)
 
     cat = ["sh", "-c", 'find "$1" -type f -print0 | xargs -0 cat > /dev/null', "-"]
     verify = [*CLI, "verify", "-q", "-c", str(config)]
     rows: dict[str, list[Timed]] = {}
+    # coreutils' checker over every manifest of the backup, from inside it.
+    check = ["sh", "-c", 'cd "$1" && for m in .pibackup/*.sha256; do '
+             'sha256sum --check --quiet "$m" || exit 1; done', "-", str(backup)]
     plan: list[tuple[str, list[str], bool]] = [
         ("find | xargs cat", [*cat, str(backup)], False),
+        ("sha256sum --check", check, False),
         ("verify", verify, True),
     ]
     for n in (int(x) for x in args.readers.split(",") if x):
@@ -172,7 +212,9 @@ def main() -> int:
     base = statistics.median(r.wall_s for r in rows["find | xargs cat"])
     base2 = statistics.median(r.wall_s for r in rows.get("find | xargs cat, backup + source",
                                                          rows["find | xargs cat"]))
-    print(f"{'':34} {'wall s':>18} {'MiB/s':>7} {'vs cat':>7} {'peak RSS MiB':>13}")
+    checker = statistics.median(r.wall_s for r in rows["sha256sum --check"])
+    print(f"{'':34} {'wall s':>18} {'MiB/s':>7} {'vs cat':>7} {'vs sha256sum':>13} "
+          f"{'peak RSS MiB':>13}")
     for label, results in rows.items():
         walls = [r.wall_s for r in results]
         wall = statistics.median(walls)
@@ -181,6 +223,7 @@ def main() -> int:
         rss = statistics.median(r.rss_kib for r in results) / 1024 if results[0].rss_kib else None
         print(f"{label:34} {wall:6.2f} [{min(walls):.2f}-{max(walls):.2f}] "
               f"{size / MiB / wall:7.0f} {yardstick / wall:7.2f} "
+              f"{checker / wall if 'source' not in label else float('nan'):13.2f} "
               f"{f'{rss:.1f}' if rss is not None else '-':>13}")
     last = rows["verify"][-1].stdout.strip().splitlines()[-1]
     print(f"\nverify's summary: {last}")

@@ -550,6 +550,7 @@ class _Job:
         """List every folder of the backup (or of the source ``only``); check each
         source's files against its manifest; hand the files to the readers."""
         tally = Tally()
+        self.tallies.append(tally)  # the files it counts (read or not) show in the progress
         try:
             self._walk(tally, only)
         finally:

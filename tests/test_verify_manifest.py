@@ -319,3 +319,29 @@ def test_diff_and_du_do_not_take_pibackup_for_a_source(ws: Workspace) -> None:
     after = json.loads(ws.run("du", "--json").stdout)
     # Its bytes still count in the backup's total.
     assert before["backups"][0]["total_bytes"] > after["backups"][0]["total_bytes"]
+
+
+def test_a_manifest_in_any_order_is_sorted_in_bounded_chunks(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pibackup_async.engine import verify
+    from pibackup_async.engine.checksums import format_line
+
+    paths = [f"data/d{i % 7}/f{i}".encode() for i in range(1000)]
+    paths += [b"data/d1.x", b"data/d1/a\nb", b"data/d1/back\\slash", b"data/\xff"]
+    random_order = sorted(paths, key=lambda p: hash(p) % 1009)
+    manifest = tmp_path / "data.sha256"
+    manifest.write_bytes(b"".join(format_line(f"{i:064x}", p)
+                                  for i, p in enumerate(random_order)))
+    monkeypatch.setattr(verify, "SORT_CHUNK", 64)  # 17 chunks spilled and merged
+    spill = tmp_path / "spill"
+    spill.mkdir()
+
+    with open(manifest, "rb") as f:
+        merged = list(verify.sorted_manifest(f, str(spill)))
+
+    # The walk's order: component by component ("d1/..." before "d1.x").
+    assert [k.replace(b"\0", b"/") for k, _ in merged] \
+        == sorted(paths, key=lambda p: p.split(b"/"))
+    digests = {p: f"{i:064x}" for i, p in enumerate(random_order)}
+    assert all(d.hex() == digests[k.replace(b"\0", b"/")] for k, d in merged)
+    assert list(spill.iterdir()) == []  # the spilled chunks are unlinked files
