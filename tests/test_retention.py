@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
+from itertools import pairwise
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -20,7 +21,12 @@ from hypothesis import strategies as st
 from pibackup_async.engine.config import RETENTION_COUNTS, Retention
 from pibackup_async.engine.durations import parse_duration
 from pibackup_async.engine.names import format_name, parse_name
-from pibackup_async.engine.retention import RULE_ORDER, RetentionPlan, plan_retention
+from pibackup_async.engine.retention import (
+    RULE_ORDER,
+    RetentionPlan,
+    guarded_plan,
+    plan_retention,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
@@ -736,3 +742,141 @@ def test_names_are_read_exactly_as_parse_name_reads_them(names: list[str]) -> No
     plan = plan_retention(names, Retention(keep_last=len(names) + 1))
     assert list(plan.kept) == newest_first(names)
     assert plan.deleted == []
+
+
+# --- what retention never deletes: last_of_source and a clock jump (SPEC §3) --------------------
+
+SOURCE_KEPT, PAUSED = "last_of_source", "paused"
+
+
+def daily(first: datetime, days: int) -> list[str]:
+    """``days`` backups a day apart from ``first`` on, newest first."""
+    return [format_name(first + timedelta(days=i)) for i in reversed(range(days))]
+
+
+def test_the_newest_backup_of_each_source_is_kept() -> None:
+    # keep_last 1 keeps A alone; the laptop was away for A and B: C is its newest copy.
+    # Holders name any backups that hold a source (at least the newest); names that are
+    # not among the backups (gone, junk) count for nothing.
+    a, b, c, d = ("2021-04-04t03-00-00+0200", "2021-04-03t03-00-00+0200",
+                  "2021-04-02t03-00-00+0200", "2021-04-01t03-00-00+0200")
+    holders = {"data": [a, b, c, d], "laptop": [d, c, "lost+found", "2021-05-01t00-00-00+0200"],
+               "phone": [c], "gone": ["2020-01-01t00-00-00+0000"]}
+    plan = guarded_plan([a, b, c, d], Retention(keep_last=1), holders)
+    assert plan.kept == {a: [NEWEST, LAST], c: [SOURCE_KEPT]}
+    assert plan.deleted == [b, d]
+    assert plan.paused is None
+    # No table keeps everything; the rule still says why too.
+    assert guarded_plan([a, c], None, holders).kept == {a: [NEWEST, ALL], c: [SOURCE_KEPT, ALL]}
+    # Held by the newest: the newest's own rule says it.
+    assert guarded_plan([a, b], Retention(keep_last=1), {"data": [a, b]}).kept == {
+        a: [NEWEST, LAST]}
+
+
+def test_a_clock_ten_years_ahead_deletes_nothing_before_it() -> None:
+    nights = daily(datetime(2025, 3, 1, 3, tzinfo=UTC), 8)
+    ahead = "2035-03-09t03-00-00+0000"
+    names = [ahead, *nights]
+    # The rules alone: keep_within 14d of the newest keeps none of the real ones.
+    assert plan_retention(names, Retention(keep_within="14d")).deleted == nights
+
+    plan = guarded_plan(names, Retention(keep_within="14d"), {})
+
+    assert plan.kept == {ahead: [NEWEST, WITHIN], **{n: [PAUSED] for n in nights}}
+    assert plan.deleted == []
+    assert plan.paused is not None
+    # 2025-03-08 to 2035-03-09: ten years, two of them leap years, and a day.
+    for said in (ahead, nights[0], "3653 days", "8 kept", "2035-04-08",
+                 f"pibackup-async prune --discard {ahead}"):
+        assert said in plan.paused, (said, plan.paused)
+
+
+def test_a_machine_switched_off_for_two_months_keeps_its_old_backups_a_month_longer() -> None:
+    winter = daily(datetime(2024, 12, 1, 3, tzinfo=UTC), 32)  # Dec 1 .. Jan 1
+    rules = Retention(keep_within="14d")
+    for days, paused in ((1, True), (10, True), (30, True), (31, False), (40, False)):
+        spring = daily(datetime(2025, 3, 1, 3, tzinfo=UTC), days)  # from Mar 1, a jump
+        names = spring + winter
+        plan = guarded_plan(names, rules, {})
+        plain = plan_retention(names, rules)
+        if paused:
+            # Span under 30 days (Mar 1 .. Mar 30 is 29): nothing of the winter goes;
+            # the spring's backups go as the rules say.
+            assert plan.deleted == [n for n in plain.deleted if n not in winter], days
+            assert all(plan.kept[n] == [PAUSED] for n in winter), days
+            assert plan.paused is not None and "2025-03-01t03-00-00+0000" in plan.paused
+        else:
+            # From Mar 31 the backups since the jump span 30 days: the rules as usual.
+            assert plan == plain, days
+            assert set(winter) <= set(plan.deleted), days
+
+
+def test_only_more_than_thirty_days_is_a_jump_and_only_the_newest_jump_counts() -> None:
+    rules = Retention(keep_last=1)
+    start = datetime(2025, 1, 1, 3, tzinfo=UTC)
+    # Exactly 30 days apart: no jump.
+    exact = [format_name(start + timedelta(days=30)), format_name(start)]
+    assert guarded_plan(exact, rules, {}) == plan_retention(exact, rules)
+    # A second more is one.
+    just = [format_name(start + timedelta(days=30, seconds=1)), format_name(start)]
+    assert guarded_plan(just, rules, {}).kept[just[1]] == [PAUSED]
+    # An old jump whose backups have since spanned 30 days no longer holds anything;
+    # the newest jump holds only what is dated before it (its older neighbours too).
+    old = [format_name(start)]
+    middle = daily(start + timedelta(days=100), 40)
+    recent = daily(start + timedelta(days=200), 3)
+    plan = guarded_plan(recent + middle + old, rules, {})
+    assert all(plan.kept[n] == [PAUSED] for n in middle + old)
+    assert plan.paused is not None and recent[-1] in plan.paused and middle[0] in plan.paused
+    assert "(and each of the 2 newer ones)" in plan.paused
+
+
+def test_a_plan_that_pauses_round_trips_and_one_that_does_not_omits_it() -> None:
+    names = ["2035-01-01t00-00-00+0000", "2025-01-01t00-00-00+0000"]
+    plan = guarded_plan(names, Retention(keep_last=1), {})
+    assert msgspec.json.decode(msgspec.json.encode(plan), type=RetentionPlan) == plan
+    assert "paused" in msgspec.json.decode(msgspec.json.encode(plan))
+    quiet = guarded_plan(names[:1], Retention(keep_last=1), {})
+    assert "paused" not in msgspec.json.decode(msgspec.json.encode(quiet))
+
+
+def has_jump(names: list[str]) -> bool:
+    times = [moment for name in newest_first(names) if (moment := parse_name(name))]
+    return any((newer - older).total_seconds() > 30 * 86400
+               for newer, older in pairwise(times))
+
+
+@st.composite
+def holders_of(draw: st.DrawFn, names: list[str]) -> dict[str, list[str]]:
+    pool = sorted(set(names)) or ["junk"]
+    return draw(st.dictionaries(st.sampled_from(["data", "laptop", "phone"]),
+                                st.lists(st.sampled_from(pool), max_size=4), max_size=3))
+
+
+@SETTINGS
+@given(histories(), RETENTIONS, st.data())
+def test_the_guards_only_ever_keep_more(names: list[str], retention: Retention | None,
+                                        data: st.DataObject) -> None:
+    holders = data.draw(holders_of(names))
+    plain = plan_retention(names, retention)
+    guarded = guarded_plan(names, retention, holders)
+    assert set(guarded.kept) >= set(plain.kept)
+    assert set(guarded.kept) | set(guarded.deleted) == valid_names(names)
+    assert not set(guarded.kept) & set(guarded.deleted)
+    ordered = newest_first(names)
+    for rules in guarded.kept.values():
+        assert rules == sorted(set(rules), key=RULE_ORDER.index)
+    for held in holders.values():
+        mine = [name for name in ordered if name in set(held)]
+        if mine:
+            assert mine[0] in guarded.kept
+            assert mine[0] == ordered[0] or SOURCE_KEPT in guarded.kept[mine[0]]
+    # Without a jump and without holders the guards change nothing.
+    if not has_jump(names):
+        assert guarded.paused is None
+        assert guarded_plan(names, retention, {}) == plain
+    # What the pause keeps is dated before a jump, and is kept by nothing else.
+    for name, rules in guarded.kept.items():
+        if PAUSED in rules:
+            assert rules == [PAUSED] and name in plain.deleted
+            assert guarded.paused is not None
