@@ -93,10 +93,11 @@ def backed_up(work: Path, source: Path, sources: int = 1) -> tuple[Path, Path]:
     if not (stamp.exists() and stamp.read_text() == marker):
         sh(["rm", "-rf", str(dest), str(state)])
         dest.mkdir()
+        tables = "".join(f"[[sources]]\nname = \"{n}\"\ntype = \"rsync\"\n"
+                         f"path = {json.dumps(str(r))}\n\n"
+                         for n, r in zip(names, roots, strict=True))
         config.write_text(f"destination = {json.dumps(str(dest))}\n"
-                          f"state_dir = {json.dumps(str(state))}\n\n" + "".join(
-                              f"[[sources]]\nname = \"{n}\"\ntype = \"rsync\"\n"
-                              f"path = {json.dumps(str(r))}\n\n" for n, r in zip(names, roots)))
+                          f"state_dir = {json.dumps(str(state))}\n\n" + tables)
         print("backing the tree up once (pibackup-async run) ...", flush=True)
         sh([*CLI, "run", "-q", "--no-report", "-c", str(config)])
         stamp.write_text(marker)
