@@ -229,7 +229,8 @@ def test_optional_source_failure_saves_backup_without_it(ws: Workspace) -> None:
     assert order(ws) == ["b1.pre", "s1.pre", "s1.post", "b1.post"]
     [name] = complete_backups(ws)
     assert ws.backups() == [name]
-    assert sorted(p.name for p in (ws.dest / name).iterdir()) == ["alpha", "beta"]
+    # .pibackup: the manifests of the sources saved (SPEC §9).
+    assert sorted(p.name for p in (ws.dest / name).iterdir()) == [".pibackup", "alpha", "beta"]
     report = ws.report()
     assert report["status"] == "failed"
     assert report["saved"] is True

@@ -526,7 +526,8 @@ def test_an_optional_source_on_a_stopped_host_costs_only_its_folder(
     [name] = complete_backups(ws)
     assert in_progress(ws) == []
     backup = ws.dest / name
-    assert sorted(p.name for p in backup.iterdir()) == ["a", "b", "l"]
+    # .pibackup: the manifests of the sources saved (SPEC §9).
+    assert sorted(p.name for p in backup.iterdir()) == [".pibackup", "a", "b", "l"]
     for n in ("a", "b", "l"):
         assert (backup / n / "file.txt").read_text() == f"from {n}\n"
     report = ws.report()

@@ -422,7 +422,8 @@ def test_an_optional_remote_btrfs_source_on_an_unreachable_host_costs_only_its_f
     [name] = complete_backups(ws.dest)
     assert in_progress(ws) == []
     backup = ws.dest / name
-    assert sorted(p.name for p in backup.iterdir()) == ["local"]
+    # .pibackup: the manifest of the rsync source (SPEC §9).
+    assert sorted(p.name for p in backup.iterdir()) == [".pibackup", "local"]
     assert (backup / "local" / "file.txt").read_text() == "from the local source\n"
     report = ws.report()
     assert report["status"] == "failed"
