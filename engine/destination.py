@@ -859,7 +859,6 @@ class LocalDestination(Destination):
         if progress.scope.cancelled_caught:
             raise self._not_answering(self.answer_bound_s)
 
-
     async def space(self) -> tuple[int, int] | None:
         return await self._call(space, self.path)
 
@@ -883,6 +882,17 @@ class LocalDestination(Destination):
             progress.check()
             add_source(folder, source)
             return made
+
+        try:
+            with progress.scope:
+                made = await in_worker(work, progress=progress)
+        except DestinationLost:
+            raise
+        except OSError as e:
+            await self._raise_explained(e)
+        if progress.scope.cancelled_caught:
+            raise self._not_answering(self.answer_bound_s)
+        return made
 
     async def identify(self) -> Identity:
         return await self._call(identify, self.path)

@@ -332,7 +332,7 @@ async def _run_precopy(source: SourceConfig, step: Step,
         log.info("precopy finished", duration_s=step.duration_s)
         return
     record_step(step, "failed", result)
-    log.warning("precopy failed; the snapshot copies the whole source in the window",
+    log.warning("precopy failed; the snapshot copies what it left, in the window",
                 problem=problem, duration_s=step.duration_s)
 
 
