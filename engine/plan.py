@@ -117,20 +117,22 @@ async def plan_run(config: Config, jobs: int | None = None, no_report: bool = Fa
     saves: list[str] = []
     for source, planned in plans:
         lines.append(f"   - {source.name}: {planned.snapshot}")
+        if planned.save is not None:
+            saves.append(f"   - {source.name}: {planned.save}")
     if precopies:
         lines.append(f"   (after a precopy: what changed since it, and every file changed less "
                      f"than {SAFE_AGE_S:g} s before it began)")
-        if planned.save is not None:
-            saves.append(f"   - {source.name}: {planned.save}")
     lines.append("4. snapshot hooks, post, in reverse order:")
     _hooks(lines, config.snapshot_hooks, "post")
     if saves:
-        lines.append(f"5. save snapshots, concurrently, at most {concurrency} at a time, then "
-                     "delete the local snapshots but the newest with a copy in the destination:")
+        lines.append(f"5. save snapshots and write manifests, concurrently, at most {concurrency} "
+                     "at a time, then delete the local snapshots but the newest with a copy in "
+                     "the destination:")
         lines.extend(saves)
     else:
-        lines.append("5. save snapshots: nothing to do for rsync sources")
-    lines.append(f"6. rename {in_progress} to {os.path.join(dest, name)}")
+        lines.append("5. save snapshots: nothing to do")
+    lines.append(f"6. flush the destination's filesystem (syncfs), rename {in_progress} to "
+                 f"{os.path.join(dest, name)}, flush again")
     if config.retention is None:
         lines.append("   retention: none configured, every backup is kept")
     elif not visible:

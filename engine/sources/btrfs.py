@@ -43,6 +43,7 @@ from .rsync import (
     copy_argv,
     copy_into,
     left_out,
+    manifest_plan,
     write_manifest,
 )
 
@@ -751,8 +752,10 @@ class BtrfsWork(SourceWork[BtrfsSource]):
                               "the destination is btrfs, else rsync from the snapshot (decided "
                               "at run time, with the parent or --link-dest)")
         if not dry.dest_is_btrfs:
-            argv, _ = copy_argv(dry, source, dry.transport(source.host), from_path=snapshot)
-            return SourcePlan(taken, shlex.join(argv))
+            argv, link_dest = copy_argv(dry, source, dry.transport(source.host),
+                                        from_path=snapshot)
+            return SourcePlan(taken, f"{shlex.join(argv)}, then "
+                              f"{manifest_plan(dry, source.name, link_dest)}")
         # A remote host is not contacted by a dry run: full send shown.
         parent = None if source.host else await find_parent(
             _HERE, source, dry.destination, dry.previous, space,

@@ -19,6 +19,7 @@ import structlog
 from msgspec import field
 
 from ..allocated import written_bytes
+from ..checksums import manifest_path
 from ..destination import DestinationLost, newest_holding, remove_tree
 from ..failure_text import telling_line, with_hint
 from ..filesystems import is_within
@@ -427,12 +428,22 @@ class RsyncWork(SourceWork[RsyncSource]):
         remote = dry.transport(self.source.host)
         argv, link_dest = copy_argv(dry, self.source, remote, excludes=self.source.exclude)
         decided = "" if dry.known else "  (--link-dest decided at run time)"
+        save = manifest_plan(dry, self.source.name, link_dest)
         if not precopy_due(dry.config, self.source):
-            return SourcePlan(shlex.join(argv) + decided)
+            return SourcePlan(shlex.join(argv) + decided, save)
         second, _ = copy_argv(dry, self.source, remote, excludes=self.source.exclude,
                               extra=second_pass_options(dry.in_progress_dir, self.source.name,
                                                         link_dest))
-        return SourcePlan(shlex.join(second) + decided, precopy=shlex.join(argv) + decided)
+        return SourcePlan(shlex.join(second) + decided, save, precopy=shlex.join(argv) + decided)
+
+
+def manifest_plan(dry: DryRun, source: str, link_dest: str | None) -> str:
+    """The dry-run's line for a manifest step (SPEC §9)."""
+    line = f"write the manifest {manifest_path(dry.in_progress_dir, source)}"
+    if link_dest is not None:
+        return line + (f": digests of files linked to {link_dest} taken from its backup's "
+                       "manifest, the others read")
+    return line + ": every file read"
 
 
 class RsyncKind(SourceKind[RsyncSource]):
