@@ -36,8 +36,7 @@ def summary_table(report: Report) -> str:
              + (f": {report.failure}" if report.failure else ""),
              f"  {'SOURCE':<16} {'STATUS':<9} {'TIME':>7} {'BYTES':>10} {'WAITED':>7}"]
     for name, source in report.sources.items():
-        steps = [source.snapshot] + ([source.save] if source.save is not None else [])
-        spent = [s.duration_s for s in steps if s.duration_s is not None]
+        spent = [s.duration_s for s in source.steps() if s.duration_s is not None]
         lines.append(f"  {name:<16} {source.status:<9} "
                      f"{took(sum(spent) if spent else None):>7} "
                      f"{human_bytes(source.bytes):>10} {took(source.waited_s):>7}")

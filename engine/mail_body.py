@@ -139,8 +139,7 @@ def _hook_table(report: Report) -> list[str]:
 def _source_table(report: Report) -> list[str]:
     lines = ["Sources"]
     for name, s in report.sources.items():
-        steps = [s.snapshot] + ([s.save] if s.save is not None else [])
-        spent = [st.duration_s for st in steps if st.duration_s is not None]
+        spent = [st.duration_s for st in s.steps() if st.duration_s is not None]
         took = _duration(sum(spent)) if spent else "-"
         lines.append(f"  {s.status:<9} {took:>6} {human_bytes(s.bytes):>10}  {name}")
     lines.append(f"  {'written':<16} {human_bytes(_written(report)):>10}")
@@ -176,7 +175,9 @@ def _failures(report: Report) -> list[str]:
     failed: list[tuple[str, Step]] = [
         (f'hook "{h.hook}" {h.phase}', h) for h in report.hooks if h.status == "failed"]
     for name, s in report.sources.items():
-        for kind, step in (("snapshot", s.snapshot), ("save", s.save)):
+        # A failed precopy is not the run's failure (SPEC §2 step 3), but its cause is shown.
+        for kind, step in (("precopy (the window copied the rest)", s.precopy),
+                           ("snapshot", s.snapshot), ("save", s.save)):
             if step is not None and step.status == "failed":
                 failed.append((f'source "{name}" {kind}', step))
     if not failed:

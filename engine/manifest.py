@@ -64,8 +64,12 @@ class Made:
 
 def write_manifest(backup_dir: str, source: str, earlier: str | None,
                    check: Callable[[], None] = lambda: None,
-                   on_file: Callable[[int], None] | None = None) -> Made:
+                   on_file: Callable[[int], None] | None = None, *,
+                   into: str | None = None) -> Made:
     """Write ``<backup_dir>/.pibackup/<source>.sha256`` for the copy ``<backup_dir>/<source>``.
+
+    ``into``: write it there instead (a mirror checks its copy against the
+    origin's manifest, which is already in that place).
 
     ``earlier``: the earlier copy of the source that rsync linked against
     (``<backup>/<source>``), whose backup's manifest lends its digests, or
@@ -74,8 +78,9 @@ def write_manifest(backup_dir: str, source: str, earlier: str | None,
     so far now and then (live progress). Raises OSError (its filename set)
     when the copy cannot be read or the manifest written.
     """
-    os.makedirs(os.path.join(backup_dir, MANIFEST_DIR), exist_ok=True)
-    final = manifest_path(backup_dir, source)
+    if into is None:
+        os.makedirs(os.path.join(backup_dir, MANIFEST_DIR), exist_ok=True)
+    final = into or manifest_path(backup_dir, source)
     temp = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.tmp")
     made = Made()
     earlier_stream = _open_earlier_manifest(earlier, source, made)
@@ -121,7 +126,7 @@ def add_source(backup_dir: str, source: str) -> None:
 
 def _open_earlier_manifest(earlier: str | None, source: str, made: Made) -> BinaryIO | None:
     if earlier is None:
-        made.unused_earlier = "no earlier backup of this source"
+        made.unused_earlier = "no earlier backup"
         return None
     path = manifest_path(os.path.dirname(earlier.rstrip("/")), source)
     try:

@@ -125,7 +125,7 @@ def test_a_nightly_run_reads_only_what_it_wrote(ws: Workspace) -> None:
     src = odd_source(ws)
     ws.write_config(rsync_source("data", src))
     first = cli_ok(ws, "run", "--log-format", "json")
-    told = [e for e in log_events(first.stderr) if "none inherited" in e.get("event", "")]
+    told = [e for e in log_events(first.stderr) if "nothing inherited" in e.get("event", "")]
     assert len(told) == 1 and told[0]["source"] == "data", first.stderr
 
     edited = src / "sub" / "deeper" / "leaf.txt"
@@ -134,7 +134,7 @@ def test_a_nightly_run_reads_only_what_it_wrote(ws: Workspace) -> None:
     second = cli_ok(ws, "run", "--log-format", "json")
     backup, report = saved(ws)
     assert report["sources"]["data"]["hashed_bytes"] == edited.stat().st_size, report["sources"]
-    assert not [e for e in log_events(second.stderr) if "none inherited" in e.get("event", "")]
+    assert not [e for e in log_events(second.stderr) if "nothing inherited" in e.get("event", "")]
     checked = sha256sum_check(backup)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert len(manifest_lines(backup)) == len(regular_file_names(src, b"data"))
@@ -157,7 +157,7 @@ def test_without_an_earlier_manifest_everything_is_read_once_and_the_log_says_so
     second = cli_ok(ws, "run", "--log-format", "json")
     backup, report = saved(ws)
     assert report["sources"]["data"]["hashed_bytes"] == distinct_bytes(src)
-    told = [e for e in log_events(second.stderr) if "none inherited" in e.get("event", "")]
+    told = [e for e in log_events(second.stderr) if "nothing inherited" in e.get("event", "")]
     assert len(told) == 1 and told[0]["level"] == "info", second.stderr
     assert "no manifest" in told[0]["reason"], told
     assert sha256sum_check(backup).returncode == 0
