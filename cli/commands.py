@@ -22,6 +22,7 @@ from pibackup_async.engine import (
     prune_backups,
     run_backup,
 )
+from pibackup_async.engine.config import command_problem
 from pibackup_async.engine.pruning import discard_backup
 from pibackup_async.engine.secret_env import withhold_secrets
 
@@ -54,9 +55,14 @@ def dispatch(args: argparse.Namespace, config_path: str) -> int:
             print(f"error: {e.path}: {problem}", file=sys.stderr)
         return EXIT_USAGE
     withhold_secrets(config)
+    refused = command_problem(config, args.command)
+    if refused is not None:
+        print(f"error: {config_path}: {refused}", file=sys.stderr)
+        return EXIT_USAGE
     command: Callable[[argparse.Namespace, Config], int] = {
         "run": _run, "check": check_command, "list": _list, "prune": _prune,
         "restore": _restore, "diff": _diff, "du": _du, "verify": _verify,
+        "mirror": _mirror,
     }[args.command]
     return command(args, config)
 
@@ -77,6 +83,12 @@ def _du(args: argparse.Namespace, config: Config) -> int:
     from .inspect import du_command
 
     return du_command(args, config)
+
+
+def _mirror(args: argparse.Namespace, config: Config) -> int:
+    from .mirror import mirror_command
+
+    return mirror_command(args, config)
 
 
 def _verify(args: argparse.Namespace, config: Config) -> int:

@@ -101,6 +101,37 @@ class Monitor(_Model, frozen=True, kw_only=True):
     metrics_file: str | None = None
 
 
+# ``[origin] bwlimit``: bytes per second, ``"500KiB"``, ``"2MiB"``, ``"1GiB"`` (SPEC §10); K, M
+# and G (with or without ``iB``/``B``) are the same powers of 1024.
+_RATE = re.compile(r"(\d+)\s*([KMG]?)(?:iB|B)?(?:/s)?", re.IGNORECASE)
+RATE_HINT = 'bytes per second such as "500KiB", "2MiB" or "1GiB"'
+
+
+def parse_rate(text: str) -> int:
+    """``[origin] bwlimit`` in bytes per second; raise ValueError naming what was expected."""
+    match = _RATE.fullmatch(text.strip())
+    if match is None or int(match.group(1)) <= 0:
+        raise ValueError(f"expected {RATE_HINT}, got {text!r}")
+    return int(match.group(1)) * 1024 ** " KMG".index(match.group(2).upper() or " ")
+
+
+class OriginSettings(_Model, frozen=True, kw_only=True):
+    """``[origin]``: the destination that ``mirror`` copies (SPEC §10)."""
+
+    host: str | None = None
+    path: str
+    bwlimit: str | None = None
+    timeout: str | None = None
+
+    @property
+    def bwlimit_bytes(self) -> int | None:
+        return None if self.bwlimit is None else parse_rate(self.bwlimit)
+
+    @property
+    def timeout_s(self) -> float:
+        return float("inf") if self.timeout is None else parse_duration(self.timeout)
+
+
 class Config(_Model, frozen=True, kw_only=True):
     destination: str
     require_mountpoint: bool = False
@@ -115,6 +146,8 @@ class Config(_Model, frozen=True, kw_only=True):
     sources: list[SourceConfig] = []
     report: ReportSettings | None = None
     monitor: Monitor | None = None
+    # Only for ``mirror`` (SPEC §10): the destination this one copies.
+    origin: OriginSettings | None = None
 
     @property
     def lock_path(self) -> str:
@@ -323,6 +356,7 @@ def _rule_problems(raw: Mapping[str, Any]) -> Iterator[str]:
     yield from _retention_problems(raw.get("retention"))
     yield from _report_problems(raw.get("report"))
     yield from _monitor_problems(raw.get("monitor"))
+    yield from _origin_problems(raw, defined)
 
 
 def _absolute(path: str, value: str | None) -> Iterator[str]:
@@ -414,7 +448,8 @@ def _host_problems(hosts: set[str] | None, where: str, host: str | None) -> Iter
 
 
 def _source_problems(raw: Mapping[str, Any], hosts: set[str] | None) -> Iterator[str]:
-    if raw.get("sources", []) == []:
+    # A mirror copies and backs up nothing (SPEC §10): _origin_problems refuses sources.
+    if raw.get("sources", []) == [] and "origin" not in raw:
         yield "sources: at least one [[sources]] table is required"
     destination = _text(raw, "destination")
     seen: dict[str, int] = {}
@@ -546,3 +581,44 @@ def _monitor_problems(monitor: Any) -> Iterator[str]:
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 yield expected
     yield from _absolute("monitor.metrics_file", _text(monitor, "metrics_file"))
+
+
+def _origin_problems(raw: Mapping[str, Any], hosts: set[str] | None) -> Iterator[str]:
+    """``[origin]`` (SPEC §4, §10): a mirror copies, it does not back up."""
+    if "origin" not in raw:
+        return
+    for key in ("sources", "snapshot_hooks"):
+        if raw.get(key):
+            yield (f"{key}: a configuration with [origin] mirrors another destination; it "
+                   f"has no [[{key}]] (a mirror copies, it does not back up)")
+    origin = _table(raw, "origin")
+    path = _text(origin, "path")
+    yield from _absolute("origin.path", path)
+    host = _text(origin, "host")
+    yield from _host_problems(hosts, "origin.host", host)
+    host_table = _table(_table(raw, "hosts"), host) if host is not None else {}
+    if host_table.get("sudo") is True:
+        yield (f"origin.host: host {host!r} has sudo = true; the origin is read by the key's "
+               "own user (`serve` refuses sudo): give the mirror a [hosts] entry without sudo")
+    destination = _text(raw, "destination")
+    if (host is None and path is not None and destination is not None
+            and all(os.path.isabs(p) and "\0" not in p for p in (path, destination))
+            and os.path.realpath(path) == os.path.realpath(destination)):
+        yield "origin.path: the origin cannot be this configuration's own destination"
+    bwlimit = _text(origin, "bwlimit")
+    if bwlimit is not None:
+        try:
+            parse_rate(bwlimit)
+        except ValueError as e:
+            yield f"origin.bwlimit: {e}"
+    yield from _timeout("origin.timeout", _text(origin, "timeout"))
+
+
+def command_problem(config: Config, command: str) -> str | None:
+    """Why ``command`` cannot run with this configuration (exit 2), or None (SPEC §4)."""
+    if command == "run" and config.origin is not None:
+        return ("run: this configuration has [origin]: it is a mirror, made by "
+                "`pibackup-async mirror`, not `run`")
+    if command == "mirror" and config.origin is None:
+        return "mirror: the configuration has no [origin] table (the destination to copy)"
+    return None

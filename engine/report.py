@@ -208,6 +208,38 @@ class Report(Struct, kw_only=True):
     abandoned: list[str] = []
 
 
+CopyStatus = Literal["ok", "failed", "cancelled", "dropped"]
+MIRROR_PREFIX = "mirror-"
+
+
+class CopiedBackup(Struct, kw_only=True):
+    """One origin backup that a ``mirror`` started to copy (SPEC §10)."""
+
+    name: str
+    # dropped: the origin deleted it while it was being copied (not a failure).
+    status: CopyStatus = "cancelled"
+    bytes: int = 0  # allocated on the mirror by this copy
+    received_bytes: int = 0  # over the transfer, in this run
+    duration_s: float = 0.0
+    resumed: bool = False  # it continued an in-progress copy of an earlier run
+
+
+class MirrorReport(Report, kw_only=True):
+    """A ``mirror``'s report: ``mirror-<start>.json`` (SPEC §10). Its ``name`` is that file's
+    name; of run's keys it keeps only those §10 names (``encode_report``)."""
+
+    origin: str = ""
+    copied: list[CopiedBackup] = []
+    # The newest origin backup's time minus the newest mirrored one's (the metrics
+    # file's pibackup_mirror_lag_seconds); None while the mirror holds none.
+    _lag_s: float | None = None
+
+
+# Of run's keys, those a mirror's report has (SPEC §10), in this order.
+_MIRROR_KEYS = ("status", "start", "end", "duration_s", "failure", "origin", "hooks", "copied",
+                "destination", "retention", "warnings", "delivery", "monitor", "abandoned")
+
+
 def close_report(report: Report, configured: Iterable[HookStep], duration_s: float) -> None:
     """The report's last touches, once the run is over.
 
@@ -232,6 +264,8 @@ def encode_report(report: Report) -> bytes:
     """The report as indented JSON, without the engine's private bookkeeping."""
     data = msgspec.to_builtins(report)
     _strip(data)
+    if isinstance(report, MirrorReport):
+        data = {key: data[key] for key in _MIRROR_KEYS}
     return msgspec.json.format(_encoder.encode(data), indent=2) + b"\n"
 
 
@@ -273,19 +307,23 @@ def write_report(report: Report, reports_dir: str) -> str:
         with contextlib.suppress(OSError):
             os.unlink(partial)
         raise
-    _prune_reports(reports_dir)
+    _prune_reports(reports_dir, mirror=report.name.startswith(MIRROR_PREFIX))
     return path
 
 
-def _prune_reports(reports_dir: str) -> None:
+def _prune_reports(reports_dir: str, *, mirror: bool = False) -> None:
     """Keep the newest ``KEEP_REPORTS``; what cannot be removed waits for the next report.
+
+    ``mirror``: of the mirror's reports (``mirror-<start>.json``), kept apart from
+    run's, so that neither command's history pushes out the other's (SPEC §10).
 
     The new report is written by now: a failure here is only logged, never
     told as a report not written.
     """
     try:
         reports = sorted(
-            (e for e in os.scandir(reports_dir) if e.name.endswith(".json")),
+            (e for e in os.scandir(reports_dir) if e.name.endswith(".json")
+             and e.name.startswith(MIRROR_PREFIX) == mirror),
             key=lambda e: e.stat().st_mtime,
         )
     except OSError as e:

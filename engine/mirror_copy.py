@@ -1,0 +1,363 @@
+"""One origin backup copied into the mirror (SPEC §10): ``<name>.in-progress`` by a transfer of
+its own, checked against the origin's manifests; the caller flushes and renames it.
+
+The copy goes in passes, each an rsync of this one backup (never one rsync
+over several backups):
+
+1. the manifests (``.pibackup/``), so that what follows knows the digests;
+2. everything else, ``--link-dest`` the mirror's copy of the previous backup,
+   but for the files that must not be linked (below), left out;
+3. those files, without ``--link-dest``;
+4. the check: every file of every source that ``.pibackup/SOURCES`` lists is
+   compared with the origin's manifest (``manifest.write_manifest`` hashes it
+   into a scratch file: a file linked to the previous copy takes that copy's
+   digest, checked when it was made, and is not read again); what fails is
+   fetched once more (``--ignore-times``, no ``--link-dest``) and checked
+   again; a copy that still does not match fails.
+
+**Which files are never linked.** rsync links a file to the previous copy
+when its size, mtime and attributes are the same; a file rewritten within
+one timestamp tick keeps them (NOTES.md pitfall 21) and would be linked to
+its old content. Linking first and letting the check refetch it would work,
+but it costs a read of every such file and a second transfer, and it would
+lean on the check to repair what the copy got wrong. So the paths whose
+digest differs between the two origin manifests (the previous backup's, as
+the mirror holds it, and this one's) are left out of the linking pass and
+copied on their own: a file is linked only when both manifests give its path
+the same digest. So are the paths ``verify`` found damaged in the mirror's
+previous copy (a damaged file is never linked, SPEC §9). Backups without
+manifests get rsync's quick check alone.
+
+Folders of another kind (received btrfs subvolumes, sent by ``btrfs send``
+when both sides are btrfs) are claimed by a ``FolderKind`` registered with
+``register_folder_kind``; the rsync passes leave them out.
+
+A copy cut short keeps its in-progress folder; the next ``mirror`` runs the
+same passes into it again (``resumed``), so what was complete is not sent
+again (rsync's quick check on what is there; ``--delete`` removes what an
+interrupted rsync left that the origin does not have).
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import anyio.from_thread
+import structlog
+
+from .allocated import written_bytes
+from .checksums import MANIFEST_DIR, manifest_path, sources_path
+from .damaged import load as load_damaged
+from .failure_text import telling_line
+from .heartbeat import current
+from .manifest import write_manifest
+from .names import IN_PROGRESS
+from .pathtext import parse_path
+from .processes import describe_exit
+from .sources.rsync import RSYNC_BASE, run_rsync
+from .threads import in_worker
+from .verify import sorted_manifest
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Iterator
+
+    from .config import Config
+    from .destination import Destination
+    from .mirror_origin import Origin, OriginFolder
+
+log = structlog.get_logger("pibackup.mirror")
+
+# rsync exit codes that still leave a copy to judge: 24, files vanished on the
+# origin while it was read (its retention deleting the backup: then it is
+# dropped; otherwise the manifest check decides).
+_OK_CODES = (0, 24)
+_BYTES = re.compile(r"Total bytes (sent|received): ([\d,.]+)")
+# The longest list of paths given on rsync's command line rather than in a file.
+SCRATCH_PREFIX = "mirror-"
+
+
+class CopyFailed(Exception):
+    """The copy of one backup failed (its in-progress folder stays, for a resume or a
+    removal): one line saying why."""
+
+
+class CopyMismatch(CopyFailed):
+    """The copy does not match the origin's manifests, even after a second fetch."""
+
+
+@dataclass
+class BackupCopy:
+    """One origin backup being copied into ``<name>.in-progress`` of the mirror."""
+
+    config: Config
+    origin: Origin
+    dest: Destination
+    name: str
+    # The mirror's last good copy (``--link-dest``, the btrfs parent), or None.
+    previous: str | None
+    folders: list[OriginFolder]
+    dest_is_btrfs: bool
+    # What the transfers carried, both ways (rsync's --stats), in this run.
+    received_bytes: int = 0
+    # Paths (relative to the backup) never linked to the previous copy.
+    never_link: set[bytes] = field(default_factory=set)
+
+    @property
+    def in_progress(self) -> str:
+        return self.name + IN_PROGRESS
+
+    @property
+    def in_progress_dir(self) -> str:
+        return self.dest.path_of(self.in_progress)
+
+    @property
+    def previous_dir(self) -> str | None:
+        return None if self.previous is None else self.dest.path_of(self.previous)
+
+    @property
+    def scratch(self) -> str:
+        """Where this copy's lists and scratch manifests go (``state_dir``)."""
+        return self.config.state_dir
+
+
+class FolderKind(abc.ABC):
+    """How folders of one kind are copied (the rsync passes copy every other folder)."""
+
+    @abc.abstractmethod
+    def claims(self, copy: BackupCopy, folder: OriginFolder) -> bool:
+        """This kind copies ``folder`` of the backup."""
+
+    @abc.abstractmethod
+    async def copy(self, copy: BackupCopy, folders: list[OriginFolder]) -> None:
+        """Copy ``folders`` into ``copy.in_progress_dir``, adding what went over the
+        transfer to ``copy.received_bytes``. Raises CopyFailed."""
+
+    def plan(self, copy: BackupCopy, folders: list[OriginFolder]) -> list[str]:
+        """The dry-run's lines for ``folders``."""
+        return [f"  copy {', '.join(f.name for f in folders)} ({type(self).__name__})"]
+
+
+_KINDS: list[FolderKind] = []
+
+
+def register_folder_kind(kind: FolderKind) -> FolderKind:
+    """Add a kind of folder copy; asked before rsync, which copies what no kind claims."""
+    _KINDS.append(kind)
+    return kind
+
+
+def claimed(copy: BackupCopy) -> list[tuple[FolderKind, list[OriginFolder]]]:
+    """The folders of the backup that a registered kind copies, grouped by kind."""
+    groups: dict[int, tuple[FolderKind, list[OriginFolder]]] = {}
+    for folder in copy.folders:
+        for kind in _KINDS:
+            if kind.claims(copy, folder):
+                groups.setdefault(id(kind), (kind, []))[1].append(folder)
+                break
+    return list(groups.values())
+
+
+# --- the copy ------------------------------------------------------------------------------
+
+
+async def copy_backup(copy: BackupCopy) -> None:
+    """Copy the backup into its in-progress folder (which exists) and check it.
+
+    Raises CopyFailed (CopyMismatch for a copy that does not match the
+    origin's manifests); OSError for the mirror's own disk.
+    """
+    others = claimed(copy)
+    left_out = [f.name for _, folders in others for f in folders]
+    await _rsync(copy, "manifests", [], inner=MANIFEST_DIR, missing_ok=True)
+    changed = await in_worker(_never_linked, copy, anyio.from_thread.check_cancelled)
+    link = [f"--link-dest={copy.previous_dir}"] if copy.previous_dir is not None else []
+    excludes = [f"--exclude=/{os.fsdecode(_pattern(os.fsencode(n)))}" for n in left_out]
+    with (_path_list(copy, changed, patterns=True) as unlinked,
+          _path_list(copy, changed) as listed):
+        left = [f"--exclude-from={unlinked}", "--from0"] if unlinked else []
+        await _rsync(copy, "copy", [*link, "--delete", *excludes, *left])
+        if listed:
+            await _rsync(copy, "changed files (not linked)",
+                         [f"--files-from={listed}", "--from0"])
+    for kind, folders in others:
+        await kind.copy(copy, folders)
+    bad = await in_worker(_mismatches, copy, anyio.from_thread.check_cancelled)
+    if not bad:
+        return
+    log.warning("files do not match the origin's manifest; fetching them once more",
+                backup=copy.name, files=len(bad), first=_shown(bad[0]))
+    with _path_list(copy, bad) as listed:
+        await _rsync(copy, "refetch", [f"--files-from={listed}", "--from0", "--ignore-times"])
+    bad = await in_worker(_mismatches, copy, anyio.from_thread.check_cancelled)
+    if bad:
+        raise CopyMismatch(f"{len(bad)} file{'' if len(bad) == 1 else 's'} of {copy.name} "
+                           f"do not match the origin's manifest after a second fetch "
+                           f"(first: {_shown(bad[0])}): the origin's copy may be damaged")
+
+
+async def written(copy: BackupCopy) -> int:
+    """What the copy takes on the mirror's disk: its files not linked to the previous copy."""
+    return await in_worker(written_bytes, copy.in_progress_dir, copy.previous_dir,
+                           anyio.from_thread.check_cancelled)
+
+
+def rsync_command(copy: BackupCopy, options: Iterable[str], inner: str = "") -> list[str]:
+    """The rsync that copies ``<name>/<inner>`` of the origin into the in-progress folder."""
+    argv = [*RSYNC_BASE, *copy.origin.rsync_options()]
+    settings = copy.config.origin
+    bwlimit = None if settings is None else settings.bwlimit_bytes
+    if bwlimit is not None:
+        # rsync counts in units of 1024 bytes per second.
+        argv.append(f"--bwlimit={max(1, bwlimit // 1024)}")
+    argv += options
+    target = os.path.join(copy.in_progress_dir, inner).rstrip("/") + "/"
+    return [*argv, copy.origin.rsync_source(copy.name, inner), target]
+
+
+async def _rsync(copy: BackupCopy, what: str, options: list[str], *, inner: str = "",
+                 missing_ok: bool = False) -> None:
+    argv = rsync_command(copy, options, inner)
+    if inner:
+        await in_worker(os.makedirs, os.path.join(copy.in_progress_dir, inner), 0o755, True)
+    log.debug("rsync", backup=copy.name, pass_=what, argv=argv)
+    finished, _ = await run_rsync(argv)
+    copy.received_bytes += _carried(finished.stdout.text())
+    beat = current()
+    if beat is not None:
+        beat.bytes = copy.received_bytes
+    if finished.exit_code in _OK_CODES:
+        return
+    text = telling_line(finished.stderr.lines) or "no error output"
+    if missing_ok and finished.exit_code == 23 and "No such file" in finished.stderr.text():
+        # A backup made before manifests existed: rsync's quick check alone.
+        return
+    raise CopyFailed(f"rsync ({what}) {describe_exit(finished.exit_code)}: {text}")
+
+
+def _carried(stdout: str) -> int:
+    """The bytes rsync's --stats says went over the transfer, both ways: a pull receives
+    what a local copy sends, and either way that is what the mirror was given."""
+    return sum(int(re.sub(r"[,.]", "", n)) for _, n in _BYTES.findall(stdout))
+
+
+# --- which files are never linked, and the check ------------------------------------------
+
+
+def _sources(backup_dir: str) -> list[str]:
+    try:
+        with open(sources_path(backup_dir), "rb") as f:
+            return [line.decode() for line in f.read().splitlines() if line]
+    except FileNotFoundError:
+        return []
+
+
+def _digests(path: str, spill: str) -> Iterable[tuple[bytes, bytes]]:
+    """(key, digest) of a manifest sorted as verify sorts it (a missing one: none)."""
+    try:
+        stream = open(path, "rb")  # noqa: SIM115 (sorted_manifest reads it all before returning)
+    except FileNotFoundError:
+        return []
+    with stream:
+        return sorted_manifest(stream, spill)
+
+
+def _key_path(key: bytes) -> bytes:
+    return key.replace(b"\0", b"/")
+
+
+def _never_linked(copy: BackupCopy, check: Callable[[], None]) -> list[bytes]:
+    """Paths of this backup that must not be linked to the previous copy (module docstring)."""
+    paths = set(copy.never_link)
+    previous = copy.previous_dir
+    if previous is None:
+        return sorted(paths)
+    here = copy.in_progress_dir
+    for source in _sources(here):
+        old = dict(_digests(manifest_path(previous, source), copy.scratch))
+        check()
+        for key, digest in _digests(manifest_path(here, source), copy.scratch):
+            before = old.get(key)
+            if before is not None and before != digest:
+                paths.add(_key_path(key))
+    return sorted(paths)
+
+
+def _mismatches(copy: BackupCopy, check: Callable[[], None]) -> list[bytes]:
+    """Paths the origin's manifests list whose copy is missing or has another digest."""
+    here = copy.in_progress_dir
+    bad: list[bytes] = []
+    for source in _sources(here):
+        origin_manifest = manifest_path(here, source)
+        if not os.path.exists(origin_manifest):
+            raise CopyMismatch(f"the origin's backup {copy.name} lists source {source} in "
+                               f"{MANIFEST_DIR}/SOURCES but has no manifest of it")
+        earlier = None
+        if copy.previous_dir is not None:
+            candidate = os.path.join(copy.previous_dir, source)
+            earlier = candidate if os.path.isdir(candidate) else None
+        fd, scratch = tempfile.mkstemp(prefix=SCRATCH_PREFIX, suffix=".sha256",
+                                       dir=copy.scratch)
+        os.close(fd)
+        try:
+            write_manifest(here, source, earlier, check, into=scratch)
+            found = iter(_digests(scratch, copy.scratch))
+            mine = next(found, None)
+            for key, digest in _digests(origin_manifest, copy.scratch):
+                while mine is not None and mine[0] < key:
+                    mine = next(found, None)
+                if mine is None or mine[0] != key or mine[1] != digest:
+                    bad.append(_key_path(key))
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(scratch)
+    return bad
+
+
+@contextlib.contextmanager
+def _path_list(copy: BackupCopy, paths: list[bytes], *, patterns: bool = False
+               ) -> Iterator[str]:
+    """A file of ``paths`` for rsync (``--from0``: any name, a newline too), removed after;
+    "" when there are none. ``patterns``: as anchored, escaped ``--exclude-from`` patterns."""
+    if not paths:
+        yield ""
+        return
+    fd, listed = tempfile.mkstemp(prefix=SCRATCH_PREFIX, suffix=".list", dir=copy.scratch)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for path in paths:
+                out.write((b"/" + _pattern(path) if patterns else path) + b"\0")
+        yield listed
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(listed)
+
+
+def _pattern(name: bytes) -> bytes:
+    # rsync reads a pattern without * ? [ literally; in one with them, a
+    # backslash escapes (itself too): as sources/rsync.py writes its excludes.
+    if not re.search(rb"[*?\[]", name):
+        return name
+    return re.sub(rb"([*?\[\\])", rb"\\\1", name)
+
+
+def _shown(path: bytes) -> str:
+    from .pathtext import show_path
+
+    return show_path(path)
+
+
+def damaged_paths(config: Config, previous: str | None) -> set[bytes]:
+    """The paths of ``previous`` (a mirror backup) that ``verify`` found damaged."""
+    if previous is None:
+        return set()
+    found = set()
+    for damage in load_damaged(config.state_dir, config.destination):
+        if damage.backup == previous:
+            found.add(os.path.join(damage.source.encode(), parse_path(damage.path)))
+    return found
