@@ -165,6 +165,14 @@ def _parser() -> argparse.ArgumentParser:
     _paths(init.add_argument("--output", metavar="FILE",
                              help="default: -c, else $PIBACKUP_CONFIG, else " + DEFAULT_CONFIG),
            _FILES)
+
+    mirror = commands.add_parser("mirror", parents=[common],
+                                 help="copy the backups of [origin] that this destination lacks")
+    mirror.add_argument("--dry-run", action="store_true",
+                        help="print what would be copied and deleted, change nothing")
+    mirror.add_argument("--no-report", action="store_true",
+                        help="send no mail (the JSON report is still written)")
+    mirror.add_argument("--no-progress", action="store_true", help="no live progress")
     return parser
 
 
