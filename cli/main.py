@@ -173,6 +173,14 @@ def _parser() -> argparse.ArgumentParser:
     mirror.add_argument("--no-report", action="store_true",
                         help="send no mail (the JSON report is still written)")
     mirror.add_argument("--no-progress", action="store_true", help="no live progress")
+
+    serve = commands.add_parser("serve", parents=[common],
+                                help="the forced command of a mirror's SSH key (on the origin)")
+    serve.add_argument("--read-only", action="store_true", required=True,
+                       help="let only reads through (the one mode there is)")
+    _paths(serve.add_argument("path", metavar="PATH",
+                              help="the folder served: rsync reads and btrfs send under it"),
+           _FOLDERS)
     return parser
 
 
@@ -212,6 +220,11 @@ def _children_without_threads() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "serve":
+        # Before anything else is imported: sshd starts it for every rsync of a mirror.
+        from .serve import serve
+
+        return serve(args.path, os.environ)
     try:
         _structlog_without_rich()
         from .logs import hold_warnings

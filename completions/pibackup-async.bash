@@ -5,7 +5,7 @@
 #    source ~/.local/share/bash_completion/pibackup-async
 # See also: https://github.com/scop/bash-completion/blob/main/doc/configuration.md
 
-_shtab_pibackup_async_subparsers=(run check list prune restore diff du verify init)
+_shtab_pibackup_async_subparsers=(run check list prune restore diff du verify init mirror serve)
 
 _shtab_pibackup_async_run_option_strings=(-h --help -c --config --log-format -v --verbose -q --quiet -j --jobs --dry-run --no-progress --no-report)
 _shtab_pibackup_async_check_option_strings=(-h --help -c --config --log-format -v --verbose -q --quiet --connect --send-test)
@@ -16,6 +16,8 @@ _shtab_pibackup_async_diff_option_strings=(-h --help -c --config --log-format -v
 _shtab_pibackup_async_du_option_strings=(-h --help -c --config --log-format -v --verbose -q --quiet --json)
 _shtab_pibackup_async_verify_option_strings=(-h --help -c --config --log-format -v --verbose -q --quiet --all --source --against-source --sample --no-progress)
 _shtab_pibackup_async_init_option_strings=(-h --help -c --config --log-format -v --verbose -q --quiet --destination --source --output)
+_shtab_pibackup_async_mirror_option_strings=(-h --help -c --config --log-format -v --verbose -q --quiet --dry-run --no-report --no-progress)
+_shtab_pibackup_async_serve_option_strings=(-h --help -c --config --log-format -v --verbose -q --quiet --read-only)
 _shtab_pibackup_async_option_strings=(-h --help -c --config --log-format -v --verbose -q --quiet --version)
 
 _shtab_pibackup_async_run__c_COMPGEN=_shtab_compgen_files
@@ -40,6 +42,11 @@ _shtab_pibackup_async_init___config_COMPGEN=_shtab_compgen_files
 _shtab_pibackup_async_init___destination_COMPGEN=_shtab_compgen_dirs
 _shtab_pibackup_async_init___source_COMPGEN=_shtab_compgen_dirs
 _shtab_pibackup_async_init___output_COMPGEN=_shtab_compgen_files
+_shtab_pibackup_async_mirror__c_COMPGEN=_shtab_compgen_files
+_shtab_pibackup_async_mirror___config_COMPGEN=_shtab_compgen_files
+_shtab_pibackup_async_serve_pos_0_COMPGEN=_shtab_compgen_dirs
+_shtab_pibackup_async_serve__c_COMPGEN=_shtab_compgen_files
+_shtab_pibackup_async_serve___config_COMPGEN=_shtab_compgen_files
 _shtab_pibackup_async__c_COMPGEN=_shtab_compgen_files
 _shtab_pibackup_async___config_COMPGEN=_shtab_compgen_files
 
@@ -52,7 +59,9 @@ _shtab_pibackup_async_diff___log_format_choices=(console json)
 _shtab_pibackup_async_du___log_format_choices=(console json)
 _shtab_pibackup_async_verify___log_format_choices=(console json)
 _shtab_pibackup_async_init___log_format_choices=(console json)
-_shtab_pibackup_async_pos_0_choices=(run check list prune restore diff du verify init)
+_shtab_pibackup_async_mirror___log_format_choices=(console json)
+_shtab_pibackup_async_serve___log_format_choices=(console json)
+_shtab_pibackup_async_pos_0_choices=(run check list prune restore diff du verify init mirror serve)
 _shtab_pibackup_async___log_format_choices=(console json)
 
 _shtab_pibackup_async_run__h_nargs=0
@@ -124,6 +133,22 @@ _shtab_pibackup_async_init__v_nargs=0
 _shtab_pibackup_async_init___verbose_nargs=0
 _shtab_pibackup_async_init__q_nargs=0
 _shtab_pibackup_async_init___quiet_nargs=0
+_shtab_pibackup_async_mirror__h_nargs=0
+_shtab_pibackup_async_mirror___help_nargs=0
+_shtab_pibackup_async_mirror__v_nargs=0
+_shtab_pibackup_async_mirror___verbose_nargs=0
+_shtab_pibackup_async_mirror__q_nargs=0
+_shtab_pibackup_async_mirror___quiet_nargs=0
+_shtab_pibackup_async_mirror___dry_run_nargs=0
+_shtab_pibackup_async_mirror___no_report_nargs=0
+_shtab_pibackup_async_mirror___no_progress_nargs=0
+_shtab_pibackup_async_serve__h_nargs=0
+_shtab_pibackup_async_serve___help_nargs=0
+_shtab_pibackup_async_serve__v_nargs=0
+_shtab_pibackup_async_serve___verbose_nargs=0
+_shtab_pibackup_async_serve__q_nargs=0
+_shtab_pibackup_async_serve___quiet_nargs=0
+_shtab_pibackup_async_serve___read_only_nargs=0
 _shtab_pibackup_async_pos_0_nargs=A...
 _shtab_pibackup_async__h_nargs=0
 _shtab_pibackup_async___help_nargs=0

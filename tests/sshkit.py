@@ -34,6 +34,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -296,6 +297,18 @@ class Sshd:
         public = other.with_name(other.name + ".pub").read_text()
         path.write_text(known_hosts_line(self.port, public, self.address))
         return path
+
+    def serve_only(self, path: Path | str) -> None:
+        """Restrict the client key to ``pibackup-async serve --read-only PATH`` (SPEC §10),
+        as the README's ``authorized_keys`` line does; sshd reads the file at each login."""
+        command = shlex.join([sys.executable, "-m", "pibackup_async.cli", "serve",
+                              "--read-only", str(path)])
+        self.authorized_keys.write_text(
+            f'command="{command}",restrict {self.client.public}\n')
+
+    def unrestricted(self) -> None:
+        """The client key may run anything again."""
+        self.authorized_keys.write_text(self.client.public + "\n")
 
     def ssh_argv(self) -> list[str]:
         """The system ssh client with this server's settings (for checks by hand)."""
