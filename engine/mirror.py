@@ -28,6 +28,7 @@ from .errors import Interrupted
 from .heartbeat import beating
 from .hooks import hook_stage
 from .lock import private_state
+from .mirror_btrfs import KIND as _SUBVOLUMES  # noqa: F401  (registers the btrfs folder kind)
 from .mirror_copy import (
     BackupCopy,
     CopyFailed,

@@ -20,6 +20,7 @@ import functools
 import os
 import shlex
 import stat
+import time
 from typing import TYPE_CHECKING, ClassVar
 
 import anyio
@@ -463,8 +464,13 @@ async def find_parent(site: Site, source: BtrfsSource, destination: str,
     return None
 
 
-def _splice_all(source: int, target: int, finished: anyio.Event, beat: Beat | None) -> int:
+def _splice_all(source: int, target: int, finished: anyio.Event, beat: Beat | None,
+                rate: float | None = None) -> int:
     """Move every byte from one pipe to another in the kernel; return the count.
+
+    ``rate`` (bytes per second) throttles the relay: a mirror's ``bwlimit``
+    (SPEC §10). The thread sleeps between moves of at most a tenth of a
+    second's bytes; the sender then blocks on its full pipe.
 
     Stops at end of stream, or quietly when receive is gone (its exit code
     says what happened). The count so far goes to the running step's
@@ -473,11 +479,17 @@ def _splice_all(source: int, target: int, finished: anyio.Event, beat: Beat | No
     under a running splice).
     """
     total = 0
+    chunk = 1 << 20 if rate is None else max(4096, min(1 << 20, int(rate / 10)))
+    began = time.monotonic()
     try:
-        while moved := os.splice(source, target, 1 << 20):
+        while moved := os.splice(source, target, chunk):
             total += moved
             if beat is not None:
                 beat.bytes = total
+            if rate is not None:
+                ahead = began + total / rate - time.monotonic()
+                if ahead > 0:
+                    time.sleep(ahead)
     except OSError:
         pass
     finally:
@@ -485,9 +497,16 @@ def _splice_all(source: int, target: int, finished: anyio.Event, beat: Beat | No
     return total
 
 
-async def send_receive(site: Site, snapshot: str, parent: str | None, folder: str
+async def send_receive(site: Site, snapshot: str, parent: str | None, folder: str, *,
+                       sender: list[str] | None = None, rate: float | None = None
                        ) -> StepResult:
     """Step 5 into btrfs: ``btrfs send [-p parent] | btrfs receive``; its bytes: the stream size.
+
+    ``sender``: a ready command whose stdout is that send's stream, run here
+    in its place (a mirror's ``ssh`` to ``serve --read-only``, SPEC §10: the
+    forced command takes no wrapper, so no remote group is ended from here;
+    the send there dies of the closed channel). ``rate``: bytes per second
+    through the relay (``bwlimit``).
 
     The send runs where the source lives (for a host: a local ``ssh`` on the
     run's OpenSSH master), the receive here; the two are joined by
@@ -497,12 +516,12 @@ async def send_receive(site: Site, snapshot: str, parent: str | None, folder: st
     "garbled" check), else it is deleted. Raises SourceError, or RemoteError
     when the host's connection broke.
     """
-    send, receive = send_argv(snapshot, parent), receive_argv(folder)
+    send, receive = sender or send_argv(snapshot, parent), receive_argv(folder)
     started([*send, "|", *receive])
     received = os.path.join(folder, os.path.basename(snapshot))
     try:
         size, send_code, send_err, receive_code, receive_err = await _stream(
-            site.remote, send, receive, current())
+            site.remote if sender is None else None, send, receive, current(), rate)
     except RemoteError:
         await remove_tree(received)
         raise
@@ -538,7 +557,7 @@ _Streamed = tuple[int, int, str, int, str]
 
 
 async def _stream(remote: RemoteHost | None, send: list[str], receive: list[str],
-                  beat: Beat | None) -> _Streamed:
+                  beat: Beat | None, rate: float | None = None) -> _Streamed:
     send_err, receive_out, receive_err = Tail(), Tail(), Tail()
     # The remote command's process group there, which a cancel ends.
     pgid: list[int] = []
@@ -581,7 +600,7 @@ async def _stream(remote: RemoteHost | None, send: list[str], receive: list[str]
                     # processes are ended on leaving the block.
                     splicing = True
                     size = await anyio.to_thread.run_sync(
-                        _splice_all, from_send, to_receive, spliced, beat,
+                        _splice_all, from_send, to_receive, spliced, beat, rate,
                         abandon_on_cancel=True)
                     close_relay_ends()
                     await sender.wait()
