@@ -19,8 +19,17 @@ For each: the run's ``duration_s`` (report), step 5's wall time (the
 "saves finished" log event: the sources' saves are their manifests, run
 concurrently), the sum of the sources' ``save.duration_s``, the report's
 ``hashed_bytes``, and the engine process's own peak RSS (VmHWM of the CLI,
-not its rsync children). SPEC §9's goals: step 5 at most 10% of a first
-backup, at most 3% of a nightly re-run; RSS under 60 MB.
+not its rsync children). SPEC §9's goals: the manifests cost at most 10% of
+a first backup, at most 3% of a nightly re-run; RSS under 60 MB.
+
+What they cost is measured two ways. "step 5 %": step 5's wall time over
+the run's. "A/B": the same three runs into a second destination by the
+same engine with the manifest step stubbed out (``manifest_off.py``, a
+benchmark-only wrapper), each run with manifests next to the same run
+without, in alternating order, ``--reps`` times; the cost is the median of
+the paired differences of the runs' ``duration_s`` over the median run
+without manifests (the spread: the smallest and largest paired share).
+The load average is printed with every run: the machine may be shared.
 
 Also: hashlib's SHA-256 throughput on this machine (MB/s, 1 MiB blocks in
 memory), to set against published Raspberry Pi 4 figures (README "Manifests").
@@ -43,6 +52,9 @@ from benchkit import build_tree, drop_caches, measure
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "pibackup_async.cli"]
+# The same CLI with the manifest step stubbed out (the A/B's "without").
+CLI_OFF = [sys.executable, str(Path(__file__).resolve().parent / "manifest_off.py")]
+LABELS = ("first backup", "nightly, nothing changed", "nightly, 1% changed")
 FILE_SIZE = 4096
 NAMES = ["alpha", "beta", "gamma", "delta"]
 
@@ -72,8 +84,9 @@ def change_one_percent(tree: Path, rep: int) -> int:
     return changed
 
 
-def one_run(config: Path, state: Path) -> dict[str, float]:
-    measured = measure([*CLI, "run", "-c", str(config), "--no-report", "--no-progress",
+def one_run(config: Path, state: Path, cli: list[str] = CLI) -> dict[str, float]:
+    load = os.getloadavg()[0]
+    measured = measure([*cli, "run", "-c", str(config), "--no-report", "--no-progress",
                         "--log-format", "json"], own_rss=True)
     reports = sorted((state / "reports").glob("*.json"))
     report = json.loads(reports[-1].read_text())
@@ -89,6 +102,7 @@ def one_run(config: Path, state: Path) -> dict[str, float]:
         "snapshots_sum_s": sum(float(s["snapshot"]["duration_s"]) for s in sources),
         "hashed_mib": sum(int(s["hashed_bytes"]) for s in sources) / 2**20,
         "rss_mib": (measured.own_rss_kib or 0) / 1024,
+        "load": load,
     }
 
 
@@ -112,7 +126,9 @@ def main() -> int:
                         help="work folder (default: benchmarks/work, gitignored)")
     parser.add_argument("--files", type=int, help="files per source (default 20000)")
     parser.add_argument("--jobs", type=int, default=4, help="the run's concurrency (default 4)")
-    parser.add_argument("--reps", type=int, default=1, help="repetitions; medians are shown")
+    parser.add_argument("--reps", type=int, default=3, help="repetitions; medians are shown")
+    parser.add_argument("--no-ab", dest="ab", action="store_false",
+                        help="skip the runs without manifests (the A/B)")
     args = parser.parse_args()
 
     files = args.files or (2000 if args.quick else 20000)
@@ -131,28 +147,37 @@ def main() -> int:
     cold = drop_caches_ok()
 
     results: dict[str, list[dict[str, float]]] = {}
+    without: dict[str, list[dict[str, float]]] = {}
     for rep in range(args.reps):
-        dest, state = runs / f"r{rep}-dest", runs / f"r{rep}-state"
-        dest.mkdir()
-        config = engine_config(runs / f"r{rep}.toml", dest, state, sources, args.jobs)
-        for label in ("first backup", "nightly, nothing changed", "nightly, 1% changed"):
+        config = _destination(runs, f"r{rep}", sources, args.jobs)
+        config_off = _destination(runs, f"r{rep}-off", sources, args.jobs) if args.ab else None
+        for label in LABELS:
             if label.endswith("1% changed"):
                 for _, tree in sources:
                     change_one_percent(tree, rep)
-            if cold:
-                drop_caches()
-            row = one_run(config, state)
-            results.setdefault(label, []).append(row)
-            print(f"  r{rep} {label}: run {row['run_s']:.2f}s, step 5 {row['step5_s']:.3f}s, "
-                  f"hashed {row['hashed_mib']:.1f} MiB", flush=True)
+            # Alternate which goes first: neither always gets the quieter moment.
+            order = [(config, CLI, results), (config_off, CLI_OFF, without)]
+            if rep % 2:
+                order.reverse()
+            for cfg, cli, into in order:
+                if cfg is None:
+                    continue
+                if cold:
+                    drop_caches()
+                row = one_run(cfg, cfg.parent / f"{cfg.stem}-state", cli)
+                into.setdefault(label, []).append(row)
+                print(f"  r{rep} {label}{'' if cli is CLI else ' (without manifests)'}: "
+                      f"run {row['run_s']:.2f}s, step 5 {row['step5_s']:.3f}s, "
+                      f"hashed {row['hashed_mib']:.1f} MiB, RSS {row['rss_mib']:.1f} MiB, "
+                      f"load {row['load']:.1f}", flush=True)
 
     throughput = sha256_throughput()
     print()
     print(f"4 sources x {files} files x 4 KiB, --jobs {args.jobs}, "
           f"{'cold cache before each run' if cold else 'WARM (page cache not dropped)'}; "
-          f"median of {args.reps}; {os.cpu_count()} CPUs, {platform.release()}")
-    header = (f"{'run':<28}{'run s':>8}{'step 5 s':>10}{'step 5 %':>10}{'saves sum s':>13}"
-              f"{'hashed MiB':>12}{'RSS MiB':>9}{'goal':>7}")
+          f"median of {args.reps} [min-max]; {os.cpu_count()} CPUs, {platform.release()}")
+    header = (f"{'run':<26}{'run s':>18}{'step 5 s':>10}{'step 5 %':>10}{'saves sum s':>13}"
+              f"{'hashed MiB':>12}{'RSS MiB':>9}{'load':>6}{'goal':>6}")
     print(header)
     print("-" * len(header))
     for label, rows in results.items():
@@ -160,14 +185,41 @@ def main() -> int:
             return statistics.median(r[key] for r in rows)
         share = 100 * med("step5_s") / med("run_s")
         goal = "10%" if label == "first backup" else "3%"
-        print(f"{label:<28}{med('run_s'):>8.2f}{med('step5_s'):>10.3f}{share:>9.1f}%"
-              f"{med('saves_sum_s'):>13.3f}{med('hashed_mib'):>12.1f}{med('rss_mib'):>9.1f}"
-              f"{goal:>7}")
+        print(f"{label:<26}{_spread([r['run_s'] for r in rows]):>18}{med('step5_s'):>10.3f}"
+              f"{share:>9.1f}%{med('saves_sum_s'):>13.3f}{med('hashed_mib'):>12.1f}"
+              f"{max(r['rss_mib'] for r in rows):>9.1f}{med('load'):>6.1f}{goal:>6}")
+    if without:
+        print()
+        print("A/B: the same runs without the manifest step (manifest_off.py), paired by rep")
+        header = (f"{'run':<26}{'with s':>18}{'without s':>18}{'cost s':>8}"
+                  f"{'cost %':>22}{'goal':>6}")
+        print(header)
+        print("-" * len(header))
+        for label, rows in results.items():
+            off = without[label]
+            costs = [a["run_s"] - b["run_s"] for a, b in zip(rows, off, strict=True)]
+            shares = [100 * (a["run_s"] - b["run_s"]) / b["run_s"]
+                      for a, b in zip(rows, off, strict=True)]
+            share = 100 * statistics.median(costs) / statistics.median(r["run_s"] for r in off)
+            goal = "10%" if label == "first backup" else "3%"
+            print(f"{label:<26}{_spread([r['run_s'] for r in rows]):>18}"
+                  f"{_spread([r['run_s'] for r in off]):>18}{statistics.median(costs):>8.2f}"
+                  f"{f'{share:.1f}% [{min(shares):.1f} {max(shares):.1f}]':>22}{goal:>6}")
     print()
     print(f"hashlib sha256 ({hashlib.sha256().name}, OpenSSL), 1 MiB blocks in memory: "
           f"{throughput:.0f} MB/s ({platform.machine()})")
     shutil.rmtree(runs)
     return 0
+
+
+def _destination(runs: Path, name: str, sources: list[tuple[str, Path]], jobs: int) -> Path:
+    dest = runs / f"{name}-dest"
+    dest.mkdir()
+    return engine_config(runs / f"{name}.toml", dest, runs / f"{name}-state", sources, jobs)
+
+
+def _spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} [{min(values):.2f}-{max(values):.2f}]"
 
 
 def drop_caches_ok() -> bool:

@@ -23,6 +23,7 @@ and between the blocks of one file.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import hashlib
 import os
@@ -31,7 +32,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .checksums import MANIFEST_DIR, format_line, manifest_path, read_manifest, sources_path
+from .checksums import MANIFEST_DIR, format_line, manifest_path, parse_line, sources_path
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -46,6 +47,7 @@ _OPEN_FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NOATIME = getattr(os, "O_NOATIME", 0)
 _OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _GONE = (FileNotFoundError, NotADirectoryError)
+_LOWER_HEX = b"0123456789abcdef"
 # Sources are saved concurrently, each adding its name to SOURCES.
 _SOURCES_LOCK = threading.Lock()
 
@@ -140,7 +142,7 @@ def _open_earlier_manifest(earlier: str | None, source: str, made: Made) -> Bina
     return os.fdopen(fd, "rb", buffering=1 << 16)
 
 
-def _open_file(name: str, folder: int | None) -> int:
+def _open_file(name: str | bytes, folder: int | None) -> int:
     try:
         return os.open(name, _OPEN_FILE | _NOATIME, dir_fd=folder)
     except PermissionError:
@@ -151,59 +153,110 @@ def _open_file(name: str, folder: int | None) -> int:
 
 
 class _Inherited:
-    """The earlier manifest, read in step with the walk (both in the canonical order).
+    """The earlier manifest, read a folder's lines at a time, in step with the walk.
 
-    A folder's lines are consecutive and share their folder's part of the
-    path: that part is compared as bytes, and split into its components
-    (to tell which of two folders comes first) once per folder, not per line.
+    Both are in the canonical order, so a folder's lines are consecutive
+    and come where the walk reaches the folder. A line is taken as it
+    stands when it is exactly what ``format_line`` would write (a lowercase
+    digest, two spaces, an unescaped path): its path is the same in both
+    backups, so it is this backup's line too. Any other line is parsed and
+    written again. On a nightly run this is read for every file, so the
+    lines are split a chunk at a time, and a folder whose next lines are
+    exactly its names is taken in one comparison (``block``).
     """
 
     def __init__(self, stream: BinaryIO | None) -> None:
-        self._lines = read_manifest(stream) if stream is not None else iter(())
-        self._ended = stream is None
-        # The line read ahead: its folder part, name and digest (name None: none).
+        self._stream = stream
+        self._lines: list[bytes] = []  # complete lines, their newline stripped
+        self._at = 0  # the next line not used
+        self._tail = b""  # a line not read to its end yet
+        self._eof = stream is None
+        self._ended = stream is None  # nothing more to take from it
+        self._number = 0  # lines before self._lines[0]
+        # The next line, parsed: its position, folder part, key (to tell
+        # which of two folders comes first), name and line to write.
+        self._parsed_at = -1
         self._folder = b""
         self._folder_key: tuple[bytes, ...] = ()
-        self._name: bytes | None = None
-        self._digest = ""
+        self._name = b""
+        self._line = b""
         # Why the earlier manifest stopped being used midway, if it did.
         self.broken: str | None = None
 
-    def digest(self, folder: _Folder, name: bytes) -> str | None:
-        """The earlier manifest's digest for ``name`` in ``folder``, or None if it has none."""
-        while not self._ended:
-            if self._name is None:
-                self._advance()
-                continue
-            if self._folder == folder.path:
-                if self._name < name:
-                    self._name = None
-                    continue
-                if self._name == name:
-                    self._name = None
-                    return self._digest
-                return None
-            if self._folder_key < folder.folders:
-                self._name = None
-                continue
-            return None
-        return None
+    def block(self, folder: _Folder, names: list[bytes]
+              ) -> tuple[list[bytes] | None, dict[bytes, bytes]]:
+        """The earlier manifest's lines of the files directly in ``folder``.
 
-    def _advance(self) -> None:
-        try:
-            digest, path = next(self._lines)
-        except StopIteration:
+        ``names``: the folder's files, sorted. When its next lines are
+        exactly theirs, in order: those lines, their newlines stripped (and
+        nothing else); else a line for each name the earlier block has.
+        """
+        count = len(names)
+        if count and self._available(count) >= count:
+            lines = self._lines[self._at:self._at + count]
+            head = b"  " + folder.prefix
+            if ([line[64:] for line in lines] == [head + name for name in names]
+                    and not b"".join([line[:64] for line in lines]).translate(None, _LOWER_HEX)):
+                self._at += count
+                return lines, {}
+        found: dict[bytes, bytes] = {}
+        while self._peek():
+            if self._folder == folder.path:
+                found[self._name] = self._line
+            elif self._folder_key > folder.folders:
+                break
+            # else a line of a folder this copy no longer has
+            self._at += 1
+        return None, found
+
+    def _available(self, count: int) -> int:
+        """Lines ready to be used, reading until there are ``count`` or the end."""
+        while len(self._lines) - self._at < count and not self._eof:
+            assert self._stream is not None
+            chunk = self._stream.read(1 << 16)
+            self._number += self._at
+            self._lines = self._lines[self._at:]
+            self._at = 0
+            if not chunk:
+                self._eof = True
+                if self._tail:
+                    self._lines.append(self._tail)  # the last line, without its newline
+                break
+            more = (self._tail + chunk).split(b"\n")
+            self._tail = more.pop()
+            self._lines += more
+        return len(self._lines) - self._at
+
+    def _peek(self) -> bool:
+        """Parse the next line (once); False at the end, or when a line is malformed."""
+        if self._ended:
+            return False
+        if self._parsed_at == self._number + self._at:
+            return True
+        if not self._available(1):
             self._ended = True
-            return
-        except ValueError as e:
-            # A damaged earlier manifest only costs reads, never a wrong digest.
-            self.broken = f"the earlier backup's manifest is malformed ({e})"
-            self._ended = True
-            return
-        folder, _, name = path.rpartition(b"/")
+            return False
+        line = self._lines[self._at]
+        if (line[64:66] == b"  " and len(line) > 66
+                and not line[:64].translate(None, _LOWER_HEX)):
+            path = line[66:]
+            line += b"\n"
+        else:
+            try:
+                digest, path = parse_line(line)
+            except ValueError as e:
+                # A damaged earlier manifest only costs reads, never a wrong digest.
+                self.broken = (f"the earlier backup's manifest is malformed "
+                               f"(line {self._number + self._at + 1}: {e})")
+                self._ended = True
+                return False
+            line = format_line(digest, path)
+        folder, _, self._name = path.rpartition(b"/")
         if folder != self._folder:
             self._folder, self._folder_key = folder, tuple(folder.split(b"/"))
-        self._name, self._digest = name, digest
+        self._line = line
+        self._parsed_at = self._number + self._at
+        return True
 
 
 @dataclass
@@ -247,102 +300,94 @@ class _Trust:
         return self.trusted
 
 
-def _write_lines(out: BinaryIO, top: str, source: str, earlier: str | None,
-                 inherit: _Inherited, made: Made, check: Callable[[], None],
-                 on_file: Callable[[int], None] | None) -> None:
-    buffer = bytearray(CHUNK)
-    # Files of this run with several names in the copy: read once, by inode.
-    # Dropped once every name is seen, so this follows such files, not the tree.
-    several: dict[int, _Shared] = {}
-    seen = checked_at = 0
-    for folder, name, entry, linked in _walk(top, source, earlier, check):
-        seen += 1
+class _Reader:
+    """Reads and hashes the files this run wrote, each inode once."""
+
+    def __init__(self, made: Made, check: Callable[[], None]) -> None:
+        self.made = made
+        self.check = check
+        self.buffer = bytearray(CHUNK)
+        # Files of this run with several names in the copy: read once, by inode.
+        # Dropped once every name is seen, so this follows such files, not the tree.
+        self.several: dict[int, _Shared] = {}
+        self.files = 0
+        self.checked_at = 0
+
+    def digest(self, folder: _Folder, name: bytes) -> str | None:
+        """The digest of ``name`` in ``folder``; None when it is gone or no regular file."""
+        self.files += 1
         # Between files, not after each: a check costs as much as hashing a
         # small file. Often enough that a cancel lands, and a read that moves
         # keeps its Progress alive, within a fraction of a second.
-        if seen % CHECK_EVERY == 0 or made.hashed_bytes - checked_at >= CHECK_BYTES:
-            checked_at = made.hashed_bytes
-            check()
-            if on_file is not None:
-                on_file(made.files)
-        digest = inherit.digest(folder, name) if linked else None
-        if digest is not None:
-            made.inherited += 1
-        else:
-            digest = _digest_new(folder, name, entry, several, buffer, made, check)
-            if digest is None:
-                continue  # gone, or no longer a regular file
-        out.write(format_line(digest, folder.prefix + name))
-        made.files += 1
-
-
-def _digest_new(folder: _Folder, name: bytes, entry: os.DirEntry[str],
-                several: dict[int, _Shared], buffer: bytearray, made: Made,
-                check: Callable[[], None]) -> str | None:
-    try:
-        fd = _open_file(entry.name, folder.fd)
-    except _GONE:
-        return None
-    except OSError as e:
-        raise OSError(e.errno, e.strerror, os.fsdecode(folder.prefix + name)) from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            return None
-        known = several.get(st.st_ino) if st.st_nlink > 1 else None
-        if known is not None:
-            known.seen += 1
-            if known.seen >= st.st_nlink:
-                del several[st.st_ino]
-            return known.digest
+        if (self.files % CHECK_EVERY == 0
+                or self.made.hashed_bytes - self.checked_at >= CHECK_BYTES):
+            self.checked_at = self.made.hashed_bytes
+            self.check()
         try:
-            digest = _hash(fd, st.st_size, buffer, made, check)
+            fd = _open_file(name, folder.fd)
+        except _GONE:
+            return None
         except OSError as e:
             raise OSError(e.errno, e.strerror, os.fsdecode(folder.prefix + name)) from None
-        if st.st_nlink > 1:
-            several[st.st_ino] = _Shared(digest, 1)
-        return digest
-    finally:
-        os.close(fd)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            known = self.several.get(st.st_ino) if st.st_nlink > 1 else None
+            if known is not None:
+                known.seen += 1
+                if known.seen >= st.st_nlink:
+                    del self.several[st.st_ino]
+                return known.digest
+            try:
+                digest = self._hash(fd, st.st_size)
+            except OSError as e:
+                raise OSError(e.errno, e.strerror, os.fsdecode(folder.prefix + name)) from None
+            if st.st_nlink > 1:
+                self.several[st.st_ino] = _Shared(digest, 1)
+            return digest
+        finally:
+            os.close(fd)
+
+    def _hash(self, fd: int, size: int) -> str:
+        digest = hashlib.sha256()
+        buffer = self.buffer
+        view = memoryview(buffer)
+        total = 0
+        while True:
+            count = os.readv(fd, [buffer])
+            if count == 0:
+                return digest.hexdigest()
+            # hashlib lets go of the GIL for blocks this size: the event loop runs on.
+            digest.update(view[:count])
+            total += count
+            self.made.hashed_bytes += count
+            if count < CHUNK and total == size:
+                # A short read that ends where fstat said: the end, without one
+                # more read (most files are smaller than a block).
+                return digest.hexdigest()
+            if count == CHUNK:
+                self.check()
 
 
-def _hash(fd: int, size: int, buffer: bytearray, made: Made, check: Callable[[], None]) -> str:
-    digest = hashlib.sha256()
-    view = memoryview(buffer)
-    total = 0
-    while True:
-        count = os.readv(fd, [buffer])
-        if count == 0:
-            return digest.hexdigest()
-        # hashlib lets go of the GIL for blocks this size: the event loop runs on.
-        digest.update(view[:count])
-        total += count
-        made.hashed_bytes += count
-        if count < CHUNK and total == size:
-            # A short read that ends where fstat said: the end, without one
-            # more read (most files are smaller than a block).
-            return digest.hexdigest()
-        if count == CHUNK:
-            check()
+def _write_lines(out: BinaryIO, top: str, source: str, earlier: str | None,
+                 inherit: _Inherited, made: Made, check: Callable[[], None],
+                 on_file: Callable[[int], None] | None) -> None:
+    """Every regular file below ``top``, folder by folder in the canonical order.
 
-
-def _walk(top: str, source: str, earlier: str | None, check: Callable[[], None]
-          ) -> Iterator[tuple[_Folder, bytes, os.DirEntry[str], bool]]:
-    """Every regular file below ``top`` in the canonical order: (its folder, its name, it,
-    linked).
-
-    ``linked``: the same inode as the same path in ``earlier``. Folders on
-    another filesystem are not entered. The folder's descriptor is open
-    while the file is handled (before the next is asked for).
+    Folders on another filesystem are not entered.
     """
+    reader = _Reader(made, check)
     fd = os.open(top, _OPEN_FOLDER)
     device = os.fstat(fd).st_dev
     trust = _Trust(device)
     stack = [_Folder(fd, _open_earlier(earlier, None, device), (os.fsencode(source),))]
     try:
-        yield from _files_of(stack[-1], trust)
+        out.write(_folder_lines(stack[-1], trust, inherit, reader))
         while stack:
             check()
+            if on_file is not None:
+                on_file(made.files)
             parent = stack[-1]
             assert parent.subfolders is not None
             name = next(parent.subfolders, None)
@@ -352,10 +397,93 @@ def _walk(top: str, source: str, earlier: str | None, check: Callable[[], None]
             child = _enter(parent, name, device)
             if child is not None:
                 stack.append(child)
-                yield from _files_of(child, trust)
+                out.write(_folder_lines(child, trust, inherit, reader))
     finally:
         for left in stack:
             left.close()
+
+
+def _folder_lines(folder: _Folder, trust: _Trust, inherit: _Inherited, reader: _Reader
+                  ) -> bytes:
+    """The lines of the files directly in ``folder``, sorted; its subfolders kept, for later.
+
+    A file is linked when its inode is the one the same name has in the
+    earlier folder; a linked file takes the earlier manifest's line. Told
+    for the whole folder at once (the two listings' items compared as
+    sets): on a nightly run nearly every file is linked, and a folder
+    whose files are all linked and whose names are the earlier block's
+    takes that block as it stands, without any work per file.
+    """
+    with os.scandir(folder.fd) as listing:
+        entries = list(listing)
+    # is_file()/is_dir() read the listing's type; they stat only where the
+    # filesystem does not tell it, and say False for what vanished since.
+    files = {e.name: e.inode() for e in entries if e.is_file(follow_symlinks=False)}
+    folder.subfolders = iter(sorted((e.name for e in entries if e.is_dir(follow_symlinks=False)),
+                                    key=os.fsencode))
+    # One encoding for the whole folder (a name holds no NUL).
+    keys = list(files)
+    encoded = os.fsencode("\0".join(keys)).split(b"\0") if keys else []
+    names = sorted(encoded)
+    fresh = _fresh(folder, files, entries, trust)
+    linked = len(fresh) < len(names)
+    lines, inherited = inherit.block(folder, names if linked else [])
+    made = reader.made
+    if lines is not None:
+        # The earlier block has these very names: only the fresh lines change.
+        made.files += len(names)
+        made.inherited += len(names) - len(fresh)
+        gone = 0
+        if fresh:
+            for key in sorted(fresh):
+                name = os.fsencode(key)
+                at = bisect.bisect_left(names, name)
+                digest = reader.digest(folder, name)
+                if digest is None:  # gone, or no longer a regular file
+                    made.files -= 1
+                    gone += 1
+                    lines[at] = b""
+                else:
+                    lines[at] = format_line(digest, folder.prefix + name)[:-1]
+            lines = [line for line in lines if line] if gone else lines
+        lines.append(b"")
+        return b"\n".join(lines)
+    by_bytes = dict(zip(encoded, keys, strict=True))
+    parts = []
+    for name in names:
+        line = None if by_bytes[name] in fresh else inherited.get(name)
+        if line is not None:
+            made.inherited += 1
+        else:
+            digest = reader.digest(folder, name)
+            if digest is None:
+                continue  # gone, or no longer a regular file
+            line = format_line(digest, folder.prefix + name)
+        parts.append(line)
+        made.files += 1
+    return b"".join(parts)
+
+
+def _fresh(folder: _Folder, files: dict[str, int], entries: list[os.DirEntry[str]],
+           trust: _Trust) -> set[str] | dict[str, int]:
+    """The names of ``files`` that are not linked to the earlier folder (to be read)."""
+    if folder.earlier is None or not files:
+        return files
+    try:
+        with os.scandir(folder.earlier) as listing:
+            earlier = {e.name: e.inode() for e in listing if not e.is_dir(follow_symlinks=False)}
+    except OSError:
+        return files  # anything amiss in the earlier copy only means "nothing to inherit"
+    fresh = {name for name, _ in files.items() - earlier.items()}
+    if len(fresh) == len(files):
+        return fresh
+    if trust.trusted is None:
+        linked = next(e for e in entries if e.name in files and e.name not in fresh)
+        try:
+            trust.confirm(linked)
+        except _GONE:
+            return fresh | {linked.name}
+    return fresh if trust.trusted else files
 
 
 def _enter(parent: _Folder, name: str, device: int) -> _Folder | None:
@@ -384,35 +512,3 @@ def _open_earlier(name: str | None, parent: int | None, device: int) -> int | No
         os.close(fd)
         return None
     return fd
-
-
-def _files_of(folder: _Folder, trust: _Trust
-              ) -> Iterator[tuple[_Folder, bytes, os.DirEntry[str], bool]]:
-    """The folder's regular files, sorted; its subfolders are kept, sorted, for later."""
-    with os.scandir(folder.fd) as listing:
-        entries = sorted(((os.fsencode(e.name), e) for e in listing), key=_by_name)
-    folder.subfolders = iter([e.name for _, e in entries if e.is_dir(follow_symlinks=False)])
-    earlier = _earlier_inodes(folder.earlier)
-    for name, entry in entries:
-        try:
-            if not entry.is_file(follow_symlinks=False):
-                continue
-            linked = (earlier.get(entry.name) == entry.inode()
-                      and trust.confirm(entry))
-        except _GONE:
-            continue
-        yield folder, name, entry, linked
-
-
-def _by_name(item: tuple[bytes, os.DirEntry[str]]) -> bytes:
-    return item[0]
-
-
-def _earlier_inodes(fd: int | None) -> dict[str, int]:
-    if fd is None:
-        return {}
-    try:
-        with os.scandir(fd) as entries:
-            return {e.name: e.inode() for e in entries if not e.is_dir(follow_symlinks=False)}
-    except OSError:
-        return {}
