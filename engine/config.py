@@ -112,7 +112,9 @@ def parse_rate(text: str) -> int:
     match = _RATE.fullmatch(text.strip())
     if match is None or int(match.group(1)) <= 0:
         raise ValueError(f"expected {RATE_HINT}, got {text!r}")
-    return int(match.group(1)) * 1024 ** " KMG".index(match.group(2).upper() or " ")
+    unit: str = match.group(2).upper() or " "
+    count = int(match.group(1))
+    return count << (10 * " KMG".index(unit))
 
 
 class OriginSettings(_Model, frozen=True, kw_only=True):

@@ -156,7 +156,7 @@ async def _mirror(ctx: RunContext, origin: Origin) -> None:
             good = entry.name
         if ctx.interruption.happened:
             break
-    if ctx.report.failure is None or any(c.status == "ok" for c in ctx.report.copied) \
+    if ctx.report.failure is None or any(c.status == "ok" for c in _report(ctx).copied) \
             or not wanted:
         await _retention(ctx)
 
@@ -199,7 +199,7 @@ async def _copy_one(ctx: RunContext, origin: Origin, entry: Entry, previous: str
     dest = ctx.dest
     name = entry.name
     record = CopiedBackup(name=name)
-    ctx.report.copied.append(record)
+    _report(ctx).copied.append(record)
     settings = ctx.config.origin
     timeout = settings.timeout_s if settings is not None else float("inf")
     t0 = time.monotonic()
@@ -269,6 +269,12 @@ async def _still_there(origin: Origin, name: str) -> bool:
         return True  # cannot tell: a failure, not a drop
 
 
+def _report(ctx: RunContext) -> MirrorReport:
+    report = ctx.report
+    assert isinstance(report, MirrorReport)
+    return report
+
+
 def _failed(ctx: RunContext, message: str) -> None:
     log.error(message)
     ctx.fail(message)
@@ -310,8 +316,7 @@ def _folders_of(backup_dir: str) -> list[str]:
 async def _measure(ctx: RunContext, origin: Origin) -> None:
     """Free space, backups after retention, and the lag behind the origin (metrics)."""
     dest = ctx.dest
-    report = ctx.report
-    assert isinstance(report, MirrorReport)
+    report = _report(ctx)
     with anyio.move_on_after(_SPACE_BOUND_S, shield=True):
         try:
             if dest.identity is None or await dest.gone():

@@ -260,10 +260,10 @@ def _sources(backup_dir: str) -> list[str]:
 def _digests(path: str, spill: str) -> Iterable[tuple[bytes, bytes]]:
     """(key, digest) of a manifest sorted as verify sorts it (a missing one: none)."""
     try:
-        stream = open(path, "rb")  # noqa: SIM115 (sorted_manifest reads it all before returning)
+        stream = open(path, "rb")
     except FileNotFoundError:
         return []
-    with stream:
+    with stream:  # sorted_manifest reads it all before it returns
         return sorted_manifest(stream, spill)
 
 

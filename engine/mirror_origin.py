@@ -72,9 +72,11 @@ class Origin(abc.ABC):
 
     async def open(self) -> None:
         """Make the origin reachable (an SSH connection); raise OriginUnreadable if not."""
+        return None
 
     async def close(self) -> None:
         """Let go of what ``open`` took; never raises."""
+        return None
 
     @abc.abstractmethod
     async def backups(self) -> list[Entry]:
