@@ -363,7 +363,8 @@ async def plan_mirror(config: Config, origin: Origin | None = None) -> list[str]
     for entry in wanted:
         previous = _newest_before(mine, entry) or good
         copy = BackupCopy(config, the_origin, dest, entry.name, previous,
-                          await the_origin.folders(entry.name), False)
+                          await the_origin.folders(entry.name),
+                          problem is None and await dest.is_btrfs())
         link = [f"--link-dest={copy.previous_dir}"] if copy.previous_dir else []
         lines.append(f"would copy {entry.name}"
                      + (f" (linked against {previous})" if previous else ""))
