@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from .durations import format_duration
 from .failure_text import root_cause, telling_line, without_hint
 from .processes import describe_exit
+from .report import MirrorReport
 from .units import human_bytes
 
 if TYPE_CHECKING:
@@ -50,6 +51,8 @@ def render_subject(report: Report, *, host: str) -> str:
     several machines can share one mailbox.
     """
     who = f"{short_host(host)}:"
+    if isinstance(report, MirrorReport):
+        return _mirror_subject(report, who)
     if report.status == "ok":
         count = len(report.sources)
         what = f"{count} source{'' if count == 1 else 's'}, {_duration(report.duration_s)}"
@@ -63,6 +66,37 @@ def render_subject(report: Report, *, host: str) -> str:
         cut = failure[:SUBJECT_FAILURE_CAP].rsplit(" ", 1)[0]
         failure = cut.rstrip(" ,;:") + "…"
     return f"[pibackup] FAILED {who} {failure} ({report.name})"
+
+
+def _mirror_subject(report: MirrorReport, who: str) -> str:
+    """``[pibackup] OK <host>: mirrored 3 backups of <origin> (<newest name>)``, ``FAILED
+    <host>: <cause> (mirror of <origin>)``, ``INTERRUPTED …`` alike (SPEC §10)."""
+    if report.status == "ok":
+        copied = [c.name for c in report.copied if c.status == "ok"]
+        count = f"{len(copied)} backup{'' if len(copied) == 1 else 's'}"
+        newest = f" ({max(copied)})" if copied else ""
+        return f"[pibackup] OK {who} mirrored {count} of {report.origin}{newest}"
+    if report.status == "interrupted":
+        cause = f"after {_duration(report.duration_s)}"
+        return f"[pibackup] INTERRUPTED {who} {cause} (mirror of {report.origin})"
+    failure = gist(report.failure or "failed")
+    if len(failure) > SUBJECT_FAILURE_CAP:
+        failure = failure[:SUBJECT_FAILURE_CAP].rsplit(" ", 1)[0].rstrip(" ,;:") + "…"
+    return f"[pibackup] FAILED {who} {failure} (mirror of {report.origin})"
+
+
+def _copied(report: Report) -> list[str]:
+    """A mirror's table: each backup it started to copy, oldest first (SPEC §10)."""
+    if not isinstance(report, MirrorReport):
+        return []
+    lines = [f"Copied from {report.origin}"]
+    for c in report.copied:
+        resumed = ", resumed" if c.resumed else ""
+        lines.append(f"  {c.status:<9} {_duration(c.duration_s):>6} "
+                     f"{human_bytes(c.bytes):>10}  {c.name}{resumed}")
+    if not report.copied:
+        lines.append("  nothing to copy: the mirror holds every backup it keeps")
+    return lines
 
 
 def short_host(host: str) -> str:
@@ -94,7 +128,7 @@ def render_body(report: Report, *, host: str) -> str:
         _headline(report),
         _facts(report, host),
         _hook_table(report),
-        _source_table(report),
+        _source_table(report) if not isinstance(report, MirrorReport) else _copied(report),
         _relinked(report),
         _failures(report),
         _abandoned(report),
@@ -109,6 +143,9 @@ def render_body(report: Report, *, host: str) -> str:
 
 def _headline(report: Report) -> list[str]:
     saved = "the backup was saved" if report.saved else "no backup was saved"
+    if isinstance(report, MirrorReport):
+        done = sum(1 for c in report.copied if c.status == "ok")
+        saved = f"{done} backup{'' if done == 1 else 's'} copied"
     lines = [f"{report.status.upper()} — {saved}"]
     if report.failure is not None:
         lines.append(report.failure)

@@ -307,3 +307,39 @@ def test_the_report_and_the_mirror_read_like_any_destination(ws: Workspace) -> N
     verified = ws.run("verify", "--all")
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert "0 problems" in verified.stdout
+
+
+def test_metrics_file_has_the_lag_and_no_saved(ws: Workspace) -> None:
+    from datetime import datetime
+
+    bench = Bench(ws)
+    older, newer = bench.backups(2)
+    # The newer backup's copy fails (damaged on the origin): the mirror lags by the interval.
+    with open(bench.origin / newer / "data" / "edit.txt", "r+b") as f:
+        f.write(b"X")
+    metrics = ws.root / "mirror.prom"
+    bench.write_mirror_config(extra=table("[monitor]", metrics_file=str(metrics)))
+
+    assert bench.mirror().returncode == 1
+    text = metrics.read_text()
+    label = f'{{destination="{ws.dest}"}}'
+    lag = (datetime.strptime(newer, "%Y-%m-%dt%H-%M-%S%z")
+           - datetime.strptime(older, "%Y-%m-%dt%H-%M-%S%z")).total_seconds()
+    assert lag > 0
+    assert f"pibackup_mirror_lag_seconds{label} {int(lag)}\n" in text
+    assert f"pibackup_last_run_ok{label} 0\n" in text
+    assert f"pibackup_backups{label} 1\n" in text
+    assert "pibackup_last_run_saved" not in text and "pibackup_source_bytes" not in text
+
+
+def test_mail_subject_names_the_origin() -> None:
+    from pibackup_async.engine.mail_body import render_subject
+    from pibackup_async.engine.report import CopiedBackup, MirrorReport
+
+    report = MirrorReport(name="mirror-x", start="s", concurrency=1, origin="pi:/mnt/b",
+                          copied=[CopiedBackup(name=n, status="ok") for n in ("a1", "a2", "a3")])
+    assert render_subject(report, host="box.lan") == (
+        "[pibackup] OK box: mirrored 3 backups of pi:/mnt/b (a3)")
+    report.status, report.failure = "failed", "copy of a2: rsync failed"
+    assert render_subject(report, host="box") == (
+        "[pibackup] FAILED box: copy of a2: rsync failed (mirror of pi:/mnt/b)")
