@@ -53,6 +53,15 @@ async def _connect(config: Config, send_test: bool) -> int:
     from pibackup_async.engine.remote import check_hosts
 
     failed = 0
+    if config.origin is not None:
+        failed += await _check_origin(config)
+        origin_host = config.origin.host
+        if origin_host is not None:
+            # The origin's key runs nothing but `serve`: `true` is not how it is tried.
+            import msgspec
+
+            config = msgspec.structs.replace(config, hosts={
+                name: host for name, host in config.hosts.items() if name != origin_host})
     for name, problem in (await check_hosts(config)).items():
         if problem is None:
             print(f"host {name}: ok", file=sys.stderr)
@@ -86,6 +95,21 @@ async def _connect(config: Config, send_test: bool) -> int:
         print(f"error: mail server {config.report.smtp.host}: {problem}", file=sys.stderr)
         failed += 1
     return failed
+
+
+async def _check_origin(config: Config) -> int:
+    """A mirror's origin (SPEC §10): it can be read, and its key cannot write there."""
+    from pibackup_async.engine.mirror_ssh import check_origin, origin_of
+
+    problems = await check_origin(config)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if not problems:
+        remote = config.origin is not None and config.origin.host is not None
+        print(f"origin {origin_of(config).label}: ok"
+              + (" (read through a key that cannot write there)" if remote else ""),
+              file=sys.stderr)
+    return len(problems)
 
 
 def _smtp_tried(smtp: Smtp) -> str:

@@ -39,7 +39,8 @@ from .mirror_copy import (
     rsync_command,
     written,
 )
-from .mirror_origin import OriginUnreadable, origin_of
+from .mirror_origin import OriginUnreadable
+from .mirror_ssh import origin_of
 from .monitor import ping
 from .names import format_name
 from .pipeline import deliver
