@@ -109,9 +109,13 @@ def shell_script(path: Path, commands: list[list[str]], parallel: int) -> Path:
     if parallel == 1:
         lines += lanes[0]
     else:
+        # Each lane's pid, waited for one by one (its failure fails the script):
+        # dash runs ``$(jobs -p)`` in a subshell that has no jobs, so a loop over
+        # it waited for nothing and the script ended with its lanes running.
+        lines.append("pids=")
         for lane in lanes:
-            lines.append("( " + " && ".join(lane) + " ) &")
-        lines.append("for job in $(jobs -p); do wait $job; done")
+            lines.append("( " + " && ".join(lane) + ' ) & pids="$pids $!"')
+        lines.append("for pid in $pids; do wait $pid; done")
     path.write_text("\n".join(lines) + "\n")
     path.chmod(0o755)
     return path
