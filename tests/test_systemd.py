@@ -73,3 +73,35 @@ def test_systemd_analyze_verify_passes_on_the_verify_unit_and_its_timer(tmp_path
         capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "pibackup-async" not in result.stderr, result.stderr
+
+
+def test_the_mirror_unit_pulls_with_its_own_configuration_after_the_origins_backup() -> None:
+    """The mirror's side of 3-2-1 (SPEC §10, README): `mirror` with a configuration of its
+    own, a mirror still copying (a long first copy holds the lock: exit 3) not a failure."""
+    text = (UNITS / "pibackup-async-mirror.service").read_text()
+    [line] = [ln for ln in text.splitlines() if ln.startswith("ExecStart=")]
+    argv = shlex.split(line.removeprefix("ExecStart="))
+    assert argv[0] == INSTALLED
+    args = _parser().parse_args(argv[1:])
+    assert args.command == "mirror" and not args.dry_run
+    assert args.config == "/etc/pibackup-async/mirror.toml"
+    assert "SuccessExitStatus=3" in text.splitlines()
+    readme = (UNITS.parent.parent / "README.md").read_text()
+    assert "pibackup-async-mirror.timer" in readme
+    timer = (UNITS / "pibackup-async-mirror.timer").read_text()
+    [when] = [ln for ln in timer.splitlines() if ln.startswith("OnCalendar=")]
+    assert when == "OnCalendar=*-*-* 04:30:00"  # after the origin's 03:00 backup
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd is not installed")
+def test_systemd_analyze_verify_passes_on_the_mirror_unit_and_its_timer(tmp_path: Path) -> None:
+    here = str(Path(sys.executable).with_name("pibackup-async"))
+    service = (UNITS / "pibackup-async-mirror.service").read_text().replace(INSTALLED, here)
+    (tmp_path / "pibackup-async-mirror.service").write_text(service)
+    shutil.copy(UNITS / "pibackup-async-mirror.timer", tmp_path)
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(tmp_path / "pibackup-async-mirror.service"),
+         str(tmp_path / "pibackup-async-mirror.timer")],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "pibackup-async" not in result.stderr, result.stderr
