@@ -5,6 +5,8 @@ Run from the repository root, with the project's venv (root for ``--cold``)::
     python benchmarks/bench_cost.py                  # K = 100 and K = 4 sources of 20 files
     python benchmarks/bench_cost.py --sources 100 --reps 7 --cold
     python benchmarks/bench_cost.py --quick          # K = 4 and 16, one rep: a smoke run
+    python benchmarks/bench_cost.py --sources 100 --files 200 --jobs 1 \
+        --engine before=/tmp/site-a --engine after=     # an interleaved A/B of two engines
 
 For each K, K sources of ``--files`` small files (1 KiB) each, and two
 contenders run one after the other, ``--reps`` times (the order alternating):
@@ -17,10 +19,16 @@ contenders run one after the other, ``--reps`` times (the order alternating):
 
 Wall time (start-up included) and CPU time (user + system of the process
 and everything it waited for) are medians; the difference divided by K is
-the engine's cost per source. With ``--cold`` the page cache is dropped
-before every timed run (the interpreter's own files too): the start-up then
-costs what it costs after a reboot. The import time of the command line
-(``python -X importtime``, warm) is printed beside.
+the engine's cost per source. ``--engine NAME=SITE`` (repeated) puts engines
+side by side: SITE is a plain install of one (``pip install --no-deps
+--target SITE <checkout>``) put first on PYTHONPATH, empty for the
+checkout's own; the order of the contenders rotates from one repetition to
+the next. Peak RSS is ``wait4``'s of the run: its largest process, the
+engine's own (an rsync of small files stays well under it). With ``--cold``
+the page cache is dropped before every timed run (the interpreter's own
+files too): the start-up then costs what it costs after a reboot. The
+import time of the command line (``python -X importtime``, warm) is printed
+beside.
 """
 
 from __future__ import annotations
@@ -28,12 +36,12 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import resource
 import shlex
 import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +56,8 @@ CLI = [sys.executable, "-m", "pibackup_async.cli"]
 class Sample:
     wall: float
     cpu: float
+    # wait4's ru_maxrss of the run: its largest process, in KiB.
+    peak_kib: int = 0
 
 
 def build_sources(root: Path, count: int, files: int) -> list[tuple[str, Path]]:
@@ -66,25 +76,30 @@ def build_sources(root: Path, count: int, files: int) -> list[tuple[str, Path]]:
 def timed(argv: list[str], *, cold: bool, **kwargs: object) -> Sample:
     if cold:
         drop_caches()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
-    result = subprocess.run(argv, capture_output=True, text=True, **kwargs)  # type: ignore[call-overload]
-    wall = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if result.returncode != 0:
-        raise SystemExit(f"{shlex.join(argv)[:200]} exited {result.returncode}:\n{result.stderr}")
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return Sample(wall, cpu)
+    with tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, **kwargs)  # type: ignore[call-overload]
+        # wait4 rather than communicate: the run's own usage, its peak RSS with it.
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - t0
+        process.returncode = os.waitstatus_to_exitcode(status)
+        if process.returncode != 0:
+            err.seek(0)
+            raise SystemExit(f"{shlex.join(argv)[:200]} exited {process.returncode}:\n"
+                             f"{err.read().decode(errors='replace')}")
+    return Sample(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss)
 
 
 def engine_run(work: Path, sources: list[tuple[str, Path]], jobs: int, rep: int,
-               cold: bool) -> Sample:
-    run = work / "runs" / f"engine-{len(sources)}-{rep}"
+               cold: bool, name: str = "engine", site: str = "") -> Sample:
+    run = work / "runs" / f"{name}-{len(sources)}-{rep}"
     (run / "dest").mkdir(parents=True)
     config = engine_config(run / "config.toml", run / "dest", run / "state", sources)
     # An installed package has its byte code; a sandbox that forbids writing
     # it would charge the engine ~0.1 s of compiling on every run.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    if site:
+        env["PYTHONPATH"] = site
     return timed([*CLI, "run", "-c", str(config), "--jobs", str(jobs), "-q", "--no-report"],
                  cold=cold, env=env)
 
@@ -127,21 +142,30 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--cold", action="store_true", help="drop the page cache first (root)")
     parser.add_argument("--quick", action="store_true", help="K = 4 and 16, one rep")
+    parser.add_argument("--engine", action="append", default=[], metavar="NAME=SITE",
+                        help="an engine to run (repeat for an A/B); SITE: a plain install "
+                             "put first on PYTHONPATH, empty for the checkout's own")
     args = parser.parse_args()
+    engines = dict(e.partition("=")[::2] for e in args.engine) or {"engine": ""}
     if args.quick:
         args.sources, args.reps = [4, 16], 1
     work = args.work.resolve()
     shutil.rmtree(work / "runs", ignore_errors=True)
     results: dict[int, dict[str, list[Sample]]] = {}
+    load_before = os.getloadavg()
     try:
         for count in args.sources:
             sources = build_sources(work / "src", count, args.files)
-            contenders = {"engine": engine_run, "shell": shell_run}
+            contenders = [*engines, "shell"]
             samples: dict[str, list[Sample]] = {name: [] for name in contenders}
             for rep in range(args.reps):
-                order = list(contenders) if rep % 2 == 0 else list(reversed(contenders))
-                for name in order:
-                    sample = contenders[name](work, sources, args.jobs, rep, args.cold)
+                at = rep % len(contenders)
+                for name in contenders[at:] + contenders[:at]:
+                    if name == "shell":
+                        sample = shell_run(work, sources, args.jobs, rep, args.cold)
+                    else:
+                        sample = engine_run(work, sources, args.jobs, rep, args.cold, name,
+                                            engines[name])
                     samples[name].append(sample)
                     print(f"  K={count} rep {rep + 1} {name}: {sample.wall:.3f} s wall, "
                           f"{sample.cpu:.3f} s CPU", file=sys.stderr, flush=True)
@@ -152,17 +176,30 @@ def main() -> int:
     print(f"\n{platform.node()}: {os.cpu_count()} CPUs, Python {platform.python_version()}; "
           f"{args.files} files of 1 KiB a source, --jobs {args.jobs} / xargs -P {args.jobs}, "
           f"{'cold' if args.cold else 'warm'} cache, medians of {args.reps}")
-    print(f"{'K':>4}{'engine s':>10}{'shell s':>9}{'wall x':>8}{'engine CPU':>12}"
-          f"{'shell CPU':>11}{'CPU x':>7}{'ms wall/src':>13}{'ms CPU/src':>12}")
+    load_after = os.getloadavg()
+    print("load average before " + " ".join(f"{x:.2f}" for x in load_before)
+          + ", after " + " ".join(f"{x:.2f}" for x in load_after))
+    print(f"{'K':>4} {'engine':<10}{'engine s [min-max]':>22}{'shell s [min-max]':>22}"
+          f"{'wall x':>8}{'engine CPU':>12}{'shell CPU':>11}{'CPU x':>7}{'ms wall/src':>13}"
+          f"{'ms CPU/src':>12}{'RSS MiB':>9}")
     for count, samples in results.items():
-        ew = statistics.median(s.wall for s in samples["engine"])
-        sw = statistics.median(s.wall for s in samples["shell"])
-        ec = statistics.median(s.cpu for s in samples["engine"])
-        sc = statistics.median(s.cpu for s in samples["shell"])
-        print(f"{count:>4}{ew:>10.3f}{sw:>9.3f}{ew / sw:>8.3f}{ec:>12.3f}{sc:>11.3f}"
-              f"{ec / sc:>7.3f}{(ew - sw) / count * 1e3:>13.2f}{(ec - sc) / count * 1e3:>12.2f}")
+        for name in engines:
+            ew, sw = _spread(samples[name]), _spread(samples["shell"])
+            ewm = statistics.median(s.wall for s in samples[name])
+            swm = statistics.median(s.wall for s in samples["shell"])
+            ec = statistics.median(s.cpu for s in samples[name])
+            sc = statistics.median(s.cpu for s in samples["shell"])
+            rss = statistics.median(s.peak_kib for s in samples[name]) / 1024
+            print(f"{count:>4} {name:<10}{ew:>22}{sw:>22}{ewm / swm:>8.3f}{ec:>12.3f}{sc:>11.3f}"
+                  f"{ec / sc:>7.3f}{(ewm - swm) / count * 1e3:>13.2f}"
+                  f"{(ec - sc) / count * 1e3:>12.2f}{rss:>9.1f}")
     print(f"imports of the command line (warm, -X importtime): {import_time() * 1e3:.0f} ms")
     return 0
+
+
+def _spread(samples: list[Sample]) -> str:
+    walls = [s.wall for s in samples]
+    return f"{statistics.median(walls):.3f} [{min(walls):.2f}-{max(walls):.2f}]"
 
 
 if __name__ == "__main__":
