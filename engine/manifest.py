@@ -314,14 +314,20 @@ class _Reader:
         self.checked_at = 0
 
     def digest(self, folder: _Folder, name: bytes) -> str | None:
-        """The digest of ``name`` in ``folder``; None when it is gone or no regular file."""
+        """The digest of ``name`` in ``folder``; None when it is gone or no regular file.
+
+        Run for every file of a first backup: what costs here is the Python
+        around the system calls, so the common case (a small file with one
+        name) takes one ``read`` of its size and one call to hash it.
+        """
         self.files += 1
+        made = self.made
         # Between files, not after each: a check costs as much as hashing a
         # small file. Often enough that a cancel lands, and a read that moves
         # keeps its Progress alive, within a fraction of a second.
         if (self.files % CHECK_EVERY == 0
-                or self.made.hashed_bytes - self.checked_at >= CHECK_BYTES):
-            self.checked_at = self.made.hashed_bytes
+                or made.hashed_bytes - self.checked_at >= CHECK_BYTES):
+            self.checked_at = made.hashed_bytes
             self.check()
         try:
             fd = _open_file(name, folder.fd)
@@ -333,39 +339,45 @@ class _Reader:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 return None
-            known = self.several.get(st.st_ino) if st.st_nlink > 1 else None
+            if st.st_nlink == 1:
+                return self._hash(fd, st.st_size)
+            known = self.several.get(st.st_ino)
             if known is not None:
                 known.seen += 1
                 if known.seen >= st.st_nlink:
                     del self.several[st.st_ino]
                 return known.digest
-            try:
-                digest = self._hash(fd, st.st_size)
-            except OSError as e:
-                raise OSError(e.errno, e.strerror, os.fsdecode(folder.prefix + name)) from None
-            if st.st_nlink > 1:
-                self.several[st.st_ino] = _Shared(digest, 1)
+            digest = self._hash(fd, st.st_size)
+            self.several[st.st_ino] = _Shared(digest, 1)
             return digest
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, os.fsdecode(folder.prefix + name)) from None
         finally:
             os.close(fd)
 
     def _hash(self, fd: int, size: int) -> str:
-        digest = hashlib.sha256()
+        made = self.made
+        if size < CHUNK:
+            # Read one byte more than fstat said: all of it, and its end told,
+            # in one read (a file that grew since goes on below).
+            data = os.read(fd, size + 1)
+            made.hashed_bytes += len(data)
+            if len(data) == size:
+                return hashlib.sha256(data).hexdigest()
+            digest = hashlib.sha256(data)
+            if not data:
+                return digest.hexdigest()
+        else:
+            digest = hashlib.sha256()
         buffer = self.buffer
         view = memoryview(buffer)
-        total = 0
         while True:
             count = os.readv(fd, [buffer])
             if count == 0:
                 return digest.hexdigest()
             # hashlib lets go of the GIL for blocks this size: the event loop runs on.
             digest.update(view[:count])
-            total += count
-            self.made.hashed_bytes += count
-            if count < CHUNK and total == size:
-                # A short read that ends where fstat said: the end, without one
-                # more read (most files are smaller than a block).
-                return digest.hexdigest()
+            made.hashed_bytes += count
             if count == CHUNK:
                 self.check()
 
@@ -448,8 +460,16 @@ def _folder_lines(folder: _Folder, trust: _Trust, inherit: _Inherited, reader: _
             lines = [line for line in lines if line] if gone else lines
         lines.append(b"")
         return b"\n".join(lines)
-    by_bytes = dict(zip(encoded, keys, strict=True))
     parts = []
+    if not linked:  # every file is read (a first backup): nothing to look up
+        prefix, digest_of = folder.prefix, reader.digest
+        for name in names:
+            digest = digest_of(folder, name)
+            if digest is not None:  # else gone, or no longer a regular file
+                parts.append(format_line(digest, prefix + name))
+        made.files += len(parts)
+        return b"".join(parts)
+    by_bytes = dict(zip(encoded, keys, strict=True))
     for name in names:
         line = None if by_bytes[name] in fresh else inherited.get(name)
         if line is not None:
