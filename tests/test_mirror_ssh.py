@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from typing import TYPE_CHECKING
 
+import anyio.to_thread
 import pytest
 from conftest import needs_rsync
 from mirrorkit import Bench, tree_bytes, tree_stats
 from sshkit import needs_sshd
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
 
+    from btrfskit import Btrfs
     from conftest import Workspace
     from sshkit import Sshd
 
@@ -217,3 +221,76 @@ def test_bwlimit_is_what_rsync_is_given_in_its_own_units(ws: Workspace, sshd: Ss
 
     assert result.returncode == 0, result.stderr
     assert "--bwlimit=2048 " in result.stdout, result.stdout
+
+
+# --- btrfs over SSH ------------------------------------------------------------------
+
+
+FIRST, SECOND = "2024-05-01t03-00-00+0000", "2024-05-02t03-00-00+0000"
+
+
+def btrfs_origin(fs: Btrfs) -> Path:
+    """Two backups, each with a received-like read-only subvolume ``db``, a folder, an empty
+    folder; the second also an empty subvolume."""
+    origin = fs.mount / "origin"
+    origin.mkdir()
+    for name, content in ((FIRST, "one\n"), (SECOND, "two\n")):
+        (origin / name / "plain" / "sub").mkdir(parents=True)
+        (origin / name / "empty").mkdir()
+        (origin / name / ".pibackup").mkdir()
+        work = fs.subvolume(f"work-{name}")
+        (work / "file.txt").write_text(content)
+        subprocess.run(["btrfs", "subvolume", "snapshot", "-r", str(work),
+                        str(origin / name / "db")], check=True, capture_output=True)
+    subprocess.run(["btrfs", "subvolume", "create", str(origin / SECOND / "new-vol")],
+                   check=True, capture_output=True)
+    return origin
+
+
+def send_into(send: list[str], into: Path) -> None:
+    """``send`` (an ssh running btrfs send there) piped into ``btrfs receive into``."""
+    into.mkdir()
+    sender = subprocess.Popen(send, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert sender.stdout is not None
+    receiver = subprocess.run(["btrfs", "receive", str(into)], stdin=sender.stdout,
+                              capture_output=True, timeout=60)
+    sender.stdout.close()
+    _, said = sender.communicate(timeout=60)
+    assert sender.returncode == 0, said
+    assert receiver.returncode == 0, receiver.stderr
+
+
+async def test_subvolumes_are_found_and_sent_through_the_restricted_key(
+        tmp_path: Path, btrfs_fs: Callable[..., Btrfs], new_sshd: Callable[[], Sshd]) -> None:
+    """SshOrigin tells a received subvolume from a folder with rsync alone (-xx leaves out
+    what is on another device, an empty subvolume too), and its btrfs send, full and
+    incremental, passes serve."""
+    from pibackup_async.engine.config import Host
+    from pibackup_async.engine.mirror_ssh import SshOrigin
+
+    fs = btrfs_fs(tmp_path / "btrfs")
+    origin = btrfs_origin(fs)
+    sshd = new_sshd()
+    sshd.serve_only(origin)
+    host = Host(address=sshd.address, port=sshd.port, user="root",
+                identity_file=str(sshd.client.path), known_hosts=str(sshd.known_hosts))
+    stats = tree_stats(origin)
+    mirror = SshOrigin(HOST, host, str(origin))
+    received = fs.mount / "received"
+    received.mkdir()
+    try:
+        await mirror.open()
+        assert [e.name for e in await mirror.backups()] == [SECOND, FIRST]
+        folders = {f.name: f.subvolume for f in await mirror.folders(SECOND)}
+        assert folders == {"db": True, "empty": False, "new-vol": True, "plain": False}
+        with pytest.raises(FileNotFoundError):
+            await mirror.folders("2020-01-01t00-00-00+0000")
+        for name, parent in ((FIRST, None), (SECOND, FIRST)):
+            send = await mirror.btrfs_send_argv(name, "db", parent)
+            assert send is not None
+            await anyio.to_thread.run_sync(send_into, send, received / name)
+    finally:
+        await mirror.close()
+    assert (received / SECOND / "db" / "file.txt").read_text() == "two\n"
+    assert tree_stats(origin) == stats
+    assert "refused" not in sshd.log_text()
