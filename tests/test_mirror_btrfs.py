@@ -155,8 +155,6 @@ def test_first_backup_is_a_full_send_the_next_incremental_and_a_nightly_too(
     assert_same_tree(ws.dest / third / "data", m.mirror / third / "data")
 
 
-@pytest.mark.xfail(reason="an [origin] with host (mirror-ssh's SSH origin) is not in yet",
-                   strict=False)
 def test_over_ssh_through_serve_full_then_incremental_the_origin_untouched(
         ws: Workspace, btrfs_fs: Callable[..., Btrfs], new_sshd: Callable[[], Sshd]) -> None:
     """The origin's key restricted to ``serve --read-only``: the stream comes from its
