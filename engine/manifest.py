@@ -192,6 +192,11 @@ class _Inherited:
         nothing else); else a line for each name the earlier block has.
         """
         count = len(names)
+        # Lines of files or folders this copy no longer has go first: else
+        # one deleted file would cost the next folder its whole-block path.
+        while (self._peek() and self._folder != folder.path
+               and self._folder_key < folder.folders):
+            self._at += 1
         if count and self._available(count) >= count:
             lines = self._lines[self._at:self._at + count]
             head = b"  " + folder.prefix
