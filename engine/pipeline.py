@@ -337,13 +337,15 @@ async def _run_precopy(source: SourceConfig, step: Step,
 
 
 async def _after_window(ctx: RunContext) -> None:
-    """What only the window needed goes before the saves (a precopied folder set aside)."""
+    """Before the saves: what only the window needed goes, what it left out joins
+    (after a precopy, the names step 3 found unchanged are linked from its copy)."""
     for name, work in ctx.source_work.items():
         try:
             await work.after_window()
         except OSError as e:
             ctx.fail_step(_destination_failure(
-                e, f"cannot remove what source {name} left in {ctx.layout.in_progress_dir}"))
+                e, f"cannot finish source {name}'s copy after the snapshot window in "
+                   f"{ctx.layout.in_progress_dir}"))
 
 
 # --- steps 3 and 5 ------------------------------------------------------------------

@@ -14,6 +14,7 @@ import shlex
 import signal
 import stat
 import subprocess
+import sys
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from conftest import Workspace
+    from sshkit import Sshd
 
 pytestmark = needs_rsync
 
@@ -50,13 +52,13 @@ def _toml(text: str | Path) -> str:
 
 
 def _config(ws: Workspace, *, pre: str | None, sources: dict[str, Path],
-            extra: str = "", source_keys: str = "") -> None:
+            extra: str = "", source_keys: str = "", post: str = "true") -> None:
     """One snapshot hook (``pre`` a shell script, or no pre at all) and rsync sources."""
     body = ""
     if pre is not None:
-        body += f'[[snapshot_hooks]]\nname = "db"\npre = {_toml(pre)}\npost = "true"\n'
+        body += f'[[snapshot_hooks]]\nname = "db"\npre = {_toml(pre)}\npost = {_toml(post)}\n'
     else:
-        body += '[[snapshot_hooks]]\nname = "db"\npost = "true"\n'
+        body += f'[[snapshot_hooks]]\nname = "db"\npost = {_toml(post)}\n'
     for name, path in sources.items():
         body += (f'[[sources]]\nname = "{name}"\ntype = "rsync"\npath = {_toml(path)}\n'
                  f"{source_keys}\n")
@@ -379,3 +381,222 @@ def test_the_dry_run_shows_the_precopy(ws: Workspace) -> None:
     between = lines[precopy_at + 1:pre_at]
     assert any(line.startswith("   - data: rsync ") for line in between), result.stdout
     assert not any("other" in line for line in between), result.stdout
+
+
+# --- step 3 after a precopy that linked against an earlier backup (--compare-dest) -------
+
+
+def _previous_then_precopy(ws: Workspace, data: Path, pre: str, *, post: str = "true",
+                           source_keys: str = "") -> tuple[Path, Path]:
+    """A backup without precopy, then one with it (``pre`` between the passes): both copies."""
+    _config(ws, pre=None, sources={"data": data}, source_keys=source_keys)
+    _run_ok(ws)
+    _config(ws, pre=pre, post=post, sources={"data": data}, source_keys=source_keys)
+    report = _run_ok(ws)
+    assert report["sources"]["data"]["precopy"]["status"] == "ok", report
+    return _backup_of(ws, "data", 0), _backup_of(ws, "data", 1)
+
+
+def _inode_groups(root: Path) -> set[frozenset[str]]:
+    """The regular files below ``root`` grouped by inode: its hard-link structure."""
+    groups: dict[int, set[str]] = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode):
+                groups.setdefault(st.st_ino, set()).add(os.path.relpath(path, root))
+    return {frozenset(g) for g in groups.values()}
+
+
+def test_step_3_creates_only_what_changed_since_the_precopy(ws: Workspace) -> None:
+    """The window holds a scan and what changed since the precopy: no link per unchanged
+    file. A snapshot hook's post (after step 3, before the unchanged files join the
+    backup) lists what step 3 created."""
+    files = {f"d{i}/f{j}.txt": f"{i}-{j}\n" for i in range(3) for j in range(5)}
+    data = ws.make_source("data", files)
+    _age(data)
+    for rel in files:
+        os.chmod(data / rel, 0o644)
+    created = ws.root / "created-in-window"
+    pre = (f"echo changed > {_q(data / 'd0/f0.txt')} && chmod 600 {_q(data / 'd1/f1.txt')} "
+           f"&& echo new > {_q(data / 'd2/new.txt')}")
+    post = f'cd "$PIBACKUP_BACKUP_DIR/data" && find . -type f | sort > {_q(created)}'
+    first, second = _previous_then_precopy(ws, data, pre, post=post)
+    assert created.read_text().split() == ["./d0/f0.txt", "./d1/f1.txt", "./d2/new.txt"]
+    assert _tree(second) == _tree(data)
+    for rel in files:
+        if rel not in ("d0/f0.txt", "d1/f1.txt"):
+            assert os.lstat(first / rel).st_ino == os.lstat(second / rel).st_ino, rel
+    assert stat.S_IMODE(os.lstat(first / "d1/f1.txt").st_mode) == 0o644
+    assert not [n for n in os.listdir(second.parent) if n.startswith(".data")]
+
+
+def test_owner_xattr_and_link_target_changed_between_the_passes(ws: Workspace) -> None:
+    """Attribute-only changes after a precopy: step 3 copies the file (rsync's
+    compare-dest sees them as different), the previous backup keeps its own."""
+    data = ws.make_source("data", {"owned": "owner changes\n", "tagged": "xattr changes\n",
+                                   "dir/f": "in a folder whose mode changes\n"})
+    os.setxattr(data / "tagged", "user.k", b"1")
+    (data / "link").symlink_to("owned")
+    os.chmod(data / "dir", 0o755)
+    _age(data)
+    py = _q(sys.executable)
+    pre = (f"chown 1234:1234 {_q(data / 'owned')} && chmod 700 {_q(data / 'dir')} && "
+           f"ln -sfn tagged {_q(data / 'link')} && "
+           f"{py} -c 'import os,sys; os.setxattr(sys.argv[1], \"user.k\", b\"2\")' "
+           f"{_q(data / 'tagged')}")
+    first, second = _previous_then_precopy(ws, data, pre)
+    assert os.lstat(first / "owned").st_uid == 0
+    assert os.lstat(second / "owned").st_uid == 1234
+    assert os.getxattr(first / "tagged", "user.k") == b"1"
+    assert os.getxattr(second / "tagged", "user.k") == b"2"
+    assert os.readlink(first / "link") == "owned"
+    assert os.readlink(second / "link") == "tagged"
+    assert stat.S_IMODE(os.lstat(first / "dir").st_mode) == 0o755
+    assert stat.S_IMODE(os.lstat(second / "dir").st_mode) == 0o700
+    assert os.lstat(first / "dir/f").st_ino == os.lstat(second / "dir/f").st_ino
+    assert _tree(second) == _tree(data)
+
+
+def test_hard_links_inside_the_source_after_a_precopy(ws: Workspace) -> None:
+    data = ws.make_source("data", {"a": "pair kept\n", "c": "pair rewritten\n",
+                                   "e": "alone, then linked\n", "sub/x": "x\n"})
+    for one, two in (("a", "b"), ("c", "d"), ("sub/x", "y")):
+        os.link(data / one, data / two)
+    _age(data)
+    pre = (f"echo rewritten through c >> {_q(data / 'c')} && ln {_q(data / 'e')} "
+           f"{_q(data / 'f')}")
+    first, second = _previous_then_precopy(ws, data, pre)
+    assert _inode_groups(second) == _inode_groups(data) == {
+        frozenset(g) for g in (("a", "b"), ("c", "d"), ("e", "f"), ("sub/x", "y"))}
+    assert os.lstat(first / "a").st_ino == os.lstat(second / "b").st_ino
+    assert os.lstat(first / "y").st_ino == os.lstat(second / "sub/x").st_ino
+    assert (first / "d").read_text() == "pair rewritten\n"
+    assert _tree(second) == _tree(data)
+
+
+def test_vanished_and_retyped_names_after_a_precopy(ws: Workspace) -> None:
+    data = ws.make_source("data", {"gone": "deleted\n", "tree/a/b": "b\n", "becomes-dir": "f\n",
+                                   "dir-becomes-file/x": "x\n", "becomes-link": "l\n",
+                                   "kept/k": "k\n"})
+    (data / "excluded.tmp").write_text("never copied\n")
+    _age(data)
+    pre = (f"cd {_q(data)} && rm gone && rm -r tree && rm becomes-dir && mkdir becomes-dir && "
+           "echo inside > becomes-dir/inside && rm -r dir-becomes-file && "
+           "echo now a file > dir-becomes-file && rm becomes-link && "
+           "ln -s kept becomes-link && echo also excluded > kept/new.tmp")
+    first, second = _previous_then_precopy(ws, data, pre,
+                                           source_keys='exclude = ["*.tmp"]')
+    expected = {k: v for k, v in _tree(data).items() if not k.endswith(".tmp")}
+    assert _tree(second) == expected
+    assert os.lstat(first / "kept/k").st_ino == os.lstat(second / "kept/k").st_ino
+
+
+def test_folder_times_survive_the_links_made_after_the_window(ws: Workspace) -> None:
+    data = ws.make_source("data", {"d/a": "a\n", "d/e/b": "b\n", "top": "t\n"})
+    _age(data)
+    then = time.time() - 7200
+    for folder in ("d/e", "d", "."):
+        os.utime(data / folder, (then, then))
+    pre = f"echo more >> {_q(data / 'top')}; touch -d @{then:.0f} {_q(data)}"
+    _, second = _previous_then_precopy(ws, data, pre)
+    for folder in (".", "d", "d/e"):
+        assert os.lstat(second / folder).st_mtime == pytest.approx(
+            os.lstat(data / folder).st_mtime, abs=1), folder
+
+
+def test_a_source_whose_files_all_went_unchanged_is_not_empty(ws: Workspace) -> None:
+    """Step 3 creates nothing then (every file joins after the window): the copy is
+    judged on what step 3 saw, not on what it created."""
+    data = ws.make_source("data", {"one": "1\n", "two": "2\n"})
+    _age(data)
+    first, second = _previous_then_precopy(ws, data, "true")
+    assert _tree(second) == _tree(data)
+    assert os.lstat(first / "one").st_ino == os.lstat(second / "one").st_ino
+
+
+def test_a_precopy_cut_short_with_a_previous_backup_leaves_a_whole_backup(
+        ws: Workspace) -> None:
+    """The precopy did not finish: step 3 trusts nothing it left and still links
+    unchanged files against the previous backup."""
+    data = ws.make_source("data", {f"d{i}/f{j}": f"{i}{j}\n" for i in range(3) for j in range(3)})
+    _age(data)
+    _config(ws, pre=None, sources={"data": data})
+    _run_ok(ws)
+    fake = ws.root / "bin" / "rsync"
+    fake.parent.mkdir()
+    flag = ws.root / "failed-once"
+    real = subprocess.run(["sh", "-c", "command -v rsync"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    fake.write_text("#!/bin/sh\n"
+                    f"if [ ! -e {_q(flag)} ]; then touch {_q(flag)}; "
+                    f"{_q(real)} --exclude=d2 \"$@\"; echo 'fake: disk hiccup' >&2; exit 12; fi\n"
+                    f'exec {_q(real)} "$@"\n')
+    fake.chmod(0o755)
+    _config(ws, pre=f"chmod 600 {_q(data / 'd0/f0')}", sources={"data": data})
+    result = ws.run("run", env={"PATH": f"{fake.parent}:{os.environ['PATH']}"})
+    assert result.returncode == 0, result.stderr
+    assert ws.report()["sources"]["data"]["precopy"]["status"] == "failed"
+    first, second = _backup_of(ws, "data", 0), _backup_of(ws, "data", 1)
+    assert _tree(second) == _tree(data)
+    assert stat.S_IMODE(os.lstat(first / "d0/f0").st_mode) != 0o600
+    assert os.lstat(first / "d2/f1").st_ino == os.lstat(second / "d2/f1").st_ino
+
+
+def test_a_damaged_copy_is_not_brought_back_by_the_precopy(ws: Workspace) -> None:
+    from test_relink import CONTENT, assert_copied_afresh, flip_byte, record
+
+    data = ws.make_source("data", {"a.txt": CONTENT.decode(), "same.txt": "left alone\n"})
+    _age(data)
+    _config(ws, pre=None, sources={"data": data})
+    _run_ok(ws)
+    [first] = complete_backups(ws)
+    flip_byte(ws.dest / first / "data" / "a.txt")
+    bad = record(ws, first, "data", b"a.txt")
+    _config(ws, pre="true", sources={"data": data})
+    report = _run_ok(ws)
+    assert report["sources"]["data"]["precopy"]["status"] == "ok"
+    [second] = set(complete_backups(ws)) - {first}
+    assert_copied_afresh(ws, "data", b"a.txt", bad, CONTENT, [first], second)
+    assert report["sources"]["data"]["relinked"] == 1
+    assert (os.lstat(ws.dest / first / "data" / "same.txt").st_ino
+            == os.lstat(ws.dest / second / "data" / "same.txt").st_ino)
+
+
+def test_a_remote_source_after_a_precopy(ws: Workspace, sshd: Sshd) -> None:
+    data = ws.make_source("data", {"keep": "kept\n", "sub/change": "before\n",
+                                   "mode": "mode changes\n"})
+    (data / "gone").write_text("deleted between the passes\n")
+    _age(data)
+    os.chmod(data / "mode", 0o644)
+    hook = '[[snapshot_hooks]]\nname = "db"\n{pre}post = "true"\n'
+    source = (f'[[sources]]\nname = "data"\ntype = "rsync"\npath = {_toml(data)}\n'
+              'host = "h1"\n')
+    ws.write_config(sshd.host_toml("h1") + hook.format(pre="") + source)
+    _run_ok(ws)
+    pre = (f"echo after >> {_q(data / 'sub/change')} && chmod 600 {_q(data / 'mode')} && "
+           f"rm {_q(data / 'gone')}")
+    ws.write_config(sshd.host_toml("h1") + hook.format(pre=f"pre = {_toml(pre)}\n") + source)
+    report = _run_ok(ws)
+    assert report["sources"]["data"]["precopy"]["status"] == "ok"
+    first, second = _backup_of(ws, "data", 0), _backup_of(ws, "data", 1)
+    assert _tree(second) == _tree(data)
+    assert os.lstat(first / "keep").st_ino == os.lstat(second / "keep").st_ino
+    assert stat.S_IMODE(os.lstat(first / "mode").st_mode) == 0o644
+
+
+def test_a_new_hard_link_to_an_unchanged_group_is_not_lost(ws: Workspace) -> None:
+    """rsync's --compare-dest with -H says nothing of a new name linked to a group the
+    precopied copy holds unchanged, and creates nothing for it: step 3 counts what it
+    listed against its file list and copies again (in the window) when they differ."""
+    data = ws.make_source("data", {"d1/f0": "0\n"})
+    (data / "d3").mkdir()
+    for other in ("d1/f4", "d3/f8", "d3/f19"):
+        os.link(data / "d1/f0", data / other)
+    _age(data)
+    first, second = _previous_then_precopy(ws, data,
+                                           f"ln {_q(data / 'd1/f0')} {_q(data / 'd3/f19n')}")
+    assert _tree(second) == _tree(data)
+    assert _inode_groups(second) == _inode_groups(data)
+    assert os.lstat(first / "d1/f0").st_ino == os.lstat(second / "d3/f19n").st_ino

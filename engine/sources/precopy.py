@@ -15,12 +15,34 @@ since. Two things of that first pass cannot be trusted by rsync's quick check
   linked against an earlier backup, most of the folder's files are that
   backup's inodes, and rsync updates a file's mode, owner, ACLs and xattrs in
   place. Such a folder is set aside (``set_aside``) and step 3 copies into a
-  fresh one, linking from it.
+  fresh one.
+
+How step 3 uses the folder set aside, once the precopy finished: as rsync's
+``--compare-dest`` (``compare_options``). A file identical to its precopied
+copy — by the quick check, and by mode, owner, group, ACLs and xattrs
+(rsync's ``unchanged_attrs``; an attribute-only difference makes rsync copy
+the precopied file locally into the fresh folder, a new inode) — is not
+created at all: the window costs the scan and what changed since the
+precopy, nothing per unchanged file. rsync's log (``-ii``: every name it
+saw, unchanged ones included) tells which names it left out, and once the
+window is over ``link_skipped`` hard-links each from the precopied copy,
+which is exactly the file step 3 compared (the folder set aside is the
+only basis, and nothing writes into it meanwhile). Measured against the
+alternative, a second ``--link-dest`` to the folder set aside: that links
+every unchanged file inside the window, as much as a run without precopy
+(benchmarks/RESULTS.md, "Precopy"). Only one basis: with the previous
+backup as a second ``--compare-dest``, a file matching there rather than
+in the precopied copy could not be told apart in rsync's log (it does not
+name the basis), and rsync refuses ``--compare-dest`` beside
+``--link-dest``. A precopy that did not finish leaves the old way
+(``--link-dest`` to both): what it never reached is still linked against
+the previous backup.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import stat
 import time
 from typing import TYPE_CHECKING
@@ -103,6 +125,144 @@ def drop_recent(folder: str, since: float, check: Callable[[], None]) -> int:
                 os.unlink(entry.path)
                 dropped += 1
     return dropped
+
+
+# What step 3 logs of each name it saw (rsync's --log-file-format): the
+# itemized change and the name, escaped (\\#ooo for a byte it does not print).
+LOG_FORMAT = "%i %n"
+# The log file's own prefix, "2026/01/31 03:00:00 [1234] ", then a name left
+# out as unchanged: "." (no update), its type (file, link, device,
+# special), the 9 attribute columns (blank: identical).
+_SKIPPED = re.compile(rb"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d \[\d+\] \.[fLDS].{9} (.+)$")
+_ESCAPE = re.compile(rb"\\#([0-7]{3})")
+_TOTAL = re.compile(rb"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d \[\d+\] Number of files: ([\d,.]+)")
+
+
+def listing_path(in_progress_dir: str, source: str) -> str:
+    """Where step 3's rsync logs every name it saw, until ``link_skipped`` has read it."""
+    return os.path.join(in_progress_dir, f".{source}.seen")
+
+
+def compare_options(aside: str, listing: str) -> list[str]:
+    """Step 3's own options after a finished precopy: compare with its copy, log every name."""
+    # --no-inc-recursive: with incremental recursion, rsync's --compare-dest and -H
+    # hang or stop with "protocol incompatibility" when a hard-linked group is partly
+    # unchanged (RsyncProject/rsync#126; seen with rsync 3.5.0 here).
+    return [f"--compare-dest={aside}", "--no-inc-recursive", "-ii", f"--log-file={listing}",
+            f"--log-file-format={LOG_FORMAT}"]
+
+
+def _unescape(name: bytes) -> bytes:
+    return _ESCAPE.sub(lambda m: bytes([int(m.group(1), 8)]), name)
+
+
+def skipped_names(listing: str) -> tuple[list[bytes], int | None]:
+    """The names (relative, as bytes) step 3 left out as identical to the precopied copy,
+    and how many entries its file list held (``--stats``' "Number of files"), if it says."""
+    names: list[bytes] = []
+    total = None
+    with open(listing, "rb") as f:
+        for line in f:
+            found = _SKIPPED.match(line.rstrip(b"\n"))
+            if found is not None:
+                names.append(_unescape(found.group(1)))
+                continue
+            counted = _TOTAL.match(line)
+            if counted is not None:
+                total = int(re.sub(rb"[,.]", b"", counted.group(1)))
+    return names, total
+
+
+def saw_all(folder: str, skipped: list[bytes], total: int | None,
+            check: Callable[[], None]) -> bool:
+    """Whether the names in ``folder`` and those step 3 left out are every entry it listed.
+
+    rsync's ``--compare-dest`` with ``-H`` may leave out a name without a
+    word (a new hard link to files the precopied copy holds unchanged; see
+    also RsyncProject/rsync#126): counted here, in the window, so that step 3
+    can still copy it. Walks ``folder``, which holds only what step 3 created.
+    """
+    if total is None:
+        return False
+    seen = set(skipped)
+    seen.add(b".")
+    top = os.fsencode(folder)
+    pending = [b""]
+    while pending:
+        rel = pending.pop()
+        check()
+        with os.scandir(os.path.join(top, rel) if rel else top) as entries:
+            for entry in entries:
+                name = os.path.join(rel, entry.name) if rel else entry.name
+                seen.add(name)
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(name)
+    return len(seen) == total
+
+
+def link_skipped(skipped: list[bytes], aside: str, folder: str, earlier: str | None,
+                 check: Callable[[], None]) -> tuple[int, int]:
+    """Hard-link into ``folder`` every name step 3 left out (``skipped``), from the precopied
+    ``aside``.
+
+    A name ``folder`` already holds is step 3's own (a hard link it made to a
+    file it copied): left alone. Each folder's times are put back as step 3
+    left them (a link changes its folder's mtime). Returns how many were
+    linked and what the precopy's own copies among them take on the disk
+    (the blocks of those that are not ``earlier``'s inode at the same path:
+    files the precopy wrote, which ``written`` could not count in the
+    window). Raises OSError if a name cannot be linked.
+    """
+    count = 0
+    own = 0
+    counted: set[int] = set()
+    times: dict[bytes, tuple[int, int]] = {}
+    base, top = os.fsencode(aside), os.fsencode(folder)
+    prior = os.fsencode(earlier) if earlier is not None else None
+    for rel in skipped:
+        count += 1
+        if count % _CHECK_EVERY == 0:
+            check()
+        source, target = os.path.join(base, rel), os.path.join(top, rel)
+        parent = os.path.dirname(target)
+        if parent not in times:
+            st = os.lstat(parent)
+            times[parent] = (st.st_atime_ns, st.st_mtime_ns)
+        try:
+            os.link(source, target, follow_symlinks=False)
+        except FileExistsError:
+            count -= 1
+            continue
+        st = os.lstat(target)
+        if stat.S_ISREG(st.st_mode) and st.st_ino not in counted:
+            counted.add(st.st_ino)
+            if not _same_inode(prior, rel, st):
+                own += st.st_blocks * 512
+    for parent, (atime, mtime) in times.items():
+        os.utime(parent, ns=(atime, mtime), follow_symlinks=False)
+    return count, own
+
+
+def _same_inode(earlier: bytes | None, rel: bytes, st: os.stat_result) -> bool:
+    if earlier is None or st.st_nlink <= 2:
+        # Two links: the precopied copy and this one; a file linked against
+        # an earlier backup has a third.
+        return False
+    try:
+        return os.path.samestat(os.lstat(os.path.join(earlier, rel)), st)
+    except OSError:
+        return False
+
+
+def count_regular(folder: str, rels: list[bytes]) -> int:
+    """How many of ``rels`` below ``folder`` are regular files (copies step 3 made afresh)."""
+    found = 0
+    for rel in rels:
+        try:
+            found += stat.S_ISREG(os.lstat(os.path.join(os.fsencode(folder), rel)).st_mode)
+        except OSError:
+            pass
+    return found
 
 
 def set_aside(folder: str, aside: str) -> bool:

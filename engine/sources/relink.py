@@ -78,6 +78,29 @@ async def copy_afresh(run: Run, source: str, argv: list[str], link_dest: str | N
     return copied
 
 
+async def drop_damaged(run: Run, source: str, folder: str) -> list[bytes]:
+    """Unlink from ``folder`` (a finished precopy's copy) each path that is a damaged inode.
+
+    Step 3 then compares with that copy (``--compare-dest``) and links what it
+    left out from there after the window, so a damaged inode the precopy
+    linked would come back with no copy here to replace it; unlinked now,
+    step 3 transfers it from the source like any file the copy lacks.
+    Returns the paths unlinked. A ``damaged.json`` that cannot be read is
+    logged, as in ``copy_afresh``.
+    """
+    done = {entry.name for entry in run.previous}
+    try:
+        records = await in_worker(_records, run.config.state_dir, run.destination, source, done)
+    except OSError as e:
+        log.error("the copies verify found damaged are not known: they may be linked again",
+                  error=str(e))
+        return []
+    if not records:
+        return []
+    return await in_worker(_unlink_damaged, run.destination, folder, records,
+                           anyio.from_thread.check_cancelled)
+
+
 def _records(state_dir: str, destination: str, source: str, done: set[str]
              ) -> list[damaged.Damage]:
     """This source's records among those of backups that still exist; the others are dropped."""

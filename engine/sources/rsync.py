@@ -10,6 +10,7 @@ import functools
 import os
 import re
 import shlex
+import time
 from typing import TYPE_CHECKING, Any
 
 import anyio.from_thread
@@ -38,9 +39,20 @@ from .kind import (
     engine_folders,
     register,
 )
-from .precopy import aside_path, drop_recent, set_aside, source_clock
+from .precopy import (
+    aside_path,
+    compare_options,
+    count_regular,
+    drop_recent,
+    link_skipped,
+    listing_path,
+    saw_all,
+    set_aside,
+    skipped_names,
+    source_clock,
+)
 from .presence import mountpoint_problem, refuse_empty, refuse_unmounted
-from .relink import copy_afresh
+from .relink import copy_afresh, drop_damaged
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -235,8 +247,11 @@ def copy_argv(run: Run, source: RsyncOptions, remote: Transport | None, *,
     """
     link_dest = newest_holding(run.destination, run.previous, source.name)
     target = os.path.join(run.in_progress_dir, source.name)
-    argv = rsync_argv(run.config, source, target, link_dest, excludes=excludes,
-                      from_path=from_path, remote=remote, extra=extra)
+    # Step 3 comparing with a precopy's copy, which already links against
+    # that backup (window_options): rsync refuses --link-dest beside it.
+    compared = any(arg.startswith("--compare-dest=") for arg in extra)
+    argv = rsync_argv(run.config, source, target, None if compared else link_dest,
+                      excludes=excludes, from_path=from_path, remote=remote, extra=extra)
     return argv, link_dest
 
 
@@ -324,13 +339,44 @@ def second_pass_options(in_progress_dir: str, source: str, link_dest: str | None
     the precopy had linked it), one whose attributes differ is copied anew.
     The price, inside the window, is a link per file instead of a stat
     (benchmarks/bench_precopy.py measures it) — what a run without precopy
-    pays for its unchanged files anyway. Without an earlier backup every
-    file there is this run's own: step 3 updates the folder in place, the
-    cheaper pass, and deletes what the source no longer holds.
+    pays for its unchanged files anyway: so this is only the way after a
+    precopy that did not finish (or ``rsync_args`` that rule the other out,
+    ``compares``); after one that finished, ``window_options``. Without an
+    earlier backup every file there is this run's own: step 3 updates the
+    folder in place, the cheaper pass, and deletes what the source no longer
+    holds.
     """
     if link_dest is None:
         return ["--delete"]
     return [f"--link-dest={aside_path(in_progress_dir, source)}"]
+
+
+# rsync_args that step 3's compare pass cannot take beside its own options:
+# rsync refuses --compare-dest with --link-dest or --copy-dest, and a log
+# file or format of the user's would replace the one step 3's names are read from.
+_COMPARE_CONFLICTS = ("--link-dest", "--compare-dest", "--copy-dest", "--log-file",
+                      "--write-batch", "--only-write-batch", "--read-batch")
+
+
+def compares(source: RsyncOptions) -> bool:
+    """Whether step 3 after a finished precopy may compare with its copy (``window_options``)."""
+    return not any(arg.startswith(c) for arg in source.rsync_args for c in _COMPARE_CONFLICTS)
+
+
+def window_options(in_progress_dir: str, source: RsyncOptions, link_dest: str | None
+                   ) -> list[str]:
+    """Step 3's own options after a precopy that finished.
+
+    With an earlier backup, the precopied folder is set aside and step 3
+    copies into a fresh one comparing with it (``--compare-dest``): only
+    what changed since the precopy is created in the window, the rest is
+    linked from the precopied copy after it (``precopy.link_skipped``; the
+    precopy module says why this way). Else as ``second_pass_options``.
+    """
+    if link_dest is None or not compares(source):
+        return second_pass_options(in_progress_dir, source.name, link_dest)
+    return compare_options(aside_path(in_progress_dir, source.name),
+                           listing_path(in_progress_dir, source.name))
 
 
 class RsyncWork(SourceWork[RsyncSource]):
@@ -348,6 +394,16 @@ class RsyncWork(SourceWork[RsyncSource]):
         self._dropped = False
         # The precopied folder, set aside by step 3 until the window is over.
         self._aside: str | None = None
+        # The precopy ran to its end: step 3 may compare with its copy.
+        self._finished = False
+        # Paths of damaged copies taken out of the precopied folder (relink.drop_damaged).
+        self._damaged: list[bytes] = []
+        # Step 3's log of the names it saw, when it compared with the precopied copy.
+        self._listing: str | None = None
+        # Step 3 compared and ended well: the names it left out, to join after the window.
+        self._skipped: list[bytes] | None = None
+        # What the precopy's own copies among those take on disk (the save step counts them).
+        self._joined_bytes = 0
 
     def precopy(self) -> Copy | None:
         return self._precopy if precopy_due(self.run.config, self.source) else None
@@ -372,6 +428,8 @@ class RsyncWork(SourceWork[RsyncSource]):
             await self._drop_recent()
             raise
         await self._drop_recent()
+        self._damaged = await drop_damaged(run, source.name, self.target)
+        self._finished = True
         return ran
 
     async def _drop_recent(self) -> None:
@@ -392,7 +450,10 @@ class RsyncWork(SourceWork[RsyncSource]):
             await self._drop_recent()  # the precopy was cut before it could
         link_dest = await anyio.to_thread.run_sync(
             newest_holding, run.destination, run.previous, name, abandon_on_cancel=True)
-        options = second_pass_options(run.in_progress_dir, name, link_dest)
+        if self._finished:
+            options = window_options(run.in_progress_dir, self.source, link_dest)
+        else:
+            options = second_pass_options(run.in_progress_dir, name, link_dest)
         if link_dest is None:
             return options
         aside = aside_path(run.in_progress_dir, name)
@@ -400,13 +461,38 @@ class RsyncWork(SourceWork[RsyncSource]):
                                               abandon_on_cancel=True):
             return []  # the precopy copied nothing: a plain copy
         self._aside = aside
+        listing = listing_path(run.in_progress_dir, name)
+        if f"--log-file={listing}" in options:
+            self._listing = listing
         return options
 
     async def after_window(self) -> None:
-        """The precopied folder set aside by step 3 goes, outside the window."""
+        """Outside the window: what step 3 left out joins the copy; the precopied folder goes.
+
+        Raises OSError if a name cannot be linked or the folder removed.
+        """
+        listing, self._listing = self._listing, None
+        if listing is not None:
+            try:
+                if self._skipped is not None:
+                    await self._join_skipped(self._skipped)
+            finally:
+                await in_worker(_remove_file, listing)
         if self._aside is not None:
             await remove_tree(self._aside)
             self._aside = None
+
+    async def _join_skipped(self, skipped: list[bytes]) -> None:
+        assert self._aside is not None
+        self._skipped = None
+        run = self.run
+        earlier = await run.dest.newest_holding(run.previous, self.source.name)
+        t0 = time.monotonic()
+        linked, own = await in_worker(link_skipped, skipped, self._aside, self.target, earlier,
+                                      anyio.from_thread.check_cancelled)
+        self._joined_bytes = own
+        log.info("precopy: what step 3 found unchanged linked from the precopied copy",
+                 files=linked, own_bytes=own, duration_s=round(time.monotonic() - t0, 6))
 
     async def snapshot(self) -> StepResult:
         """Its bytes: what the copy's new files take on disk (``written``)."""
@@ -415,14 +501,46 @@ class RsyncWork(SourceWork[RsyncSource]):
             await refuse_unmounted(source.path)
         result = await copy_into(self.run, self.source, excludes=self.source.exclude,
                                  extra=await self._second_pass())
+        if self._listing is not None:
+            return await self._compared(result)
         if not source.allow_empty:
             await refuse_empty(self.run, source.name, source.path, result)
+        return result
+
+    async def _compared(self, result: StepResult) -> StepResult:
+        """Step 3 compared with the precopied copy: judged on every name it saw."""
+        source, listing = self.source, self._listing
+        assert listing is not None
+        skipped, total = await in_worker(skipped_names, listing)
+        if not await in_worker(saw_all, self.target, skipped, total,
+                               anyio.from_thread.check_cancelled):
+            # Still in the window, the source as step 3 saw it: the way that
+            # does not depend on rsync's log, in place (every file there is step 3's).
+            log.warning("step 3 left out names its log does not give (rsync --compare-dest "
+                        "with hard links): copied again, linked against the precopied copy")
+            aside = aside_path(self.run.in_progress_dir, source.name)
+            result = await copy_into(self.run, source, excludes=source.exclude,
+                                     extra=[f"--link-dest={aside}"])
+            skipped = []
+        else:
+            self._skipped = skipped
+        # Its folder may hold nothing yet while step 3 saw files: they join later.
+        if not source.allow_empty and not skipped:
+            await refuse_empty(self.run, source.name, source.path, result)
+        if self._damaged:
+            # Taken out of the precopied copy: step 3 copied them from the source.
+            afresh = await in_worker(count_regular, self.target, self._damaged)
+            result = msgspec.structs.replace(result, relinked=result.relinked + afresh)
         return result
 
     async def save(self) -> StepResult:
         """The manifest (SPEC §9), after the snapshot hooks' window."""
         started()
-        return await write_manifest(self.run, self.source)
+        saved = await write_manifest(self.run, self.source)
+        if self._joined_bytes:
+            # The precopy wrote them; they joined the copy after the window.
+            saved = msgspec.structs.replace(saved, bytes=saved.bytes + self._joined_bytes)
+        return saved
 
     async def plan(self, dry: DryRun) -> SourcePlan:
         remote = dry.transport(self.source.host)
@@ -432,9 +550,15 @@ class RsyncWork(SourceWork[RsyncSource]):
         if not precopy_due(dry.config, self.source):
             return SourcePlan(shlex.join(argv) + decided, save)
         second, _ = copy_argv(dry, self.source, remote, excludes=self.source.exclude,
-                              extra=second_pass_options(dry.in_progress_dir, self.source.name,
-                                                        link_dest))
+                              extra=window_options(dry.in_progress_dir, self.source, link_dest))
         return SourcePlan(shlex.join(second) + decided, save, precopy=shlex.join(argv) + decided)
+
+
+def _remove_file(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def manifest_plan(dry: DryRun, source: str, link_dest: str | None) -> str:
