@@ -600,3 +600,17 @@ def test_a_new_hard_link_to_an_unchanged_group_is_not_lost(ws: Workspace) -> Non
     assert _tree(second) == _tree(data)
     assert _inode_groups(second) == _inode_groups(data)
     assert os.lstat(first / "d1/f0").st_ino == os.lstat(second / "d3/f19n").st_ino
+
+
+def test_the_dry_run_shows_step_3_comparing_with_the_precopied_copy(ws: Workspace) -> None:
+    data = ws.make_source("data")
+    _config(ws, pre=None, sources={"data": data})
+    _run_ok(ws)
+    _config(ws, pre="true", sources={"data": data})
+    result = ws.run("run", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith("   - data: rsync ")]
+    precopy, step3 = lines[0], lines[1]
+    assert "--link-dest=" in precopy and "--compare-dest=" not in precopy, result.stdout
+    assert "--compare-dest=" in step3 and "--link-dest=" not in step3, result.stdout
+    assert ".data.precopied" in step3, result.stdout
