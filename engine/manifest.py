@@ -219,9 +219,12 @@ class _Inherited:
         while len(self._lines) - self._at < count and not self._eof:
             assert self._stream is not None
             chunk = self._stream.read(1 << 16)
-            self._number += self._at
-            self._lines = self._lines[self._at:]
-            self._at = 0
+            if self._at:
+                # Only here: copying what is left on every read would make a
+                # wide folder's block cost its square.
+                self._number += self._at
+                self._lines = self._lines[self._at:]
+                self._at = 0
             if not chunk:
                 self._eof = True
                 if self._tail:
