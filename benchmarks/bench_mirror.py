@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -688,6 +689,23 @@ def part_btrfs(args: argparse.Namespace, work: Path) -> None:
                 row("btrfs", f"incremental by hand: {label}btrfs send -p | btrfs receive",
                     wall, stream_mib=incr_mib, mib_s=incr_mib / wall)
                 tgt.remove()
+            # The engine's stream alone, in process (mirror_btrfs.copy_subvolume: the
+            # splice relay; over SSH the origin's master and serve), connection included.
+            for label, over_ssh in (("", False), ("over ssh (serve) ", True)):
+                if over_ssh and serve_missing():
+                    skip("btrfs", f"engine stream {label}", serve_missing() or "")
+                    continue
+                tgt.make(size_mb)
+                make = functools.partial(stream_origin, origin, server.port if over_ssh
+                                         else None, restricted, known)
+                wall = engine_stream(make, first, None, tgt.mount / "engine" / first)
+                row("btrfs", f"full send by the engine's stream {label}(copy_subvolume)",
+                    wall, stream_mib=full_mib, mib_s=full_mib / wall)
+                engine_stream(make, previous, None, tgt.mount / "engine" / previous)
+                wall = engine_stream(make, newest, previous, tgt.mount / "engine" / newest)
+                row("btrfs", f"incremental by the engine's stream {label}(copy_subvolume)",
+                    wall, stream_mib=incr_mib, mib_s=incr_mib / wall)
+                tgt.remove()
             for label, over_ssh in (("", False), ("over ssh (serve) ", True)):
                 if missing or (over_ssh and serve_missing()):
                     skip("btrfs", f"mirror {label}", missing or serve_missing() or "")
@@ -707,6 +725,43 @@ def part_btrfs(args: argparse.Namespace, work: Path) -> None:
         tgt.remove()
         orig.remove()
         src.remove()
+
+
+def stream_origin(origin: Path, port: int | None, key: Path, known: Path) -> object:
+    """The origin as ``mirror`` reads it: a local folder, or through ``serve`` over SSH."""
+    from pibackup_async.engine.config import Host
+    from pibackup_async.engine.mirror_origin import LocalOrigin
+    from pibackup_async.engine.mirror_ssh import SshOrigin
+
+    if port is None:
+        return LocalOrigin(str(origin))
+    host = Host(address="127.0.0.1", port=port, user="root", identity_file=str(key),
+                known_hosts=str(known))
+    return SshOrigin("origin", host, str(origin))
+
+
+def engine_stream(make: Callable[[], object], name: str, parent: str | None,
+                  into: Path) -> float:
+    """Cold: open the origin, receive ``<name>/data`` into ``into``, close; the wall time."""
+    import anyio
+    from pibackup_async.engine.mirror_btrfs import copy_subvolume
+
+    into.mkdir(parents=True)
+    origin = make()
+
+    async def go() -> float:
+        t0 = time.perf_counter()
+        await origin.open()  # type: ignore[attr-defined]
+        try:
+            await copy_subvolume(origin, name, "data", str(into),  # type: ignore[arg-type]
+                                 parent=parent)
+        finally:
+            await origin.close()  # type: ignore[attr-defined]
+        return time.perf_counter() - t0
+
+    drop_caches()
+    wall: float = anyio.run(go, backend="asyncio")
+    return wall
 
 
 def engine_rows(mirror: Path, state: Path, config: Path, label: str, names: list[str],
