@@ -216,7 +216,7 @@ async def _copy_one(ctx: RunContext, origin: Origin, entry: Entry, previous: str
                 copy = BackupCopy(ctx.config, origin, dest, name, previous, folders,
                                   ctx.dest_is_btrfs,
                                   never_link=await in_worker(damaged_paths, ctx.config, previous))
-                record.resumed = not await dest.name_is_free(name)
+                record.resumed = copy.resumed = not await dest.name_is_free(name)
                 if record.resumed:
                     log.info("continuing an interrupted copy", folder=copy.in_progress_dir)
                 else:

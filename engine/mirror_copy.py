@@ -35,7 +35,18 @@ when both sides are btrfs) are claimed by a ``FolderKind`` registered with
 A copy cut short keeps its in-progress folder; the next ``mirror`` runs the
 same passes into it again (``resumed``), so what was complete is not sent
 again (rsync's quick check on what is there; ``--delete`` removes what an
-interrupted rsync left that the origin does not have).
+interrupted rsync left that the origin does not have). Nor is the part of a
+file that was on its way: rsync keeps it in ``.pibackup-partial/`` beside
+where the file goes (``--partial-dir``; never under the file's own name,
+where a short file could pass for the whole), and the resumed pass sends
+only what that part lacks (``--no-W``: a local rsync otherwise sends whole
+files, ignoring it). ``--append-verify`` would be cheaper still, but it
+appends to the file in place, and that file may be a hard link shared with
+the mirror's earlier, complete backups. A partial folder that a pass left
+(the file it belonged to copied whole, or linked, by a later pass) is
+removed before the check, so none reaches a complete backup; rsync leaves
+the origin's own folders of that name out (an unlikely name in a backup: a
+listed file there is then missing, and the check fails the copy, loudly).
 """
 
 from __future__ import annotations
@@ -44,6 +55,8 @@ import abc
 import contextlib
 import os
 import re
+import shutil
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -80,6 +93,8 @@ _OK_CODES = (0, 24)
 _BYTES = re.compile(r"Total bytes (sent|received): ([\d,.]+)")
 # The longest list of paths given on rsync's command line rather than in a file.
 SCRATCH_PREFIX = "mirror-"
+# Where rsync keeps the part of a file it was cut in, relative to the file's folder.
+PARTIAL_DIR = ".pibackup-partial"
 
 
 class CopyFailed(Exception):
@@ -107,6 +122,10 @@ class BackupCopy:
     received_bytes: int = 0
     # Paths (relative to the backup) never linked to the previous copy.
     never_link: set[bytes] = field(default_factory=set)
+    # It continues an interrupted copy (set by the caller), or one of its passes did not
+    # end cleanly: either may have left partial files.
+    resumed: bool = False
+    partials: bool = False
 
     @property
     def in_progress(self) -> str:
@@ -187,6 +206,9 @@ async def copy_backup(copy: BackupCopy) -> None:
                          [f"--files-from={listed}", "--from0"])
     for kind, folders in others:
         await kind.copy(copy, folders)
+    if copy.resumed or copy.partials:
+        await in_worker(_remove_partials, copy.in_progress_dir, left_out,
+                        anyio.from_thread.check_cancelled)
     bad = await in_worker(_mismatches, copy, anyio.from_thread.check_cancelled)
     if not bad:
         return
@@ -215,6 +237,9 @@ def rsync_command(copy: BackupCopy, options: Iterable[str], inner: str = "") -> 
     if bwlimit is not None:
         # rsync counts in units of 1024 bytes per second.
         argv.append(f"--bwlimit={max(1, bwlimit // 1024)}")
+    argv.append(f"--partial-dir={PARTIAL_DIR}")
+    if copy.resumed:
+        argv.append("--no-W")
     argv += options
     target = os.path.join(copy.in_progress_dir, inner).rstrip("/") + "/"
     return [*argv, copy.origin.rsync_source(copy.name, inner), target]
@@ -226,7 +251,13 @@ async def _rsync(copy: BackupCopy, what: str, options: list[str], *, inner: str 
     if inner:
         await in_worker(os.makedirs, os.path.join(copy.in_progress_dir, inner), 0o755, True)
     log.debug("rsync", backup=copy.name, pass_=what, argv=argv)
-    finished, _ = await run_rsync(argv)
+    try:
+        finished, _ = await run_rsync(argv)
+    except BaseException:
+        copy.partials = True
+        raise
+    if finished.exit_code != 0:
+        copy.partials = True
     copy.received_bytes += _carried(finished.stdout.text())
     beat = current()
     if beat is not None:
@@ -244,6 +275,24 @@ def _carried(stdout: str) -> int:
     """The bytes rsync's --stats says went over the transfer, both ways: a pull receives
     what a local copy sends, and either way that is what the mirror was given."""
     return sum(int(re.sub(r"[,.]", "", n)) for _, n in _BYTES.findall(stdout))
+
+
+def _remove_partials(backup_dir: str, skipped: list[str], check: Callable[[], None]) -> None:
+    """Remove every ``PARTIAL_DIR`` folder below ``backup_dir`` (rsync made them all: it
+    copies none from the origin), never following a link; ``skipped``: top folders that
+    another kind copied (a read-only btrfs subvolume), not walked."""
+    for top, dirs, _ in os.walk(backup_dir):
+        check()
+        if top == backup_dir:
+            dirs[:] = [d for d in dirs if d not in skipped]
+        if PARTIAL_DIR not in dirs:
+            continue
+        dirs.remove(PARTIAL_DIR)
+        path = os.path.join(top, PARTIAL_DIR)
+        # A link of that name is the origin's (rsync leaves out only its folders).
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            log.info("removing what an interrupted transfer left", folder=path)
+            shutil.rmtree(path)
 
 
 # --- which files are never linked, and the check ------------------------------------------
