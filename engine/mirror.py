@@ -166,7 +166,11 @@ def to_copy(config: Config, mine: list[Entry], theirs: list[Entry]) -> list[Entr
     """The origin backups the mirror lacks and its retention would keep, oldest first.
 
     "Would keep" is decided over both sides' complete backups together, so
-    nothing is copied only to be deleted (SPEC §10).
+    nothing is copied only to be deleted (SPEC §10). No holders for
+    ``last_of_source``: a mirror's sources are the folders of its newest
+    backup, which after the copies is the newest of both sides and holds them
+    all, so that rule keeps nothing that ``newest`` does not (asking the
+    origin for every backup's folders would change no answer).
     """
     have = {e.name for e in mine}
     names = sorted(have | {e.name for e in theirs})

@@ -262,6 +262,9 @@ async def _rsync(copy: BackupCopy, what: str, options: list[str], *, inner: str 
     beat = current()
     if beat is not None:
         beat.bytes = copy.received_bytes
+    if finished.exit_code == 24 and not await copy.origin.holds(copy.name):
+        # Deleted under the transfer: said now, before the check reads what came.
+        raise CopyFailed(f"rsync ({what}): {copy.name} vanished from the origin")
     if finished.exit_code in _OK_CODES:
         return
     text = telling_line(finished.stderr.lines) or "no error output"

@@ -107,6 +107,8 @@ def test_a_backup_the_origin_deletes_while_it_is_copied_is_dropped(ws: Workspace
         (doomed, "dropped"), (later, "ok")]
     assert report["status"] == "ok" and report["failure"] is None
     assert "the origin deleted it while it was copied" in stderr
+    # Said when rsync found files vanished, not after checking a half copy against it.
+    assert "do not match" not in stderr
     assert not (ws.dest / f"{doomed}.in-progress").exists()
     assert bench.mirror_backups() == [later]
     assert tree_bytes(ws.dest / later) == tree_bytes(bench.origin / later)
@@ -261,10 +263,13 @@ def test_retention_decides_what_to_copy_as_it_prunes_afterwards(ws: Workspace) -
     assert result.returncode == 0, result.stderr
     report = bench.mirror_report()
     copied = [c["name"] for c in report["copied"]]
-    # Whatever is copied stays: nothing is copied only to be deleted.
+    # A mirror's sources are the folders of its newest backup (SPEC §10), which holds
+    # them all: last_of_source keeps nothing there that keep_last = 1 does not, and the
+    # oldest backup, the only one holding "laptop", is neither copied nor deleted.
+    assert copied == [names[-1]]
     assert report["retention"]["deleted"] == []
     assert bench.mirror_backups() == copied
-    assert copied[-1] == names[-1]
+    assert report["retention"]["kept"] == {names[-1]: ["newest", "keep_last"]}
     assert [line for line in planned.stdout.splitlines() if line.startswith("would copy")] \
         == [f"would copy {n}" + ("" if i == 0 else f" (linked against {copied[i - 1]})")
             for i, n in enumerate(copied)]
