@@ -74,7 +74,9 @@ def _mirror_subject(report: MirrorReport, who: str) -> str:
     if report.status == "ok":
         copied = [c.name for c in report.copied if c.status == "ok"]
         count = f"{len(copied)} backup{'' if len(copied) == 1 else 's'}"
-        newest = f" ({max(copied)})" if copied else ""
+        # Copied oldest first: the last is the newest (a name's order is not its time's
+        # across a change of UTC offset).
+        newest = f" ({copied[-1]})" if copied else ""
         return f"[pibackup] OK {who} mirrored {count} of {report.origin}{newest}"
     if report.status == "interrupted":
         cause = f"after {_duration(report.duration_s)}"

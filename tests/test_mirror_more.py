@@ -273,3 +273,19 @@ def test_retention_decides_what_to_copy_as_it_prunes_afterwards(ws: Workspace) -
     assert [line for line in planned.stdout.splitlines() if line.startswith("would copy")] \
         == [f"would copy {n}" + ("" if i == 0 else f" (linked against {copied[i - 1]})")
             for i, n in enumerate(copied)]
+
+
+# --- 5. what SPEC §10 says around the copies ------------------------------------------------
+
+
+def test_the_mail_subject_names_the_newest_by_its_time_not_its_name() -> None:
+    from pibackup_async.engine.mail_body import render_subject
+    from pibackup_async.engine.report import CopiedBackup, MirrorReport
+
+    # Copied oldest first across a change of UTC offset: the later one has the lesser name.
+    earlier, later = "2024-05-01t03-00-00+0200", "2024-05-01t02-30-00+0000"
+    report = MirrorReport(name="mirror-x", start="s", concurrency=1, origin="/mnt/a",
+                          copied=[CopiedBackup(name=earlier, status="ok"),
+                                  CopiedBackup(name=later, status="ok")])
+    assert render_subject(report, host="box") == (
+        f"[pibackup] OK box: mirrored 2 backups of /mnt/a ({later})")
