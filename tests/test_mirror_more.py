@@ -289,3 +289,25 @@ def test_the_mail_subject_names_the_newest_by_its_time_not_its_name() -> None:
                                   CopiedBackup(name=later, status="ok")])
     assert render_subject(report, host="box") == (
         f"[pibackup] OK box: mirrored 2 backups of /mnt/a ({later})")
+
+
+def test_the_newest_100_mirror_reports_are_kept_apart_from_runs(ws: Workspace) -> None:
+    bench = Bench(ws)
+    bench.backups(1)
+    bench.write_mirror_config()
+    reports = ws.state / "reports"
+    reports.mkdir(parents=True)
+    old = [reports / f"mirror-2020-01-01t00-{i // 60:02d}-{i % 60:02d}+0000.json"
+           for i in range(105)]
+    runs = [reports / f"2020-01-0{d}t00-00-00+0000.json" for d in range(1, 4)]
+    for age, path in enumerate([*runs, *old]):
+        path.write_text("{}")
+        os.utime(path, (1_600_000_000 + age, 1_600_000_000 + age))
+
+    assert bench.mirror().returncode == 0
+
+    left = sorted(p.name for p in reports.glob("mirror-*.json"))
+    assert len(left) == 100
+    assert bench.mirror_reports()[-1].name not in {p.name for p in old}
+    assert left[:-1] == [p.name for p in old[-99:]]
+    assert all(p.exists() for p in runs)
