@@ -9,6 +9,8 @@
 # repetition runs every engine and the shell once per --jobs value, the order rotating
 # from one repetition to the next; one line per run, then medians [min-max] and each
 # engine's median against the shell's. The load average is printed before and after.
+# The shell's commands come from a dry-run of the engine on PYTHONPATH (else the
+# checkout's): set it to a plain install when others edit the checkout meanwhile.
 set -e
 jobs="1 2 4"; reps=3; files=20000; trees=/tmp/pibench/trees
 while getopts "j:r:t:f:" opt; do
@@ -21,7 +23,8 @@ shift $((OPTIND - 1))
 [ $# -ge 1 ] || { echo "usage: $0 [-j JOBS] [-r REPS] [-t TREES] [-f FILES] NAME=SITE ..." >&2; exit 2; }
 repo=$(cd "$(dirname "$0")/.." && pwd)
 py=$repo/.venv/bin/python
-work=/tmp/ab; rm -rf $work; mkdir -p $work
+# A folder of its own: removing an earlier run's copies first would take minutes of disk.
+work=/tmp/ab-$$; mkdir -p $work
 names=(); declare -A site
 for arg in "$@"; do names+=("${arg%%=*}"); site[${arg%%=*}]=${arg#*=}; done
 contenders=("${names[@]}" shell)
@@ -75,4 +78,4 @@ for c in contenders:
 for c in contenders[:-1]:
     print(f"{c + ' / shell':10}" + "".join(f"{med[c, j] / med['shell', j]:>30.3f}" for j in jobs))
 EOF
-rm -rf $work/*/dest
+rm -rf $work
