@@ -193,7 +193,8 @@ async def copy_backup(copy: BackupCopy) -> None:
     """
     others = claimed(copy)
     left_out = [f.name for _, folders in others for f in folders]
-    await _rsync(copy, "manifests", [], inner=MANIFEST_DIR, missing_ok=True)
+    await _rsync(copy, "manifests", _manifest_basis(copy), inner=MANIFEST_DIR,
+                 missing_ok=True)
     changed = await in_worker(_never_linked, copy, anyio.from_thread.check_cancelled)
     link = [f"--link-dest={copy.previous_dir}"] if copy.previous_dir is not None else []
     excludes = [f"--exclude=/{os.fsdecode(_pattern(os.fsencode(n)))}" for n in left_out]
@@ -227,6 +228,17 @@ async def written(copy: BackupCopy) -> int:
     """What the copy takes on the mirror's disk: its files not linked to the previous copy."""
     return await in_worker(written_bytes, copy.in_progress_dir, copy.previous_dir,
                            anyio.from_thread.check_cancelled)
+
+
+def _manifest_basis(copy: BackupCopy) -> list[str]:
+    """The previous copy's manifests as the basis of this one's: over SSH each crosses as
+    a delta on its predecessor (a few changed lines), not whole. ``--ignore-times`` keeps
+    rsync from taking a same-size, same-mtime manifest for unchanged (then copied: the old
+    digests would judge the new files); rsync writes each into a temporary file of this
+    folder and renames it, so the previous copy is only read."""
+    if copy.previous_dir is None:
+        return []
+    return [f"--copy-dest={os.path.join(copy.previous_dir, MANIFEST_DIR)}", "--ignore-times"]
 
 
 def rsync_command(copy: BackupCopy, options: Iterable[str], inner: str = "") -> list[str]:

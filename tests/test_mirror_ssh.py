@@ -294,3 +294,38 @@ async def test_subvolumes_are_found_and_sent_through_the_restricted_key(
     assert (received / SECOND / "db" / "file.txt").read_text() == "two\n"
     assert tree_stats(origin) == stats
     assert "refused" not in sshd.log_text()
+
+
+# --- what crosses the wire ----------------------------------------------------------------
+
+
+def test_a_nightly_copy_sends_the_manifest_as_a_delta_on_the_previous_copys(
+        ws: Workspace, sshd: Sshd) -> None:
+    """Issue 21's wire goal: the second backup's manifest differs from the first's by one
+    line, so it must cross as a delta on the mirror's previous copy, not whole."""
+    bench = Bench(ws)
+
+    def many(data: Path) -> None:
+        for i in range(4000):
+            (data / f"f{i:05d}.txt").write_text(f"file {i}\n")
+    first = bench.backup(many)
+    sshd.serve_only(bench.origin)
+    over_ssh(bench, sshd)
+    assert bench.mirror().returncode == 0
+    # The basis is only read: the previous copy's manifests stay as they were.
+    basis = ws.dest / first / ".pibackup"
+    before = tree_stats(basis), tree_bytes(basis)
+    second = bench.backup(lambda data: (data / "f00007.txt").write_text("changed\n"))
+    manifest = bench.origin / second / ".pibackup" / "data.sha256"
+    assert manifest.stat().st_size > 300_000
+
+    result = bench.mirror()
+
+    assert result.returncode == 0, result.stderr
+    assert (tree_stats(basis), tree_bytes(basis)) == before
+    assert bench.mirror_backups() == [first, second]
+    assert tree_bytes(ws.dest / second) == tree_bytes(bench.origin / second)
+    [copied] = bench.mirror_report()["copied"]
+    # The file list of 4,000 names and the manifest's delta, far below the manifest's size.
+    assert copied["received_bytes"] < manifest.stat().st_size / 3, json.dumps(copied)
+
