@@ -29,10 +29,21 @@ benchmark-only wrapper), each run with manifests next to the same run
 without, in alternating order, ``--reps`` times; the cost is the median of
 the paired differences of the runs' ``duration_s`` over the median run
 without manifests (the spread: the smallest and largest paired share).
+Beside it, the same paired share of the CPU time the run used (the engine
+and its rsync children): a busy machine stretches wall times far more.
 The load average is printed with every run: the machine may be shared.
 
 Also: hashlib's SHA-256 throughput on this machine (MB/s, 1 MiB blocks in
 memory), to set against published Raspberry Pi 4 figures (README "Manifests").
+
+``--per-file``: instead of runs, the CPU time (``process_time``, best of 5)
+that ``write_manifest`` spends per file on one source of ``--files`` files,
+in this process, warm cache — a first backup, a nightly one with nothing
+changed, one with 1% changed — beside the floors no Python manifest goes
+under (listing both copies' folders; open, fstat, read, hash, close of
+each file) and coreutils ``sha256sum``'s own CPU time per file over the
+same files (the child process a manifest could hand its files to). CPU
+time is what a loaded machine sways least.
 """
 
 from __future__ import annotations
@@ -42,13 +53,19 @@ import hashlib
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from benchkit import build_tree, drop_caches, measure
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "pibackup_async.cli"]
@@ -96,6 +113,8 @@ def one_run(config: Path, state: Path, cli: list[str] = CLI) -> dict[str, float]
     sources = report["sources"].values()
     return {
         "wall_s": measured.wall_s,
+        # The engine's and its children's CPU time: less swayed by a loaded machine.
+        "cpu_s": measured.cpu_s,
         "run_s": float(report["duration_s"]),
         "step5_s": float(saves[-1]["duration_s"]) if saves else float("nan"),
         "saves_sum_s": sum(float(s["save"]["duration_s"]) for s in sources),
@@ -104,6 +123,80 @@ def one_run(config: Path, state: Path, cli: list[str] = CLI) -> dict[str, float]
         "rss_mib": (measured.own_rss_kib or 0) / 1024,
         "load": load,
     }
+
+
+def _best_cpu(work: Callable[[], object], times: int = 5) -> float:
+    best = float("inf")
+    for _ in range(times):
+        started = time.process_time()
+        work()
+        best = min(best, time.process_time() - started)
+    return best
+
+
+def per_file(work: Path, files: int) -> None:
+    """CPU time per file of write_manifest and of its floors (``--per-file``)."""
+    from pibackup_async.engine.manifest import write_manifest
+
+    root = work / "manifest-per-file"
+    shutil.rmtree(root, ignore_errors=True)
+    src = root / "src"
+    build_tree(src, files, size=FILE_SIZE, seed=300)
+    copies = [root / f"b{i}" for i in range(3)]
+    for i, backup in enumerate(copies):
+        if i == 2:
+            change_one_percent(src, 0)
+        link = [f"--link-dest={copies[i - 1] / 'data'}"] if i else []
+        backup.mkdir()
+        subprocess.run(["rsync", "-aHAX", "--numeric-ids", *link, f"{src}/",
+                        f"{backup / 'data'}/"], check=True)
+    b0, b1, b2 = (str(c) for c in copies)
+    write_manifest(b0, "data", None)
+    write_manifest(b1, "data", f"{b0}/data")
+    count = files + 1  # the tree's marker file
+    rows = [
+        ("first backup (every file read)",
+         _best_cpu(lambda: write_manifest(b0, "data", None))),
+        ("nightly, nothing changed",
+         _best_cpu(lambda: write_manifest(b1, "data", f"{b0}/data"))),
+        ("nightly, 1% changed",
+         _best_cpu(lambda: write_manifest(b2, "data", f"{b1}/data"))),
+    ]
+    folders = sorted(p.name for p in (copies[1] / "data").iterdir() if p.is_dir())
+
+    def listings() -> None:
+        for name in folders:
+            for top in (copies[1], copies[0]):
+                with os.scandir(top / "data" / name) as entries:
+                    {e.name: e.inode() for e in entries if e.is_file(follow_symlinks=False)}
+
+    def reads() -> None:
+        for name in folders:
+            folder = os.open(copies[0] / "data" / name, os.O_RDONLY | os.O_DIRECTORY)
+            for file in os.listdir(folder):
+                fd = os.open(file, os.O_RDONLY | os.O_NOATIME, dir_fd=folder)
+                os.fstat(fd)
+                hashlib.sha256(os.read(fd, FILE_SIZE + 1)).hexdigest()
+                os.close(fd)
+            os.close(folder)
+
+    rows += [("floor: both copies' listings", _best_cpu(listings)),
+             ("floor: open/fstat/read/hash/close", _best_cpu(reads))]
+    names = [f"{f}/{n}" for f in folders for n in sorted(os.listdir(copies[0] / "data" / f))]
+    best = float("inf")
+    for _ in range(3):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        for at in range(0, len(names), 2000):
+            subprocess.run(["sha256sum", "-z", "--", *names[at:at + 2000]], check=True,
+                           cwd=copies[0] / "data", stdout=subprocess.DEVNULL)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        best = min(best, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+    rows.append(("sha256sum -z, 2,000 names a call (its CPU)", best))
+    print(f"one source of {files} x 4 KiB, warm cache, CPU time, best of 5; "
+          f"load average {os.getloadavg()[0]:.1f}")
+    for label, seconds in rows:
+        print(f"  {label:<46}{seconds * 1e3:>8.1f} ms{seconds / count * 1e6:>8.1f} us a file")
+    shutil.rmtree(root)
 
 
 def sha256_throughput(total_mib: int = 512) -> float:
@@ -129,10 +222,15 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=3, help="repetitions; medians are shown")
     parser.add_argument("--no-ab", dest="ab", action="store_false",
                         help="skip the runs without manifests (the A/B)")
+    parser.add_argument("--per-file", action="store_true",
+                        help="CPU time per file of write_manifest in this process, no runs")
     args = parser.parse_args()
 
     files = args.files or (2000 if args.quick else 20000)
     work: Path = args.work.resolve()
+    if args.per_file:
+        per_file(work, files)
+        return 0
     runs = work / "manifest-runs"
     if runs.exists():
         shutil.rmtree(runs)
@@ -167,7 +265,8 @@ def main() -> int:
                 row = one_run(cfg, cfg.parent / f"{cfg.stem}-state", cli)
                 into.setdefault(label, []).append(row)
                 print(f"  r{rep} {label}{'' if cli is CLI else ' (without manifests)'}: "
-                      f"run {row['run_s']:.2f}s, step 5 {row['step5_s']:.3f}s, "
+                      f"run {row['run_s']:.2f}s (CPU {row['cpu_s']:.2f}s), "
+                      f"step 5 {row['step5_s']:.3f}s, "
                       f"hashed {row['hashed_mib']:.1f} MiB, RSS {row['rss_mib']:.1f} MiB, "
                       f"load {row['load']:.1f}", flush=True)
 
@@ -176,7 +275,7 @@ def main() -> int:
     print(f"4 sources x {files} files x 4 KiB, --jobs {args.jobs}, "
           f"{'cold cache before each run' if cold else 'WARM (page cache not dropped)'}; "
           f"median of {args.reps} [min-max]; {os.cpu_count()} CPUs, {platform.release()}")
-    header = (f"{'run':<26}{'run s':>18}{'step 5 s':>10}{'step 5 %':>10}{'saves sum s':>13}"
+    header = (f"{'run':<26}{'run s':>22}{'step 5 s':>10}{'step 5 %':>10}{'saves sum s':>13}"
               f"{'hashed MiB':>12}{'RSS MiB':>9}{'load':>6}{'goal':>6}")
     print(header)
     print("-" * len(header))
@@ -185,14 +284,14 @@ def main() -> int:
             return statistics.median(r[key] for r in rows)
         share = 100 * med("step5_s") / med("run_s")
         goal = "10%" if label == "first backup" else "3%"
-        print(f"{label:<26}{_spread([r['run_s'] for r in rows]):>18}{med('step5_s'):>10.3f}"
+        print(f"{label:<26}{_spread([r['run_s'] for r in rows]):>22}{med('step5_s'):>10.3f}"
               f"{share:>9.1f}%{med('saves_sum_s'):>13.3f}{med('hashed_mib'):>12.1f}"
               f"{max(r['rss_mib'] for r in rows):>9.1f}{med('load'):>6.1f}{goal:>6}")
     if without:
         print()
         print("A/B: the same runs without the manifest step (manifest_off.py), paired by rep")
-        header = (f"{'run':<26}{'with s':>18}{'without s':>18}{'cost s':>8}"
-                  f"{'cost %':>22}{'goal':>6}")
+        header = (f"{'run':<26}{'with s':>22}{'without s':>22}{'cost s':>8}"
+                  f"{'cost %':>22}{'goal':>6}{'CPU cost %':>22}")
         print(header)
         print("-" * len(header))
         for label, rows in results.items():
@@ -202,9 +301,12 @@ def main() -> int:
                       for a, b in zip(rows, off, strict=True)]
             share = 100 * statistics.median(costs) / statistics.median(r["run_s"] for r in off)
             goal = "10%" if label == "first backup" else "3%"
-            print(f"{label:<26}{_spread([r['run_s'] for r in rows]):>18}"
-                  f"{_spread([r['run_s'] for r in off]):>18}{statistics.median(costs):>8.2f}"
-                  f"{f'{share:.1f}% [{min(shares):.1f} {max(shares):.1f}]':>22}{goal:>6}")
+            cpu = [100 * (a["cpu_s"] - b["cpu_s"]) / b["cpu_s"]
+                   for a, b in zip(rows, off, strict=True)]
+            print(f"{label:<26}{_spread([r['run_s'] for r in rows]):>22}"
+                  f"{_spread([r['run_s'] for r in off]):>22}{statistics.median(costs):>8.2f}"
+                  f"{f'{share:.1f}% [{min(shares):.1f} {max(shares):.1f}]':>22}{goal:>6}"
+                  f"{f'{statistics.median(cpu):.1f}% [{min(cpu):.1f} {max(cpu):.1f}]':>22}")
     print()
     print(f"hashlib sha256 ({hashlib.sha256().name}, OpenSSL), 1 MiB blocks in memory: "
           f"{throughput:.0f} MB/s ({platform.machine()})")
