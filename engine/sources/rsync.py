@@ -463,6 +463,8 @@ class RsyncWork(SourceWork[RsyncSource]):
         self._aside = aside
         listing = listing_path(run.in_progress_dir, name)
         if f"--log-file={listing}" in options:
+            # rsync appends to a log file: only this step 3's names may be in it.
+            await in_worker(_remove_file, listing)
             self._listing = listing
         return options
 
