@@ -105,7 +105,7 @@ def engine_run(work: Path, sources: list[tuple[str, Path]], jobs: int, rep: int,
 
 
 def shell_run(work: Path, sources: list[tuple[str, Path]], jobs: int, rep: int,
-              cold: bool) -> Sample:
+              cold: bool, setsid: bool = False) -> Sample:
     run = work / "runs" / f"shell-{len(sources)}-{rep}"
     (run / "dest").mkdir(parents=True)
     config = engine_config(run / "config.toml", run / "dest", run / "state", sources)
@@ -114,8 +114,12 @@ def shell_run(work: Path, sources: list[tuple[str, Path]], jobs: int, rep: int,
     assert all(argv[0] == "rsync" for argv in commands)
     (run / "commands").write_text("".join(shlex.join(argv[1:]) + "\n" for argv in commands))
     targets = sorted({os.path.dirname(argv[-1].rstrip("/")) for argv in commands})
+    # With setsid each rsync has its own session, as the engine's do: under
+    # CONFIG_SCHED_AUTOGROUP that is its own scheduler group, which a machine
+    # busy with other sessions favours (RESULTS.md, issue 18's A/B).
+    rsync = "setsid -w rsync" if setsid else "rsync"
     script = (f"mkdir -p {shlex.join(targets)} && "
-              f"xargs -P {jobs} -L 1 rsync < {shlex.quote(str(run / 'commands'))} > /dev/null")
+              f"xargs -P {jobs} -L 1 {rsync} < {shlex.quote(str(run / 'commands'))} > /dev/null")
     return timed(["sh", "-c", script], cold=cold)
 
 
@@ -145,6 +149,9 @@ def main() -> int:
     parser.add_argument("--engine", action="append", default=[], metavar="NAME=SITE",
                         help="an engine to run (repeat for an A/B); SITE: a plain install "
                              "put first on PYTHONPATH, empty for the checkout's own")
+    parser.add_argument("--shell-setsid", action="store_true",
+                        help="each of the shell's rsyncs in a session of its own, as the "
+                             "engine's: fair on a machine busy with other sessions")
     args = parser.parse_args()
     engines = dict(e.partition("=")[::2] for e in args.engine) or {"engine": ""}
     if args.quick:
@@ -162,7 +169,8 @@ def main() -> int:
                 at = rep % len(contenders)
                 for name in contenders[at:] + contenders[:at]:
                     if name == "shell":
-                        sample = shell_run(work, sources, args.jobs, rep, args.cold)
+                        sample = shell_run(work, sources, args.jobs, rep, args.cold,
+                                           args.shell_setsid)
                     else:
                         sample = engine_run(work, sources, args.jobs, rep, args.cold, name,
                                             engines[name])
@@ -175,7 +183,8 @@ def main() -> int:
 
     print(f"\n{platform.node()}: {os.cpu_count()} CPUs, Python {platform.python_version()}; "
           f"{args.files} files of 1 KiB a source, --jobs {args.jobs} / xargs -P {args.jobs}, "
-          f"{'cold' if args.cold else 'warm'} cache, medians of {args.reps}")
+          f"{'cold' if args.cold else 'warm'} cache, medians of {args.reps}"
+          f"{'; the shell runs setsid -w rsync' if args.shell_setsid else ''}")
     load_after = os.getloadavg()
     print("load average before " + " ".join(f"{x:.2f}" for x in load_before)
           + ", after " + " ".join(f"{x:.2f}" for x in load_after))
