@@ -200,7 +200,8 @@ async def copy_backup(copy: BackupCopy) -> None:
     excludes = [f"--exclude=/{os.fsdecode(_pattern(os.fsencode(n)))}" for n in left_out]
     with (_path_list(copy, changed, patterns=True) as unlinked,
           _path_list(copy, changed) as listed):
-        left = [f"--exclude-from={unlinked}", "--from0"] if unlinked else []
+        # --from0 first: rsync reads an --exclude-from file as it parses that option.
+        left = ["--from0", f"--exclude-from={unlinked}"] if unlinked else []
         await _rsync(copy, "copy", [*link, "--delete", *excludes, *left])
         if listed:
             await _rsync(copy, "changed files (not linked)",

@@ -101,6 +101,31 @@ def test_a_file_rewritten_with_the_same_size_and_mtime_is_not_linked(ws: Workspa
                                                                "same.txt")
 
 
+def test_several_files_rewritten_with_the_same_size_and_mtime_are_none_linked(
+        ws: Workspace) -> None:
+    """rsync reads an --exclude-from file as it parses that option: a --from0 after it
+    left every pattern but the first ignored (the files linked, then refetched)."""
+    bench = Bench(ws)
+    rels = [f"data/edit-{i}.txt" for i in range(3)]
+
+    def first_version(data: Path) -> None:
+        for rel in rels:
+            (data / rel.removeprefix("data/")).write_text("version 0\n")
+    first = bench.backup(first_version)
+    second = bench.backup()
+    for rel in rels:
+        _rewrite_keeping_size_and_mtime(bench.origin / second, rel, b"version X\n")
+    bench.write_mirror_config()
+
+    result = bench.mirror()
+
+    assert result.returncode == 0, result.stderr
+    for rel in rels:
+        assert (ws.dest / second / rel).read_bytes() == b"version X\n"
+        assert ino(ws.dest / second / rel) != ino(ws.dest / first / rel), rel
+    assert "do not match" not in result.stderr
+
+
 def test_retention_is_the_mirrors_own_and_nothing_is_copied_only_to_be_deleted(
         ws: Workspace) -> None:
     bench = Bench(ws)
