@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -137,7 +136,6 @@ def test_failing_source_cancels_the_others_while_they_copy(ws: Workspace) -> Non
     sources = (source_toml("slow1", slow1, **SLOW) + source_toml("slow2", slow2, **SLOW)
                + source_toml("bad", bad, timeout="2s", **SLOW))
     write_config(ws, standard_hooks(), sources, header="concurrency = 3")
-    began = time.monotonic()
     with start(ws) as running:
 
         def copying(path: object) -> bool:
@@ -145,10 +143,7 @@ def test_failing_source_cancels_the_others_while_they_copy(ws: Workspace) -> Non
 
         wait_for(lambda: copying(slow1) and copying(slow2) and copying(bad), 15, "three rsyncs")
         rc = running.wait(60)
-    elapsed = time.monotonic() - began
     assert rc == 1, running.stderr
-    # 3 MiB at 500 KiB/s takes ~6 s: the others were cut short.
-    assert elapsed < 5.5, f"the run took {elapsed:.1f}s: were the others cancelled?"
     assert_no_processes(ws)
     assert ws.backups() == [], "no in-progress folder and no backup"
     assert order(ws) == ORDER_OK
@@ -163,6 +158,9 @@ def test_failing_source_cancels_the_others_while_they_copy(ws: Workspace) -> Non
     assert src["bad"]["snapshot"]["status"] == "failed"
     for name in ("slow1", "slow2"):
         assert src[name]["status"] == "cancelled", src[name]
+        # 3 MiB at 500 KiB/s takes ~6 s: they were cut short when "bad" timed out (2 s),
+        # timed from their own start, which a loaded machine's start-up does not move.
+        assert src[name]["snapshot"]["duration_s"] < 5.5, src[name]
         assert src[name]["snapshot"]["status"] == "cancelled", src[name]
 
 
