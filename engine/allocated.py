@@ -49,7 +49,9 @@ class Found(NamedTuple):
 
 
 @dataclass
-class _Walk:
+class InodeTrust:
+    """Whether a folder listing's inode numbers can tell a hard-linked file (manifest.py too)."""
+
     device: int
     # Whether listings' inode numbers are the files' own on this
     # filesystem; settled by a stat of the first file they call linked.
@@ -136,7 +138,7 @@ def walk_copy(top: str, earlier: str | None,
     fd = _open_folder(top, None)
     if fd is None:
         return
-    walk = _Walk(os.fstat(fd).st_dev)
+    walk = InodeTrust(os.fstat(fd).st_dev)
     first_earlier = None if earlier is None else _open_earlier(earlier, None, walk.device)
     stack = [_Folder(fd, first_earlier, "")]
     seen = 0
@@ -166,7 +168,7 @@ def walk_copy(top: str, earlier: str | None,
             left.close()
 
 
-def _next_folder(stack: list[_Folder], walk: _Walk) -> _Folder | None:
+def _next_folder(stack: list[_Folder], walk: InodeTrust) -> _Folder | None:
     """Enter the next subfolder to read, leaving (and closing) the finished folders."""
     while stack:
         parent = stack[-1]

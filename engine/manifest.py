@@ -32,6 +32,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .allocated import InodeTrust
 from .checksums import MANIFEST_DIR, format_line, manifest_path, parse_line, sources_path
 
 if TYPE_CHECKING:
@@ -292,22 +293,6 @@ class _Shared:
     seen: int
 
 
-@dataclass
-class _Trust:
-    device: int
-    # Whether listings' inode numbers are the files' own here: settled by a
-    # stat of the first file they call linked (FUSE without use_ino makes
-    # them up; then nothing counts as linked and everything is read).
-    trusted: bool | None = None
-
-    def confirm(self, entry: os.DirEntry[str]) -> bool:
-        if self.trusted is None:
-            st = entry.stat(follow_symlinks=False)
-            self.trusted = (st.st_ino == entry.inode() and st.st_dev == self.device
-                            and st.st_nlink > 1)
-        return self.trusted
-
-
 class _Reader:
     """Reads and hashes the files this run wrote, each inode once."""
 
@@ -400,7 +385,7 @@ def _write_lines(out: BinaryIO, top: str, source: str, earlier: str | None,
     reader = _Reader(made, check)
     fd = os.open(top, _OPEN_FOLDER)
     device = os.fstat(fd).st_dev
-    trust = _Trust(device)
+    trust = InodeTrust(device)
     stack = [_Folder(fd, _open_earlier(earlier, None, device), (os.fsencode(source),))]
     try:
         out.write(_folder_lines(stack[-1], trust, inherit, reader))
@@ -423,7 +408,7 @@ def _write_lines(out: BinaryIO, top: str, source: str, earlier: str | None,
             left.close()
 
 
-def _folder_lines(folder: _Folder, trust: _Trust, inherit: _Inherited, reader: _Reader
+def _folder_lines(folder: _Folder, trust: InodeTrust, inherit: _Inherited, reader: _Reader
                   ) -> bytes:
     """The lines of the files directly in ``folder``, sorted; its subfolders kept, for later.
 
@@ -493,7 +478,7 @@ def _folder_lines(folder: _Folder, trust: _Trust, inherit: _Inherited, reader: _
 
 
 def _fresh(folder: _Folder, files: dict[str, int], entries: list[os.DirEntry[str]],
-           trust: _Trust) -> set[str] | dict[str, int]:
+           trust: InodeTrust) -> set[str] | dict[str, int]:
     """The names of ``files`` that are not linked to the earlier folder (to be read)."""
     if folder.earlier is None or not files:
         return files

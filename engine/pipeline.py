@@ -305,29 +305,40 @@ async def _precopy_sources(ctx: RunContext) -> None:
     log.info("precopies finished", duration_s=round(time.monotonic() - t0, 6))
 
 
-async def _run_precopy(source: SourceConfig, step: Step,
-                       copy: Callable[[], Awaitable[StepResult]]) -> None:
-    """One precopy with the source's timeout; its end recorded, a failure only logged."""
-    log.info("precopy started")
+async def _attempt(kind: str, source: SourceConfig, step: Step,
+                   call: Callable[[], Awaitable[StepResult]]
+                   ) -> tuple[str | None, StepResult | None]:
+    """Run one of a source's steps with its timeout: (None, its result), or (what went
+    wrong, the result its error carried). A cancel is recorded and goes on."""
+    log.info(f"{kind} started")
     result: StepResult | None = None
     try:
         with (recording(step), anyio.fail_after(source.timeout_s),
-              beating("precopy", source=source.name)):
-            result = await copy()
+              beating(kind, source=source.name)):
+            result = await call()
     except anyio.get_cancelled_exc_class():
         record_step(step, "cancelled")
-        log.warning("precopy cancelled", duration_s=step.duration_s)
+        log.warning(f"{kind} cancelled", duration_s=step.duration_s)
         raise
     except TimeoutError:
-        problem = f"timed out after {source.timeout}"
+        return f"timed out after {source.timeout}", None
     except SourceError as e:
-        problem, result = str(e), e.result
+        return str(e), e.result
+    # An adapter's error says what failed in one line; a bare OSError is
+    # tolerated in case one slips past its adapter.
     except (StepError, OSError) as e:
-        problem = str(e)
+        return str(e), None
     except Exception as e:
         log.debug("unexpected error", exc_info=True)
-        problem = f"unexpected error: {e!r}"
-    else:
+        return f"unexpected error: {e!r}", None
+    return None, result
+
+
+async def _run_precopy(source: SourceConfig, step: Step,
+                       copy: Callable[[], Awaitable[StepResult]]) -> None:
+    """One precopy with the source's timeout; its end recorded, a failure only logged."""
+    problem, result = await _attempt("precopy", source, step, copy)
+    if problem is None:
         record_step(step, "ok", result)
         log.info("precopy finished", duration_s=step.duration_s)
         return
@@ -420,34 +431,15 @@ async def _run_step(ctx: RunContext, source: SourceConfig, step: Step, work: Wor
     does it become the report's step.
     """
     kind = "snapshot" if work is _snapshot else "save"
-    log.info(f"{kind} started")
-    result: StepResult | None = None
-    try:
-        with (recording(step), anyio.fail_after(source.timeout_s),
-              beating(kind, source=source.name)):
-            result = await work(ctx, source)
-    except anyio.get_cancelled_exc_class():
-        record_step(step, "cancelled")
-        log.warning(f"{kind} cancelled", duration_s=step.duration_s)
-        raise
-    except TimeoutError:
-        problem = f"timed out after {source.timeout}"
-    except SourceError as e:
-        problem, result = str(e), e.result
-    # An adapter's error says what failed in one line; a bare OSError is
-    # tolerated in case one slips past its adapter.
-    except (StepError, OSError) as e:
-        problem = str(e)
-    except Exception as e:
-        log.debug("unexpected error", exc_info=True)
-        problem = f"unexpected error: {e!r}"
-    else:
+    problem, result = await _attempt(kind, source, step, lambda: work(ctx, source))
+    if problem is None and result is not None:
         record.bytes += result.bytes
         record.hashed_bytes += result.hashed_bytes
         record.relinked += result.relinked
         record_step(step, "ok", result)
         log.info(f"{kind} finished", duration_s=step.duration_s, bytes=record.bytes)
         return None
+    problem = problem or "unexpected error: no result"
     # The step ran and failed: recorded before the destination is asked
     # below, so a signal while it is asked leaves the step failed, not skipped.
     record_step(step, "failed", result)
