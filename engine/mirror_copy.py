@@ -5,8 +5,9 @@ The copy goes in passes, each an rsync of this one backup (never one rsync
 over several backups):
 
 1. the manifests (``.pibackup/``), so that what follows knows the digests;
-2. everything else, ``--link-dest`` the mirror's copy of the previous backup,
-   but for the files that must not be linked (below), left out;
+2. everything else (the manifests left out), ``--link-dest`` the mirror's copy
+   of the previous backup, but for the files that must not be linked (below),
+   left out;
 3. those files, without ``--link-dest``;
 4. the check: every file of every source that ``.pibackup/SOURCES`` lists is
    compared with the origin's manifest (``manifest.write_manifest`` hashes it
@@ -198,6 +199,10 @@ async def copy_backup(copy: BackupCopy) -> None:
     changed = await in_worker(_never_linked, copy, anyio.from_thread.check_cancelled)
     link = [f"--link-dest={copy.previous_dir}"] if copy.previous_dir is not None else []
     excludes = [f"--exclude=/{os.fsdecode(_pattern(os.fsencode(n)))}" for n in left_out]
+    # The manifests came in their own pass: left to this one, rsync's quick check
+    # (whole seconds) would take one of the previous copy's size, written within
+    # the same second, for unchanged and put a link to the old one in its place.
+    excludes.append(f"--exclude=/{MANIFEST_DIR}/")
     with (_path_list(copy, changed, patterns=True) as unlinked,
           _path_list(copy, changed) as listed):
         # --from0 first: rsync reads an --exclude-from file as it parses that option.
