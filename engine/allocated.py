@@ -110,9 +110,11 @@ def _open_folder(name: str, parent: int | None) -> int | None:
         return None
 
 
-def _open_earlier(name: str, parent: int | None, device: int) -> int | None:
+def open_earlier_folder(name: str, parent: int | None, device: int) -> int | None:
+    """The earlier copy's folder ``name`` (relative to ``parent``), or None."""
     # Anything amiss in the earlier copy only means "nothing to compare
-    # with": written_bytes then tells shared inodes by their link count.
+    # with" (written_bytes then tells shared inodes by their link count;
+    # the manifest reads the file).
     # Inode numbers mean the same file only on the same filesystem.
     try:
         fd = os.open(name, _OPEN_FOLDER, dir_fd=parent)
@@ -139,7 +141,7 @@ def walk_copy(top: str, earlier: str | None,
     if fd is None:
         return
     walk = InodeTrust(os.fstat(fd).st_dev)
-    first_earlier = None if earlier is None else _open_earlier(earlier, None, walk.device)
+    first_earlier = None if earlier is None else open_earlier_folder(earlier, None, walk.device)
     stack = [_Folder(fd, first_earlier, "")]
     seen = 0
     try:
@@ -180,7 +182,7 @@ def _next_folder(stack: list[_Folder], walk: InodeTrust) -> _Folder | None:
         if fd is None:
             continue
         earlier = (None if parent.earlier is None
-                   else _open_earlier(name, parent.earlier, walk.device))
+                   else open_earlier_folder(name, parent.earlier, walk.device))
         child = _Folder(fd, earlier, f"{parent.path}/{name}" if parent.path else name)
         stack.append(child)
         return child

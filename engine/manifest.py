@@ -32,7 +32,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .allocated import InodeTrust
+from .allocated import InodeTrust, open_earlier_folder
 from .checksums import MANIFEST_DIR, format_line, manifest_path, parse_line, sources_path
 
 if TYPE_CHECKING:
@@ -386,7 +386,8 @@ def _write_lines(out: BinaryIO, top: str, source: str, earlier: str | None,
     fd = os.open(top, _OPEN_FOLDER)
     device = os.fstat(fd).st_dev
     trust = InodeTrust(device)
-    stack = [_Folder(fd, _open_earlier(earlier, None, device), (os.fsencode(source),))]
+    first_earlier = None if earlier is None else open_earlier_folder(earlier, None, device)
+    stack = [_Folder(fd, first_earlier, (os.fsencode(source),))]
     try:
         out.write(_folder_lines(stack[-1], trust, inherit, reader))
         while stack:
@@ -508,20 +509,5 @@ def _enter(parent: _Folder, name: str, device: int) -> _Folder | None:
         os.close(fd)
         return None
     earlier = (None if parent.earlier is None
-               else _open_earlier(name, parent.earlier, device))
+               else open_earlier_folder(name, parent.earlier, device))
     return _Folder(fd, earlier, (*parent.folders, os.fsencode(name)))
-
-
-def _open_earlier(name: str | None, parent: int | None, device: int) -> int | None:
-    # Anything amiss in the earlier copy only means "nothing to inherit".
-    # Inode numbers mean the same file only on the same filesystem.
-    if name is None:
-        return None
-    try:
-        fd = os.open(name, _OPEN_FOLDER, dir_fd=parent)
-    except OSError:
-        return None
-    if os.fstat(fd).st_dev != device:
-        os.close(fd)
-        return None
-    return fd
