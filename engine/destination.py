@@ -25,6 +25,7 @@ too, with the line the report says.
 from __future__ import annotations
 
 import abc
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -59,7 +60,7 @@ from .processes import describe_exit, run_process
 from .threads import Progress, in_worker
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import AsyncIterator, Callable
 
     from .config import Config
 
@@ -738,18 +739,32 @@ class LocalDestination(Destination):
                     bound: float | None = None) -> T:
         """``func(*args)`` in a worker thread, abandoned on cancel and after ``bound``
         (default: the answer bound)."""
+        async with self._answering(self.answer_bound_s if bound is None else bound):
+            return await anyio.to_thread.run_sync(func, *args, abandon_on_cancel=True)
+        raise AssertionError("unreachable: _answering raises when it ends the block")
+
+    @contextlib.asynccontextmanager
+    async def _answering(self, stall_s: float, overall_s: float | None = None
+                         ) -> AsyncIterator[Progress]:
+        """One operation on the destination, its errors mapped where they enter the engine:
+        refused once the destination is lost; an OSError raised as DestinationLost when
+        the disk went away under it; no progress for ``stall_s`` (the yielded Progress,
+        which work in a worker keeps alive), or longer than ``overall_s`` in all, counts
+        as a destination that does not answer."""
         if self.lost is not None:
             raise DestinationLost(self.lost)
-        bound = self.answer_bound_s if bound is None else bound
+        progress = Progress(stall_s)
         try:
-            with anyio.fail_after(bound):
-                return await anyio.to_thread.run_sync(func, *args, abandon_on_cancel=True)
+            with anyio.fail_after(overall_s), progress.scope:
+                yield progress
         except TimeoutError:
-            raise self._not_answering(bound) from None
+            raise self._not_answering(overall_s or stall_s) from None
         except DestinationLost:
             raise
         except OSError as e:
             await self._raise_explained(e)
+        if progress.scope.cancelled_caught:
+            raise self._not_answering(stall_s)
 
     def _not_answering(self, bound: float) -> DestinationLost:
         self.lost = (f"destination {self.path} does not answer (nothing in {bound:g} s): the "
@@ -832,35 +847,13 @@ class LocalDestination(Destination):
         await self._call(_rename_folder, self.path_of(folder), self.path_of(new))
 
     async def remove(self, folder: str) -> None:
-        if self.lost is not None:
-            raise DestinationLost(self.lost)
-        progress = Progress(self.answer_bound_s)
-        try:
-            with progress.scope:
-                await remove_tree(self.path_of(folder), progress)
-        except DestinationLost:
-            raise
-        except OSError as e:
-            await self._raise_explained(e)
-        if progress.scope.cancelled_caught:
-            raise self._not_answering(self.answer_bound_s)
+        async with self._answering(self.answer_bound_s) as progress:
+            await remove_tree(self.path_of(folder), progress)
 
     async def flush(self) -> None:
-        if self.lost is not None:
-            raise DestinationLost(self.lost)
-        progress = Progress(self.answer_bound_s)
-        try:
-            with anyio.fail_after(FLUSH_BOUND_S), progress.scope, \
-                    beating("flush", folder=self.path):
+        async with self._answering(self.answer_bound_s, FLUSH_BOUND_S) as progress:
+            with beating("flush", folder=self.path):
                 await in_worker(_syncfs_watched, self.path, progress, progress=progress)
-        except TimeoutError:
-            raise self._not_answering(FLUSH_BOUND_S) from None
-        except DestinationLost:
-            raise
-        except OSError as e:
-            await self._raise_explained(e)
-        if progress.scope.cancelled_caught:
-            raise self._not_answering(self.answer_bound_s)
 
     async def space(self) -> tuple[int, int] | None:
         return await self._call(space, self.path)
@@ -869,36 +862,25 @@ class LocalDestination(Destination):
         # As long as the reads move (one big file, a slow first backup), the
         # disk answers; only a read that makes no progress for the answer
         # bound counts as a disk that stopped answering.
-        if self.lost is not None:
-            raise DestinationLost(self.lost)
         folder = self.path_of(backup)
         beat = current()
-        progress = Progress(self.answer_bound_s)
 
         def files_so_far(count: int) -> None:
             if beat is not None:
                 beat.files = count  # a plain attribute: read by the event loop
 
-        def work() -> Made:
-            made = write_manifest(folder, source, earlier, progress.check, files_so_far)
-            files_so_far(made.files)
-            progress.check()
-            add_source(folder, source)
-            return made
-
         if self._manifests is None:
             self._manifests = anyio.Lock()
-        try:
-            async with self._manifests:
-                with progress.scope:
-                    made = await in_worker(work, progress=progress)
-        except DestinationLost:
-            raise
-        except OSError as e:
-            await self._raise_explained(e)
-        if progress.scope.cancelled_caught:
-            raise self._not_answering(self.answer_bound_s)
-        return made
+        async with self._manifests, self._answering(self.answer_bound_s) as progress:
+            def work() -> Made:
+                made = write_manifest(folder, source, earlier, progress.check, files_so_far)
+                files_so_far(made.files)
+                progress.check()
+                add_source(folder, source)
+                return made
+
+            return await in_worker(work, progress=progress)
+        raise AssertionError("unreachable: _answering raises when it ends the block")
 
     async def identify(self) -> Identity:
         return await self._call(identify, self.path)
