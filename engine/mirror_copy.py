@@ -71,6 +71,7 @@ from .damaged import load as load_damaged
 from .failure_text import telling_line
 from .heartbeat import current
 from .manifest import write_manifest
+from .manifest_pairs import Unordered, differing
 from .names import IN_PROGRESS
 from .pathtext import parse_path
 from .processes import describe_exit
@@ -80,6 +81,7 @@ from .verify import sorted_manifest
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator
+    from typing import BinaryIO
 
     from .config import Config
     from .destination import Destination
@@ -349,13 +351,26 @@ def _never_linked(copy: BackupCopy, check: Callable[[], None]) -> list[bytes]:
         return sorted(paths)
     here = copy.in_progress_dir
     for source in _sources(here):
-        old = dict(_digests(manifest_path(previous, source), copy.scratch))
         check()
-        for key, digest in _digests(manifest_path(here, source), copy.scratch):
-            before = old.get(key)
-            if before is not None and before != digest:
-                paths.add(_key_path(key))
+        old, new = manifest_path(previous, source), manifest_path(here, source)
+        try:
+            with _opened(old) as before, _opened(new) as after:
+                paths.update(path for path, was, now in differing(before, after, check)
+                             if was is not None and now is not None)
+        except Unordered:
+            paths.update(_changed_sorted(old, new, copy.scratch, check))
     return sorted(paths)
+
+
+def _changed_sorted(old_manifest: str, new_manifest: str, spill: str,
+                    check: Callable[[], None]) -> Iterator[bytes]:
+    """The paths both manifests list with other digests, whatever their order."""
+    old = dict(_digests(old_manifest, spill))
+    check()
+    for key, digest in _digests(new_manifest, spill):
+        before = old.get(key)
+        if before is not None and before != digest:
+            yield _key_path(key)
 
 
 def _mismatches(copy: BackupCopy, check: Callable[[], None]) -> list[bytes]:
@@ -376,17 +391,42 @@ def _mismatches(copy: BackupCopy, check: Callable[[], None]) -> list[bytes]:
         os.close(fd)
         try:
             write_manifest(here, source, earlier, check, into=scratch)
-            found = iter(_digests(scratch, copy.scratch))
-            mine = next(found, None)
-            for key, digest in _digests(origin_manifest, copy.scratch):
-                while mine is not None and mine[0] < key:
-                    mine = next(found, None)
-                if mine is None or mine[0] != key or mine[1] != digest:
-                    bad.append(_key_path(key))
+            try:
+                with _opened(origin_manifest) as listed, _opened(scratch) as found:
+                    bad += [path for path, expected, _ in differing(listed, found, check)
+                            if expected is not None]
+            except Unordered:
+                bad += _missing_sorted(origin_manifest, scratch, copy.scratch)
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(scratch)
     return bad
+
+
+def _missing_sorted(origin_manifest: str, scratch: str, spill: str) -> list[bytes]:
+    """The paths the origin's manifest lists that the copy's lacks or gives another
+    digest, whatever the origin's order."""
+    bad = []
+    found = iter(_digests(scratch, spill))
+    mine = next(found, None)
+    for key, digest in _digests(origin_manifest, spill):
+        while mine is not None and mine[0] < key:
+            mine = next(found, None)
+        if mine is None or mine[0] != key or mine[1] != digest:
+            bad.append(_key_path(key))
+    return bad
+
+
+@contextlib.contextmanager
+def _opened(path: str) -> Iterator[BinaryIO | None]:
+    """``path`` open for reading, or None when there is no such file."""
+    try:
+        stream = open(path, "rb", buffering=1 << 16)
+    except FileNotFoundError:
+        yield None
+        return
+    with stream:
+        yield stream
 
 
 @contextlib.contextmanager
