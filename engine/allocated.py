@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable, Collection, Iterator
 
 CHECK_EVERY = 1024
 _OPEN_FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -127,7 +127,8 @@ def open_earlier_folder(name: str, parent: int | None, device: int) -> int | Non
 
 
 def walk_copy(top: str, earlier: str | None,
-              check: Callable[[], None] = lambda: None) -> Iterator[Found]:
+              check: Callable[[], None] = lambda: None, *,
+              skip: Collection[str] = ()) -> Iterator[Found]:
     """Every entry below ``top`` (folders included), paired with ``earlier``.
 
     ``earlier`` is the earlier copy of the same source (rsync's
@@ -135,7 +136,8 @@ def walk_copy(top: str, earlier: str | None,
     not entered. A folder is read whole before the walk goes deeper, so the
     descriptors it holds follow the depth of the tree, not its width.
     ``check`` runs every CHECK_EVERY entries. Raises OSError when the copy
-    cannot be read (other than an entry that vanished).
+    cannot be read (other than an entry that vanished). ``skip``: names in
+    ``top`` left out, with all they hold.
     """
     fd = _open_folder(top, None)
     if fd is None:
@@ -154,6 +156,8 @@ def walk_copy(top: str, earlier: str | None,
                     if seen % CHECK_EVERY == 0:
                         check()
                     name = entry.name
+                    if skip and folder is stack[0] and name in skip:
+                        continue
                     linked = False
                     try:
                         if entry.is_dir(follow_symlinks=False):
@@ -190,7 +194,8 @@ def _next_folder(stack: list[_Folder], walk: InodeTrust) -> _Folder | None:
 
 
 def written_bytes(top: str, earlier: str | None,
-                  check: Callable[[], None] = lambda: None) -> int:
+                  check: Callable[[], None] = lambda: None, *,
+                  skip: Collection[str] = ()) -> int:
     """The bytes ``top``'s new entries take on disk (``st_blocks`` × 512, each inode once).
 
     New: everything but files that share their inode with a file outside
@@ -200,7 +205,8 @@ def written_bytes(top: str, earlier: str | None,
     linked (hard links inside the source, or an earlier copy that could not
     be compared) counts only if every one of its links lies in ``top``:
     memory follows such files, not the tree. 0 when ``top`` does not exist.
-    Raises OSError as walk_copy does.
+    ``skip``: names in ``top`` not counted (counted elsewhere). Raises
+    OSError as walk_copy does.
     """
     try:
         blocks = os.lstat(top).st_blocks
@@ -208,7 +214,7 @@ def written_bytes(top: str, earlier: str | None,
         return 0
     # inode -> [links found in top, links it has, its blocks]
     several: dict[int, list[int]] = {}
-    for found in walk_copy(top, earlier, check):
+    for found in walk_copy(top, earlier, check, skip=skip):
         if found.linked:
             continue
         try:

@@ -63,16 +63,26 @@ class Made:
     # Why no digest could be inherited at all (no earlier copy, or no
     # manifest of it), or None when there was an earlier manifest to use.
     unused_earlier: str | None = None
+    # With ``count_allocated``: what the copy's entries not hard-linked outside
+    # it take on disk, as ``allocated.written_bytes`` counts it.
+    allocated: int = 0
 
 
 def write_manifest(backup_dir: str, source: str, earlier: str | None,
                    check: Callable[[], None] = lambda: None,
                    on_file: Callable[[int], None] | None = None, *,
-                   into: str | None = None) -> Made:
+                   into: str | None = None, count_allocated: bool = False) -> Made:
     """Write ``<backup_dir>/.pibackup/<source>.sha256`` for the copy ``<backup_dir>/<source>``.
 
     ``into``: write it there instead (a mirror checks its copy against the
     origin's manifest, which is already in that place).
+
+    ``count_allocated``: also sum what the copy's new entries take on disk
+    (``Made.allocated``), the figure ``allocated.written_bytes`` gives, in the
+    same walk: every entry but those with a link outside the copy, each
+    inode once. The walk reads only the files not linked to ``earlier`` and
+    counts only those with a link count it can account for, so an entry
+    linked to the earlier copy (a link outside) is never counted, stat or not.
 
     ``earlier``: the earlier copy of the source that rsync linked against
     (``<backup>/<source>``), whose backup's manifest lends its digests, or
@@ -91,7 +101,7 @@ def write_manifest(backup_dir: str, source: str, earlier: str | None,
         with open(temp, "wb") as out:
             inherit = _Inherited(earlier_stream)
             _write_lines(out, os.path.join(backup_dir, source), source, earlier, inherit,
-                         made, check, on_file)
+                         _Reader(made, check, count_allocated), on_file)
         os.rename(temp, final)
     except BaseException:
         try:
@@ -291,14 +301,18 @@ class _Shared:
 
     digest: str
     seen: int
+    blocks: int  # st_blocks, counted once every name is seen
 
 
 class _Reader:
     """Reads and hashes the files this run wrote, each inode once."""
 
-    def __init__(self, made: Made, check: Callable[[], None]) -> None:
+    def __init__(self, made: Made, check: Callable[[], None], count: bool = False) -> None:
         self.made = made
         self.check = check
+        self.count = count  # sum Made.allocated
+        # Other entries (links, devices) with several names: inode -> [seen, blocks].
+        self.other_links: dict[int, list[int]] = {}
         self.buffer = bytearray(CHUNK)
         # Files of this run with several names in the copy: read once, by inode.
         # Dropped once every name is seen, so this follows such files, not the tree.
@@ -333,20 +347,47 @@ class _Reader:
             if not stat.S_ISREG(st.st_mode):
                 return None
             if st.st_nlink == 1:
+                if self.count:
+                    made.allocated += st.st_blocks * 512
                 return self._hash(fd, st.st_size)
             known = self.several.get(st.st_ino)
             if known is not None:
                 known.seen += 1
                 if known.seen >= st.st_nlink:
+                    # Every name is in the copy: it is the copy's own.
                     del self.several[st.st_ino]
+                    if self.count:
+                        made.allocated += known.blocks * 512
                 return known.digest
             digest = self._hash(fd, st.st_size)
-            self.several[st.st_ino] = _Shared(digest, 1)
+            self.several[st.st_ino] = _Shared(digest, 1, st.st_blocks)
             return digest
         except OSError as e:
             raise OSError(e.errno, e.strerror, os.fsdecode(folder.prefix + name)) from None
         finally:
             os.close(fd)
+
+    def other(self, entry: os.DirEntry[str]) -> None:
+        """Count an entry that is neither a regular file nor a folder (a symbolic link)."""
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except _GONE:
+            return
+        if st.st_nlink <= 1:
+            self.made.allocated += st.st_blocks * 512
+            return
+        seen = self.other_links.setdefault(st.st_ino, [0, st.st_blocks])
+        seen[0] += 1
+        if seen[0] >= st.st_nlink:
+            del self.other_links[st.st_ino]
+            self.made.allocated += seen[1] * 512
+
+    def folder(self, fd: int) -> int:
+        """The device of an open folder, its blocks counted."""
+        st = os.fstat(fd)
+        if self.count:
+            self.made.allocated += st.st_blocks * 512
+        return st.st_dev
 
     def _hash(self, fd: int, size: int) -> str:
         made = self.made
@@ -376,15 +417,15 @@ class _Reader:
 
 
 def _write_lines(out: BinaryIO, top: str, source: str, earlier: str | None,
-                 inherit: _Inherited, made: Made, check: Callable[[], None],
+                 inherit: _Inherited, reader: _Reader,
                  on_file: Callable[[int], None] | None) -> None:
     """Every regular file below ``top``, folder by folder in the canonical order.
 
     Folders on another filesystem are not entered.
     """
-    reader = _Reader(made, check)
+    made, check = reader.made, reader.check
     fd = os.open(top, _OPEN_FOLDER)
-    device = os.fstat(fd).st_dev
+    device = reader.folder(fd)
     trust = InodeTrust(device)
     first_earlier = None if earlier is None else open_earlier_folder(earlier, None, device)
     stack = [_Folder(fd, first_earlier, (os.fsencode(source),))]
@@ -400,7 +441,7 @@ def _write_lines(out: BinaryIO, top: str, source: str, earlier: str | None,
             if name is None:
                 stack.pop().close()
                 continue
-            child = _enter(parent, name, device)
+            child = _enter(parent, name, device, reader)
             if child is not None:
                 stack.append(child)
                 out.write(_folder_lines(child, trust, inherit, reader))
@@ -425,6 +466,10 @@ def _folder_lines(folder: _Folder, trust: InodeTrust, inherit: _Inherited, reade
     # is_file()/is_dir() read the listing's type; they stat only where the
     # filesystem does not tell it, and say False for what vanished since.
     files = {e.name: e.inode() for e in entries if e.is_file(follow_symlinks=False)}
+    if reader.count:
+        for entry in entries:
+            if not (entry.is_file(follow_symlinks=False) or entry.is_dir(follow_symlinks=False)):
+                reader.other(entry)
     folder.subfolders = iter(sorted((e.name for e in entries if e.is_dir(follow_symlinks=False)),
                                     key=os.fsencode))
     # One encoding for the whole folder (a name holds no NUL).
@@ -500,12 +545,12 @@ def _fresh(folder: _Folder, files: dict[str, int], entries: list[os.DirEntry[str
     return fresh if trust.trusted else files
 
 
-def _enter(parent: _Folder, name: str, device: int) -> _Folder | None:
+def _enter(parent: _Folder, name: str, device: int, reader: _Reader) -> _Folder | None:
     try:
         fd = os.open(name, _OPEN_FOLDER, dir_fd=parent.fd)
     except _GONE:
         return None
-    if os.fstat(fd).st_dev != device:
+    if reader.folder(fd) != device:
         os.close(fd)
         return None
     earlier = (None if parent.earlier is None

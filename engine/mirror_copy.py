@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
 import os
 import re
 import shutil
@@ -125,6 +126,9 @@ class BackupCopy:
     received_bytes: int = 0
     # Paths (relative to the backup) never linked to the previous copy.
     never_link: set[bytes] = field(default_factory=set)
+    # What each source's folder takes on the mirror's disk (written_bytes's
+    # figure), counted by the last check's walk of it.
+    allocated: dict[str, int] = field(default_factory=dict)
     # It continues an interrupted copy (set by the caller), or one of its passes did not
     # end cleanly: either may have left partial files.
     resumed: bool = False
@@ -233,9 +237,16 @@ async def copy_backup(copy: BackupCopy) -> None:
 
 
 async def written(copy: BackupCopy) -> int:
-    """What the copy takes on the mirror's disk: its files not linked to the previous copy."""
-    return await in_worker(written_bytes, copy.in_progress_dir, copy.previous_dir,
-                           anyio.from_thread.check_cancelled)
+    """What the copy takes on the mirror's disk: its files not linked to the previous copy.
+
+    The sources' folders were counted by the check's walk (``allocated``);
+    the rest of the backup (its top folder, the manifests, folders of another
+    kind) is walked here.
+    """
+    rest = await in_worker(functools.partial(
+        written_bytes, copy.in_progress_dir, copy.previous_dir,
+        anyio.from_thread.check_cancelled, skip=frozenset(copy.allocated)))
+    return rest + sum(copy.allocated.values())
 
 
 def _manifest_basis(copy: BackupCopy) -> list[str]:
@@ -390,7 +401,9 @@ def _mismatches(copy: BackupCopy, check: Callable[[], None]) -> list[bytes]:
                                        dir=copy.scratch)
         os.close(fd)
         try:
-            write_manifest(here, source, earlier, check, into=scratch)
+            made = write_manifest(here, source, earlier, check, into=scratch,
+                                  count_allocated=True)
+            copy.allocated[source] = made.allocated
             try:
                 with _opened(origin_manifest) as listed, _opened(scratch) as found:
                     bad += [path for path, expected, _ in differing(listed, found, check)
