@@ -13,7 +13,6 @@ import random
 from typing import TYPE_CHECKING
 
 import pytest
-
 from pibackup_async.engine.checksums import format_line, manifest_path
 from pibackup_async.engine.manifest import write_manifest
 from pibackup_async.engine.manifest_pairs import Unordered, differing
