@@ -157,6 +157,10 @@ async def _mirror(ctx: RunContext, origin: Origin) -> None:
             good = entry.name
         if ctx.interruption.happened:
             break
+    if any(c.status == "ok" for c in _report(ctx).copied):
+        # The renames, before retention deletes anything (SPEC §1) and before the
+        # report calls them copied.
+        await dest.flush()
     if ctx.report.failure is None or any(c.status == "ok" for c in _report(ctx).copied) \
             or not wanted:
         await _retention(ctx)
@@ -231,7 +235,8 @@ async def _copy_one(ctx: RunContext, origin: Origin, entry: Entry, previous: str
                 record.bytes = await written(copy)
                 await dest.flush()
                 await dest.rename(copy.in_progress, name)
-                await dest.flush()
+                # The rename is flushed once, after the last copy (_mirror): the next
+                # copy's flush takes it along, and nothing is deleted before then.
             record.status = "ok"
             log.info("backup copied", folder=dest.path_of(name), bytes=record.bytes,
                      received_bytes=copy.received_bytes)
