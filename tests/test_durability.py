@@ -38,6 +38,7 @@ import pytest
 from conftest import CLI, needs_root, needs_rsync
 from diskkit import Ext4, Ext4Factory, ext4_filesystems, needs_loop
 from hangkit import hanging, needs_fuse
+from mirrorkit import Bench
 from pibackup_async.engine.destination import DestinationLost, LocalDestination
 from pibackup_async.engine.names import format_name
 from prunekit import make_backup
@@ -246,6 +247,37 @@ def test_prune_flushes_each_deleting_rename_before_deleting_its_contents(
     assert ws.backups() == [NEWER]
     deleted = assert_deletions_flushed(calls, ws.dest)
     assert deleted == sorted([STALE_DELETING, *(f"{n}.deleting" for n in OLD)])
+
+
+@needs_root
+def test_a_mirror_flushes_each_copy_before_its_rename_and_the_renames_before_retention(
+    ws: Workspace,
+) -> None:
+    """Each copy's flush comes after its last write and before its rename; the renames
+    are flushed once, after the last copy, before retention's first deletion."""
+    bench = Bench(ws)
+    names = bench.backups(3)
+    make_backup(ws.dest, OLD[0], files=3)  # the mirror's own, older than every copy
+    bench.write_mirror_config(extra="[retention]\nkeep_last = 3\n")
+    done, calls = traced(ws, "mirror")
+    assert done.returncode == 0, done.stderr
+    assert bench.mirror_backups() == names
+    dest = ws.dest
+
+    renames = []
+    for name in names:
+        [rename] = [c for c in calls if c.name in _RENAMES and c.ok
+                    and c.mentions(f"{dest}/{name}.in-progress") and f'{dest}/{name}"' in c.args]
+        writes = [c.end for c in calls if c.ok and c is not rename and c.end < rename.start
+                  and c.writes_into(f"{dest}/{name}.in-progress")]
+        assert writes, f"no write into {name} traced"
+        assert flushed_between(calls, dest, max(writes), rename.start), name
+        renames.append(rename)
+    to_deleting = [c for c in calls if c.name in _RENAMES and c.ok and ".deleting" in c.args]
+    assert to_deleting, "retention renamed nothing to .deleting"
+    assert flushed_between(calls, dest, renames[-1].end, to_deleting[0].start), (
+        "the last copy's rename was not flushed before retention's first deletion")
+    assert assert_deletions_flushed(calls, dest) == [f"{OLD[0]}.deleting"]
 
 
 # --- a power cut, for real: ext4 shut down without its journal flushed ------------------------
