@@ -873,7 +873,8 @@ class LocalDestination(Destination):
             self._manifests = anyio.Lock()
         async with self._manifests, self._answering(self.answer_bound_s) as progress:
             def work() -> Made:
-                made = write_manifest(folder, source, earlier, progress.check, files_so_far)
+                made = write_manifest(folder, source, earlier, progress.check, files_so_far,
+                                      count_allocated=True)
                 files_so_far(made.files)
                 progress.check()
                 add_source(folder, source)

@@ -715,7 +715,8 @@ class BtrfsWork(SourceWork[BtrfsSource]):
                 manifest = await write_manifest(run, self.source)
             except SourceError as e:
                 raise SourceError(str(e), result=copied) from e
-            return msgspec.structs.replace(copied, hashed_bytes=manifest.hashed_bytes)
+            return msgspec.structs.replace(copied, hashed_bytes=manifest.hashed_bytes,
+                                           bytes=manifest.bytes)
         site = self.site
         parent = await find_parent(site, self.source, run.destination, run.previous,
                                    await self._space(), await old_parents(site, self.source, run))

@@ -19,7 +19,6 @@ import msgspec
 import structlog
 from msgspec import field
 
-from ..allocated import written_bytes
 from ..checksums import manifest_path
 from ..destination import DestinationLost, newest_holding, remove_tree
 from ..failure_text import telling_line, with_hint
@@ -189,23 +188,6 @@ async def copy(argv: list[str], ok_codes: list[int]) -> StepResult:
     return result
 
 
-async def written(target: str, link_dest: str | None) -> int:
-    """The bytes a finished copy into ``target`` wrote: what its new files take on disk.
-
-    Not rsync's transferred size, which counts a sparse file's holes and
-    knows nothing of the disk: ``allocated.written_bytes`` against
-    ``link_dest`` (the copy's ``--link-dest`` folder), in a worker thread
-    that stops on cancel. Raises OSError if the copy cannot be read.
-    """
-    total = await in_worker(written_bytes, target, link_dest,
-                            anyio.from_thread.check_cancelled)
-    beat = current()
-    if beat is not None:
-        # Live progress and the run's total end on the figure the report gives.
-        beat.bytes = total
-    return total
-
-
 async def run_rsync(argv: list[str]) -> tuple[Finished, int]:
     """Run an rsync to its end: how it ended, and the bytes it transferred (``--stats``).
 
@@ -259,9 +241,9 @@ async def copy_into(run: Run, source: RsyncOptions, *, excludes: Sequence[str] =
                     from_path: str | None = None, extra: Sequence[str] = ()) -> StepResult:
     """Copy a source (or ``from_path``: what its kind made of it) into the backup.
 
-    Returns rsync's result with what the new files take on disk (``written``)
-    as its bytes. Raises SourceError, or RemoteError when the host cannot be
-    reached.
+    Returns rsync's result; its bytes are counted later, by the manifest's
+    walk of the copy (``write_manifest``). Raises SourceError, or RemoteError
+    when the host cannot be reached.
     """
     remote = None
     if source.host is not None:
@@ -274,22 +256,20 @@ async def copy_into(run: Run, source: RsyncOptions, *, excludes: Sequence[str] =
         functools.partial(copy_argv, run, source, remote, excludes=excludes,
                           from_path=from_path, extra=extra), abandon_on_cancel=True)
     ran = await copy(argv, source.rsync_ok_codes)
-    # What verify found damaged is not linked again (SPEC §9): before ``written``
-    # counts, so the fresh copies count as written.
+    # What verify found damaged is not linked again (SPEC §9).
     relinked = await copy_afresh(run, source.name, argv, link_dest, source.rsync_ok_codes)
-    try:
-        size = await written(os.path.join(run.in_progress_dir, source.name), link_dest)
-    except OSError as e:
-        # The copy ended: its exit code and output still belong in the report.
-        raise SourceError(str(e), result=ran) from e
-    return msgspec.structs.replace(ran, bytes=size, relinked=relinked)
+    return msgspec.structs.replace(ran, relinked=relinked)
 
 
 async def write_manifest(run: Run, source: RsyncOptions) -> StepResult:
-    """The manifest of a source that rsync copied (SPEC §9); its hashed_bytes: what it read.
+    """The manifest of a source that rsync copied (SPEC §9); its hashed_bytes: what it
+    read; its bytes: what the copy's new files take on disk (SPEC §6).
 
     A file rsync linked against the previous copy (the same ``--link-dest``
-    folder as the copy's) takes its digest from that backup's manifest.
+    folder as the copy's) takes its digest from that backup's manifest. The
+    bytes come from the same walk (``allocated.written_bytes``'s figure: not
+    rsync's transferred size, which counts a sparse file's holes and knows
+    nothing of the disk), so the copy is walked once, after the window.
     Raises SourceError when the copy cannot be read or the manifest written
     (DestinationLost when the disk went away or stopped answering).
     """
@@ -306,7 +286,11 @@ async def write_manifest(run: Run, source: RsyncOptions) -> StepResult:
     if made.unused_earlier is not None:
         # Every file read: the save takes longer than a nightly one, and this says why.
         log.info("manifest: nothing inherited", reason=made.unused_earlier)
-    return StepResult(hashed_bytes=made.hashed_bytes)
+    beat = current()
+    if beat is not None:
+        # Live progress and the run's total end on the figure the report gives.
+        beat.bytes = made.allocated
+    return StepResult(hashed_bytes=made.hashed_bytes, bytes=made.allocated)
 
 
 def asks_for_metadata(source: RsyncOptions) -> bool:
@@ -402,8 +386,6 @@ class RsyncWork(SourceWork[RsyncSource]):
         self._listing: str | None = None
         # Step 3 compared and ended well: the names it left out, to join after the window.
         self._skipped: list[bytes] | None = None
-        # What the precopy's own copies among those take on disk (the save step counts them).
-        self._joined_bytes = 0
 
     def precopy(self) -> Copy | None:
         return self._precopy if precopy_due(self.run.config, self.source) else None
@@ -492,7 +474,6 @@ class RsyncWork(SourceWork[RsyncSource]):
         t0 = time.monotonic()
         linked, own = await in_worker(link_skipped, skipped, self._aside, self.target, earlier,
                                       anyio.from_thread.check_cancelled)
-        self._joined_bytes = own
         log.info("precopy: what step 3 found unchanged linked from the precopied copy",
                  files=linked, own_bytes=own, duration_s=round(time.monotonic() - t0, 6))
 
@@ -536,13 +517,14 @@ class RsyncWork(SourceWork[RsyncSource]):
         return result
 
     async def save(self) -> StepResult:
-        """The manifest (SPEC §9), after the snapshot hooks' window."""
+        """The manifest (SPEC §9), after the snapshot hooks' window; the copy's bytes.
+
+        What step 3 left out and joined the copy after the window is in it by
+        now: counted as the rest (the precopy's own copies are new, what it
+        linked to the earlier backup is not).
+        """
         started()
-        saved = await write_manifest(self.run, self.source)
-        if self._joined_bytes:
-            # The precopy wrote them; they joined the copy after the window.
-            saved = msgspec.structs.replace(saved, bytes=saved.bytes + self._joined_bytes)
-        return saved
+        return await write_manifest(self.run, self.source)
 
     async def plan(self, dry: DryRun) -> SourcePlan:
         remote = dry.transport(self.source.host)
