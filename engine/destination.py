@@ -733,7 +733,7 @@ class LocalDestination(Destination):
         self.answer_bound_s = answer_bound_s
         # One manifest at a time: their per-file work is Python's, which threads do not
         # share out (four at once spent 42 µs of CPU a file, one alone 15.5).
-        self._manifests: anyio.Lock | None = None
+        self._manifests = anyio.Lock()
 
     async def _call(self, func: Callable[..., T], *args: object,
                     bound: float | None = None) -> T:
@@ -869,12 +869,9 @@ class LocalDestination(Destination):
             if beat is not None:
                 beat.files = count  # a plain attribute: read by the event loop
 
-        if self._manifests is None:
-            self._manifests = anyio.Lock()
         async with self._manifests, self._answering(self.answer_bound_s) as progress:
             def work() -> Made:
-                made = write_manifest(folder, source, earlier, progress.check, files_so_far,
-                                      count_allocated=True)
+                made = write_manifest(folder, source, earlier, progress.check, files_so_far)
                 files_so_far(made.files)
                 progress.check()
                 add_source(folder, source)

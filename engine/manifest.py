@@ -63,26 +63,26 @@ class Made:
     # Why no digest could be inherited at all (no earlier copy, or no
     # manifest of it), or None when there was an earlier manifest to use.
     unused_earlier: str | None = None
-    # With ``count_allocated``: what the copy's entries not hard-linked outside
-    # it take on disk, as ``allocated.written_bytes`` counts it.
+    # What the copy's entries not hard-linked outside it take on disk, as
+    # ``allocated.written_bytes`` counts it (SPEC §6's bytes).
     allocated: int = 0
 
 
 def write_manifest(backup_dir: str, source: str, earlier: str | None,
                    check: Callable[[], None] = lambda: None,
                    on_file: Callable[[int], None] | None = None, *,
-                   into: str | None = None, count_allocated: bool = False) -> Made:
+                   into: str | None = None) -> Made:
     """Write ``<backup_dir>/.pibackup/<source>.sha256`` for the copy ``<backup_dir>/<source>``.
 
     ``into``: write it there instead (a mirror checks its copy against the
     origin's manifest, which is already in that place).
 
-    ``count_allocated``: also sum what the copy's new entries take on disk
-    (``Made.allocated``), the figure ``allocated.written_bytes`` gives, in the
-    same walk: every entry but those with a link outside the copy, each
-    inode once. The walk reads only the files not linked to ``earlier`` and
-    counts only those with a link count it can account for, so an entry
-    linked to the earlier copy (a link outside) is never counted, stat or not.
+    The same walk sums what the copy's new entries take on disk
+    (``Made.allocated``), the figure ``allocated.written_bytes`` gives: every
+    entry but those with a link outside the copy, each inode once. The walk
+    reads only the files not linked to ``earlier`` and counts only those with
+    a link count it can account for, so an entry linked to the earlier copy
+    (a link outside) is never counted, stat or not.
 
     ``earlier``: the earlier copy of the source that rsync linked against
     (``<backup>/<source>``), whose backup's manifest lends its digests, or
@@ -101,7 +101,7 @@ def write_manifest(backup_dir: str, source: str, earlier: str | None,
         with open(temp, "wb") as out:
             inherit = _Inherited(earlier_stream)
             _write_lines(out, os.path.join(backup_dir, source), source, earlier, inherit,
-                         _Reader(made, check, count_allocated), on_file)
+                         _Reader(made, check), on_file)
         os.rename(temp, final)
     except BaseException:
         try:
@@ -307,12 +307,9 @@ class _Shared:
 class _Reader:
     """Reads and hashes the files this run wrote, each inode once."""
 
-    def __init__(self, made: Made, check: Callable[[], None], count: bool = False) -> None:
+    def __init__(self, made: Made, check: Callable[[], None]) -> None:
         self.made = made
         self.check = check
-        self.count = count  # sum Made.allocated
-        # Other entries (links, devices) with several names: inode -> [seen, blocks].
-        self.other_links: dict[int, list[int]] = {}
         self.buffer = bytearray(CHUNK)
         # Files of this run with several names in the copy: read once, by inode.
         # Dropped once every name is seen, so this follows such files, not the tree.
@@ -347,21 +344,14 @@ class _Reader:
             if not stat.S_ISREG(st.st_mode):
                 return None
             if st.st_nlink == 1:
-                if self.count:
-                    made.allocated += st.st_blocks * 512
+                made.allocated += st.st_blocks * 512
                 return self._hash(fd, st.st_size)
             known = self.several.get(st.st_ino)
-            if known is not None:
-                known.seen += 1
-                if known.seen >= st.st_nlink:
-                    # Every name is in the copy: it is the copy's own.
-                    del self.several[st.st_ino]
-                    if self.count:
-                        made.allocated += known.blocks * 512
-                return known.digest
-            digest = self._hash(fd, st.st_size)
-            self.several[st.st_ino] = _Shared(digest, 1, st.st_blocks)
-            return digest
+            if known is None:
+                known = _Shared(self._hash(fd, st.st_size), 0, st.st_blocks)
+                self.several[st.st_ino] = known
+            self._seen(known, st)
+            return known.digest
         except OSError as e:
             raise OSError(e.errno, e.strerror, os.fsdecode(folder.prefix + name)) from None
         finally:
@@ -376,17 +366,21 @@ class _Reader:
         if st.st_nlink <= 1:
             self.made.allocated += st.st_blocks * 512
             return
-        seen = self.other_links.setdefault(st.st_ino, [0, st.st_blocks])
-        seen[0] += 1
-        if seen[0] >= st.st_nlink:
-            del self.other_links[st.st_ino]
-            self.made.allocated += seen[1] * 512
+        known = self.several.setdefault(st.st_ino, _Shared("", 0, st.st_blocks))
+        self._seen(known, st)
+
+    def _seen(self, known: _Shared, st: os.stat_result) -> None:
+        """One more name of an inode with several; once every name is seen, all
+        of them in the copy, it is the copy's own: counted, and forgotten."""
+        known.seen += 1
+        if known.seen >= st.st_nlink:
+            del self.several[st.st_ino]
+            self.made.allocated += known.blocks * 512
 
     def folder(self, fd: int) -> int:
         """The device of an open folder, its blocks counted."""
         st = os.fstat(fd)
-        if self.count:
-            self.made.allocated += st.st_blocks * 512
+        self.made.allocated += st.st_blocks * 512
         return st.st_dev
 
     def _hash(self, fd: int, size: int) -> str:
@@ -465,13 +459,16 @@ def _folder_lines(folder: _Folder, trust: InodeTrust, inherit: _Inherited, reade
         entries = list(listing)
     # is_file()/is_dir() read the listing's type; they stat only where the
     # filesystem does not tell it, and say False for what vanished since.
-    files = {e.name: e.inode() for e in entries if e.is_file(follow_symlinks=False)}
-    if reader.count:
-        for entry in entries:
-            if not (entry.is_file(follow_symlinks=False) or entry.is_dir(follow_symlinks=False)):
-                reader.other(entry)
-    folder.subfolders = iter(sorted((e.name for e in entries if e.is_dir(follow_symlinks=False)),
-                                    key=os.fsencode))
+    files: dict[str, int] = {}
+    subfolders = []
+    for entry in entries:
+        if entry.is_file(follow_symlinks=False):
+            files[entry.name] = entry.inode()
+        elif entry.is_dir(follow_symlinks=False):
+            subfolders.append(entry.name)
+        else:
+            reader.other(entry)  # a symbolic link, a fifo: no line, but its blocks
+    folder.subfolders = iter(sorted(subfolders, key=os.fsencode))
     # One encoding for the whole folder (a name holds no NUL).
     keys = list(files)
     encoded = os.fsencode("\0".join(keys)).split(b"\0") if keys else []
@@ -538,10 +535,8 @@ def _fresh(folder: _Folder, files: dict[str, int], entries: list[os.DirEntry[str
         return fresh
     if trust.trusted is None:
         linked = next(e for e in entries if e.name in files and e.name not in fresh)
-        try:
-            trust.confirm(linked)
-        except _GONE:
-            return fresh | {linked.name}
+        if not trust.confirm(linked) and trust.trusted is None:
+            return fresh | {linked.name}  # it vanished before it could tell
     return fresh if trust.trusted else files
 
 

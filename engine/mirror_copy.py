@@ -282,11 +282,7 @@ async def _rsync(copy: BackupCopy, what: str, options: list[str], *, inner: str 
     if inner:
         await in_worker(os.makedirs, os.path.join(copy.in_progress_dir, inner), 0o755, True)
     log.debug("rsync", backup=copy.name, pass_=what, argv=argv)
-    try:
-        finished, _ = await run_rsync(argv)
-    except BaseException:
-        copy.partials = True
-        raise
+    finished, _ = await run_rsync(argv)
     if finished.exit_code != 0:
         copy.partials = True
     copy.received_bytes += _carried(finished.stdout.text())
@@ -401,8 +397,7 @@ def _mismatches(copy: BackupCopy, check: Callable[[], None]) -> list[bytes]:
                                        dir=copy.scratch)
         os.close(fd)
         try:
-            made = write_manifest(here, source, earlier, check, into=scratch,
-                                  count_allocated=True)
+            made = write_manifest(here, source, earlier, check, into=scratch)
             copy.allocated[source] = made.allocated
             try:
                 with _opened(origin_manifest) as listed, _opened(scratch) as found:

@@ -1,7 +1,7 @@
 """The manifest walk's count of what a copy takes on disk equals ``written_bytes``'s.
 
 The mirror's check writes a manifest of each source's copy and takes the
-copy's bytes from that same walk (``count_allocated``) instead of walking the
+copy's bytes from that same walk (``Made.allocated``) instead of walking the
 copy a second time. Real rsync makes the copies (``--link-dest`` the earlier
 one, as a run and a mirror do); the trees hold what the count must get right:
 sparse files, hard links inside the source, long and short symbolic links,
@@ -82,13 +82,6 @@ def test_the_manifest_walk_counts_what_written_bytes_counts(tmp_path: Path, seed
 
 def _assert_same_count(backup: Path, earlier: Path | None) -> None:
     expected = written_bytes(str(backup / "data"), None if earlier is None else str(earlier))
-    made = write_manifest(str(backup), "data", None if earlier is None else str(earlier),
-                          count_allocated=True)
+    made = write_manifest(str(backup), "data", None if earlier is None else str(earlier))
     assert made.allocated == expected, backup.name
     assert expected > 0
-
-
-def test_without_count_allocated_nothing_is_counted(tmp_path: Path) -> None:
-    _source(tmp_path / "b" / "data", random.Random(3))
-
-    assert write_manifest(str(tmp_path / "b"), "data", None).allocated == 0
