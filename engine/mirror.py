@@ -157,12 +157,12 @@ async def _mirror(ctx: RunContext, origin: Origin) -> None:
             good = entry.name
         if ctx.interruption.happened:
             break
-    if any(c.status == "ok" for c in _report(ctx).copied):
+    any_copied = any(c.status == "ok" for c in _report(ctx).copied)
+    if any_copied:
         # The renames, before retention deletes anything (SPEC §1) and before the
         # report calls them copied.
         await dest.flush()
-    if ctx.report.failure is None or any(c.status == "ok" for c in _report(ctx).copied) \
-            or not wanted:
+    if ctx.report.failure is None or any_copied or not wanted:
         await _retention(ctx)
 
 
