@@ -200,25 +200,20 @@ def saw_all(folder: str, skipped: list[bytes], total: int | None,
     return len(seen) == total
 
 
-def link_skipped(skipped: list[bytes], aside: str, folder: str, earlier: str | None,
-                 check: Callable[[], None]) -> tuple[int, int]:
+def link_skipped(skipped: list[bytes], aside: str, folder: str,
+                 check: Callable[[], None]) -> int:
     """Hard-link into ``folder`` every name step 3 left out (``skipped``), from the precopied
-    ``aside``.
+    ``aside``; return how many were linked.
 
     A name ``folder`` already holds is step 3's own (a hard link it made to a
     file it copied): left alone. Each folder's times are put back as step 3
-    left them (a link changes its folder's mtime). Returns how many were
-    linked and what the precopy's own copies among them take on the disk
-    (the blocks of those that are not ``earlier``'s inode at the same path:
-    files the precopy wrote, which ``written`` could not count in the
-    window). Raises OSError if a name cannot be linked.
+    left them (a link changes its folder's mtime). What they take on disk is
+    counted with the rest of the copy by the manifest's walk. Raises OSError
+    if a name cannot be linked.
     """
     count = 0
-    own = 0
-    counted: set[int] = set()
     times: dict[bytes, tuple[int, int]] = {}
     base, top = os.fsencode(aside), os.fsencode(folder)
-    prior = os.fsencode(earlier) if earlier is not None else None
     for rel in skipped:
         count += 1
         if count % _CHECK_EVERY == 0:
@@ -232,37 +227,9 @@ def link_skipped(skipped: list[bytes], aside: str, folder: str, earlier: str | N
             os.link(source, target, follow_symlinks=False)
         except FileExistsError:
             count -= 1
-            continue
-        st = os.lstat(target)
-        if stat.S_ISREG(st.st_mode) and st.st_ino not in counted:
-            counted.add(st.st_ino)
-            if not _same_inode(prior, rel, st):
-                own += st.st_blocks * 512
     for parent, (atime, mtime) in times.items():
         os.utime(parent, ns=(atime, mtime), follow_symlinks=False)
-    return count, own
-
-
-def _same_inode(earlier: bytes | None, rel: bytes, st: os.stat_result) -> bool:
-    if earlier is None or st.st_nlink <= 2:
-        # Two links: the precopied copy and this one; a file linked against
-        # an earlier backup has a third.
-        return False
-    try:
-        return os.path.samestat(os.lstat(os.path.join(earlier, rel)), st)
-    except OSError:
-        return False
-
-
-def count_regular(folder: str, rels: list[bytes]) -> int:
-    """How many of ``rels`` below ``folder`` are regular files (copies step 3 made afresh)."""
-    found = 0
-    for rel in rels:
-        try:
-            found += stat.S_ISREG(os.lstat(os.path.join(os.fsencode(folder), rel)).st_mode)
-        except OSError:
-            pass
-    return found
+    return count
 
 
 def set_aside(folder: str, aside: str) -> bool:

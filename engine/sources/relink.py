@@ -59,21 +59,11 @@ async def copy_afresh(run: Run, source: str, argv: list[str], link_dest: str | N
     if link_dest is None:
         return 0  # nothing was linked
     target = os.path.join(run.in_progress_dir, source)
-    done = {entry.name for entry in run.previous}
-    try:
-        records = await in_worker(_records, run.config.state_dir, run.destination, source, done)
-    except OSError as e:
-        log.error("the copies verify found damaged are not known: they may be linked again",
-                  error=str(e))
-        return 0
-    if not records:
-        return 0
-    unlinked = await in_worker(_unlink_damaged, run.destination, target, records,
-                               anyio.from_thread.check_cancelled)
+    unlinked = await drop_damaged(run, source, target)
     if not unlinked:
         return 0
     await _rsync_paths(_without_link_dest(argv), unlinked, ok_codes)
-    copied = await in_worker(_present, target, unlinked)
+    copied = await in_worker(count_regular, target, unlinked)
     log.info("copied afresh: verify had found their copies damaged", files=copied)
     return copied
 
@@ -191,7 +181,8 @@ def _unlink_damaged(destination: str, target: str, records: list[damaged.Damage]
     return unlinked
 
 
-def _present(target: str, paths: list[bytes]) -> int:
+def count_regular(target: str, paths: list[bytes]) -> int:
+    """How many of ``paths`` below ``target`` are regular files, no link followed on the way."""
     count = 0
     for rel in paths:
         found = _lstat_in(os.fsencode(target), rel.split(b"/"))

@@ -41,7 +41,6 @@ from .kind import (
 from .precopy import (
     aside_path,
     compare_options,
-    count_regular,
     drop_recent,
     link_skipped,
     listing_path,
@@ -51,7 +50,7 @@ from .precopy import (
     source_clock,
 )
 from .presence import mountpoint_problem, refuse_empty, refuse_unmounted
-from .relink import copy_afresh, drop_damaged
+from .relink import copy_afresh, count_regular, drop_damaged
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -469,16 +468,14 @@ class RsyncWork(SourceWork[RsyncSource]):
     async def _join_skipped(self, skipped: list[bytes]) -> None:
         assert self._aside is not None
         self._skipped = None
-        run = self.run
-        earlier = await run.dest.newest_holding(run.previous, self.source.name)
         t0 = time.monotonic()
-        linked, own = await in_worker(link_skipped, skipped, self._aside, self.target, earlier,
-                                      anyio.from_thread.check_cancelled)
+        linked = await in_worker(link_skipped, skipped, self._aside, self.target,
+                                 anyio.from_thread.check_cancelled)
         log.info("precopy: what step 3 found unchanged linked from the precopied copy",
-                 files=linked, own_bytes=own, duration_s=round(time.monotonic() - t0, 6))
+                 files=linked, duration_s=round(time.monotonic() - t0, 6))
 
     async def snapshot(self) -> StepResult:
-        """Its bytes: what the copy's new files take on disk (``written``)."""
+        """The copy (its bytes are counted by the save step's manifest walk)."""
         source = self.source
         if source.require_mountpoint and source.host is None:
             await refuse_unmounted(source.path)
