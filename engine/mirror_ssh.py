@@ -43,6 +43,7 @@ from .mirror_origin import (
 )
 from .mirror_origin import origin_of as local_origin_of
 from .names import parse_name
+from .pathtext import rsync_unescape
 from .processes import describe_exit, run_process
 from .remote import (
     RemoteError,
@@ -65,7 +66,6 @@ _LISTING_LINES = 200_000
 # rsync --list-only: "drwxr-xr-x          4,096 2024/05/01 03:00:00 NAME".
 _LISTED = re.compile(r"^(?P<type>\S)\S*\s+[\d,.]+\s+\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (?P<name>.*)$")
 # rsync writes a byte it will not print as \#ooo (octal).
-_ESCAPED = re.compile(rb"\\#([0-7]{3})")
 # What serve says when it refuses: the one line that tells.
 _SERVE_SAID = "pibackup-async serve: "
 # Where check --connect's dry-run push would go (nothing is written: a dry run).
@@ -246,7 +246,7 @@ def _listed(finished: Finished) -> list[tuple[str, str]]:
         kind, name = match.group("type"), match.group("name")
         if kind == "l":
             name = name.partition(" -> ")[0]
-        raw = _ESCAPED.sub(lambda m: bytes([int(m.group(1), 8)]), name.encode())
+        raw = rsync_unescape(name.encode())
         found.append((kind, os.fsdecode(raw)))
     return found
 

@@ -9,6 +9,7 @@ which backslash, control characters and bytes that are not UTF-8 are written
 from __future__ import annotations
 
 import os
+import re
 
 _NAMED = {ord("\\"): "\\\\", ord("\n"): "\\n", ord("\t"): "\\t"}
 
@@ -60,3 +61,12 @@ def parse_path(text: str) -> bytes:
         else:
             raise ValueError(f"malformed escape {text[i:i + 2]!r} in {text!r}")
     return bytes(out)
+
+
+_RSYNC_ESCAPE = re.compile(rb"\\#([0-7]{3})")
+
+
+def rsync_unescape(name: bytes) -> bytes:
+    """A name as rsync prints it back to its bytes: rsync writes every byte it will not
+    print as ``\\#ooo`` (octal), a backslash before "#ooo" included, so this is exact."""
+    return _RSYNC_ESCAPE.sub(lambda m: bytes([int(m.group(1), 8)]), name)

@@ -40,7 +40,7 @@ from .failure_text import telling_line
 from .filesystems import is_within
 from .heartbeat import beating
 from .lookup import LATEST, LinkOnTheWay, UsageProblem, check_backup_arg, find
-from .pathtext import parse_path, show_path
+from .pathtext import parse_path, rsync_unescape, show_path
 from .processes import Tail, describe_exit, drain, managed_process
 from .remote import RemoteError, open_remotes
 from .restore_check import Checked, Damage, check_item, good_copies
@@ -63,7 +63,6 @@ T = TypeVar("T")
 
 # A line of ``--out-format=%i %n``: eleven change flags, a space, the name.
 _ITEM = re.compile(rb"(\*deleting  |[<>ch.][fdLDS][^ ]{9}) (.*)")
-_ESCAPE = re.compile(rb"\\#([0-7]{3})")
 _LINE_CAP = 64 << 10
 
 
@@ -397,18 +396,12 @@ class PlanFailed(Exception):
     """``--dry-run`` could not list the changes (exit 1); the message says why."""
 
 
-def _unescape(name: bytes) -> bytes:
-    # rsync writes every byte it will not print as \#ooo (octal), a
-    # backslash before "#ooo" included, so this is exact.
-    return _ESCAPE.sub(lambda m: bytes([int(m.group(1), 8)]), name)
-
-
 def item_line(raw: bytes) -> str | None:
     """One line of rsync's itemized listing as ``flags path`` (path through show_path)."""
     match = _ITEM.fullmatch(raw.rstrip(b"\r"))
     if match is None:
         return None
-    return f"{match.group(1).decode()} {show_path(_unescape(match.group(2)))}"
+    return f"{match.group(1).decode()} {show_path(rsync_unescape(match.group(2)))}"
 
 
 async def _list_changes(argv: list[str], emit: Callable[[str], None]) -> int:

@@ -47,6 +47,7 @@ import stat
 import time
 from typing import TYPE_CHECKING
 
+from ..pathtext import rsync_unescape
 from ..remote import CONNECT_TIMEOUT_S
 from .errors import SourceError
 
@@ -134,7 +135,6 @@ LOG_FORMAT = "%i %n"
 # out as unchanged: "." (no update), its type (file, link, device,
 # special), the 9 attribute columns (blank: identical).
 _SKIPPED = re.compile(rb"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d \[\d+\] \.[fLDS].{9} (.+)$")
-_ESCAPE = re.compile(rb"\\#([0-7]{3})")
 _TOTAL = re.compile(rb"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d \[\d+\] Number of files: ([\d,.]+)")
 
 
@@ -152,10 +152,6 @@ def compare_options(aside: str, listing: str) -> list[str]:
             f"--log-file-format={LOG_FORMAT}"]
 
 
-def _unescape(name: bytes) -> bytes:
-    return _ESCAPE.sub(lambda m: bytes([int(m.group(1), 8)]), name)
-
-
 def skipped_names(listing: str) -> tuple[list[bytes], int | None]:
     """The names (relative, as bytes) step 3 left out as identical to the precopied copy,
     and how many entries its file list held (``--stats``' "Number of files"), if it says."""
@@ -165,7 +161,7 @@ def skipped_names(listing: str) -> tuple[list[bytes], int | None]:
         for line in f:
             found = _SKIPPED.match(line.rstrip(b"\n"))
             if found is not None:
-                names.append(_unescape(found.group(1)))
+                names.append(rsync_unescape(found.group(1)))
                 continue
             counted = _TOTAL.match(line)
             if counted is not None:
