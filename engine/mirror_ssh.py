@@ -256,6 +256,7 @@ async def check_origin(config: Config) -> list[str]:
     restricted (SPEC §10); empty when neither."""
     origin = origin_of(config)
     try:
+        await origin.open()  # one login for the listing and the probe
         await origin.backups()
         if isinstance(origin, SshOrigin):
             problem = await origin.write_probe()
