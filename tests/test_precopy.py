@@ -303,9 +303,9 @@ def test_a_failing_precopy_leaves_an_ok_run(ws: Workspace) -> None:
     assert (_backup_of(ws, "late") / "f.txt").read_text() == "here\n"
 
 
-def test_a_precopy_that_fails_half_way_leaves_a_whole_backup(ws: Workspace) -> None:
-    """A fake rsync that fails (after copying part) only the first time it runs."""
-    data = ws.make_source("data", {f"d{i}/f{j}": f"{i}{j}\n" for i in range(3) for j in range(3)})
+def _rsync_failing_once(ws: Workspace) -> dict[str, str]:
+    """An environment whose rsync (a fake in front of the real one, a fault the real one
+    cannot give) copies all but ``d2`` and fails the first time it runs, then is rsync."""
     fake = ws.root / "bin" / "rsync"
     fake.parent.mkdir()
     flag = ws.root / "failed-once"
@@ -316,8 +316,14 @@ def test_a_precopy_that_fails_half_way_leaves_a_whole_backup(ws: Workspace) -> N
                     f"{_q(real)} --exclude=d2 \"$@\"; echo 'fake: disk hiccup' >&2; exit 12; fi\n"
                     f'exec {_q(real)} "$@"\n')
     fake.chmod(0o755)
+    return {"PATH": f"{fake.parent}:{os.environ['PATH']}"}
+
+
+def test_a_precopy_that_fails_half_way_leaves_a_whole_backup(ws: Workspace) -> None:
+    """A fake rsync that fails (after copying part) only the first time it runs."""
+    data = ws.make_source("data", {f"d{i}/f{j}": f"{i}{j}\n" for i in range(3) for j in range(3)})
     _config(ws, pre="true", sources={"data": data})
-    result = ws.run("run", env={"PATH": f"{fake.parent}:{os.environ['PATH']}"})
+    result = ws.run("run", env=_rsync_failing_once(ws))
     assert result.returncode == 0, result.stderr
     report = ws.report()
     assert report["status"] == "ok", report
@@ -524,18 +530,8 @@ def test_a_precopy_cut_short_with_a_previous_backup_leaves_a_whole_backup(
     _age(data)
     _config(ws, pre=None, sources={"data": data})
     _run_ok(ws)
-    fake = ws.root / "bin" / "rsync"
-    fake.parent.mkdir()
-    flag = ws.root / "failed-once"
-    real = subprocess.run(["sh", "-c", "command -v rsync"], capture_output=True,
-                          text=True, check=True).stdout.strip()
-    fake.write_text("#!/bin/sh\n"
-                    f"if [ ! -e {_q(flag)} ]; then touch {_q(flag)}; "
-                    f"{_q(real)} --exclude=d2 \"$@\"; echo 'fake: disk hiccup' >&2; exit 12; fi\n"
-                    f'exec {_q(real)} "$@"\n')
-    fake.chmod(0o755)
     _config(ws, pre=f"chmod 600 {_q(data / 'd0/f0')}", sources={"data": data})
-    result = ws.run("run", env={"PATH": f"{fake.parent}:{os.environ['PATH']}"})
+    result = ws.run("run", env=_rsync_failing_once(ws))
     assert result.returncode == 0, result.stderr
     assert ws.report()["sources"]["data"]["precopy"]["status"] == "failed"
     first, second = _backup_of(ws, "data", 0), _backup_of(ws, "data", 1)
