@@ -226,12 +226,13 @@ def copy_argv(run: Run, source: RsyncOptions, remote: Transport | None, *,
     The run and its dry-run decide here alike: ``--link-dest`` is the newest
     complete backup holding the source (none before the first).
     """
-    link_dest = newest_holding(run.destination, run.previous, source.name)
     target = os.path.join(run.in_progress_dir, source.name)
     # Step 3 comparing with a precopy's copy, which already links against
-    # that backup (window_options): rsync refuses --link-dest beside it.
+    # that backup (window_options): rsync refuses --link-dest beside it, and
+    # it links nothing itself (so nothing damaged to copy afresh).
     compared = any(arg.startswith("--compare-dest=") for arg in extra)
-    argv = rsync_argv(run.config, source, target, None if compared else link_dest,
+    link_dest = None if compared else newest_holding(run.destination, run.previous, source.name)
+    argv = rsync_argv(run.config, source, target, link_dest,
                       excludes=excludes, from_path=from_path, remote=remote, extra=extra)
     return argv, link_dest
 
