@@ -167,10 +167,14 @@ def _label(value: str) -> str:
 
 def render_metrics(report: Report, destination: str, *, end_s: float,
                    previous_success_s: float | None, backups: int | None) -> str:
-    """The file's text: one sample a line, each labelled with the destination."""
-    if isinstance(report, MirrorReport):
-        return _mirror_metrics(report, destination, end_s=end_s,
-                               previous_success_s=previous_success_s, backups=backups)
+    """The file's text: one sample a line, each labelled with the destination.
+
+    A mirror's (SPEC §10) has the run's ``pibackup_last_run_*`` but ``_saved``,
+    no window or sources' bytes, and ``pibackup_mirror_lag_seconds`` (absent
+    while the mirror holds no backup).
+    """
+    mirror = report if isinstance(report, MirrorReport) else None
+    run = report if mirror is None else None
     dest = f'destination="{_label(destination)}"'
     ok = report.status == "ok"
     success = end_s if ok else previous_success_s
@@ -186,51 +190,26 @@ def render_metrics(report: Report, destination: str, *, end_s: float,
     metric("pibackup_last_success_timestamp_seconds", "When the last successful run ended.",
            success)
     metric("pibackup_last_run_ok", "1 if the last run's status was ok.", int(ok))
-    metric("pibackup_last_run_saved", "1 if the last run saved its backup.", int(report.saved))
+    if run is not None:
+        metric("pibackup_last_run_saved", "1 if the last run saved its backup.", int(run.saved))
     metric("pibackup_last_run_duration_seconds", "How long the last run took.",
            report.duration_s)
-    metric("pibackup_snapshot_window_seconds", "How long the snapshot hooks' window lasted.",
-           report.snapshot_window_s)
-    lines += ["# HELP pibackup_source_bytes Bytes the last run wrote for each source.",
-              "# TYPE pibackup_source_bytes gauge"]
-    for name, source in report.sources.items():
-        lines.append(f'pibackup_source_bytes{{{dest},source="{_label(name)}"}} {source.bytes}')
+    if run is not None:
+        metric("pibackup_snapshot_window_seconds", "How long the snapshot hooks' window lasted.",
+               run.snapshot_window_s)
+        lines += ["# HELP pibackup_source_bytes Bytes the last run wrote for each source.",
+                  "# TYPE pibackup_source_bytes gauge"]
+        for name, source in run.sources.items():
+            lines.append(f'pibackup_source_bytes{{{dest},source="{_label(name)}"}} {source.bytes}')
     space = report.destination
     metric("pibackup_destination_free_bytes", "Free bytes on the destination.",
            None if space is None else space.free_bytes)
     metric("pibackup_destination_total_bytes", "Size of the destination's filesystem.",
            None if space is None else space.total_bytes)
     metric("pibackup_backups", "Complete backups after retention.", backups)
-    return "\n".join(lines) + "\n"
-
-
-def _mirror_metrics(report: MirrorReport, destination: str, *, end_s: float,
-                    previous_success_s: float | None, backups: int | None) -> str:
-    """A mirror's file (SPEC §10): run's ``pibackup_last_run_*`` but ``_saved``, the backups,
-    the destination's bytes, and ``pibackup_mirror_lag_seconds`` (absent while the mirror
-    holds no backup)."""
-    dest = f'destination="{_label(destination)}"'
-    ok = report.status == "ok"
-    lines: list[str] = []
-    space = report.destination
-    for name, help_text, value in (
-        ("pibackup_last_run_timestamp_seconds", "When the last run ended.", end_s),
-        ("pibackup_last_success_timestamp_seconds", "When the last successful run ended.",
-         end_s if ok else previous_success_s),
-        ("pibackup_last_run_ok", "1 if the last run's status was ok.", int(ok)),
-        ("pibackup_last_run_duration_seconds", "How long the last run took.",
-         report.duration_s),
-        ("pibackup_destination_free_bytes", "Free bytes on the destination.",
-         None if space is None else space.free_bytes),
-        ("pibackup_destination_total_bytes", "Size of the destination's filesystem.",
-         None if space is None else space.total_bytes),
-        ("pibackup_backups", "Complete backups after retention.", backups),
-        ("pibackup_mirror_lag_seconds", "The newest origin backup's time minus the newest "
-         "mirrored one's.", report._lag_s),
-    ):
-        if value is not None:
-            lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} gauge",
-                          f"{name}{{{dest}}} {_number(value)}"])
+    if mirror is not None:
+        metric("pibackup_mirror_lag_seconds",
+               "The newest origin backup's time minus the newest mirrored one's.", mirror._lag_s)
     return "\n".join(lines) + "\n"
 
 
