@@ -61,11 +61,7 @@ def render_subject(report: Report, *, host: str) -> str:
         saved = "backup saved" if report.saved else "no backup saved"
         return (f"[pibackup] INTERRUPTED {who} after {_duration(report.duration_s)}, "
                 f"{saved} ({report.name})")
-    failure = gist(report.failure or "failed")
-    if len(failure) > SUBJECT_FAILURE_CAP:
-        cut = failure[:SUBJECT_FAILURE_CAP].rsplit(" ", 1)[0]
-        failure = cut.rstrip(" ,;:") + "…"
-    return f"[pibackup] FAILED {who} {failure} ({report.name})"
+    return f"[pibackup] FAILED {who} {_subject_failure(report)} ({report.name})"
 
 
 def _mirror_subject(report: MirrorReport, who: str) -> str:
@@ -81,16 +77,19 @@ def _mirror_subject(report: MirrorReport, who: str) -> str:
     if report.status == "interrupted":
         cause = f"after {_duration(report.duration_s)}"
         return f"[pibackup] INTERRUPTED {who} {cause} (mirror of {report.origin})"
+    return f"[pibackup] FAILED {who} {_subject_failure(report)} (mirror of {report.origin})"
+
+
+def _subject_failure(report: Report) -> str:
+    """The first failure in a few words, cut at a word to fit a phone's one line."""
     failure = gist(report.failure or "failed")
     if len(failure) > SUBJECT_FAILURE_CAP:
         failure = failure[:SUBJECT_FAILURE_CAP].rsplit(" ", 1)[0].rstrip(" ,;:") + "…"
-    return f"[pibackup] FAILED {who} {failure} (mirror of {report.origin})"
+    return failure
 
 
-def _copied(report: Report) -> list[str]:
+def _copied(report: MirrorReport) -> list[str]:
     """A mirror's table: each backup it started to copy, oldest first (SPEC §10)."""
-    if not isinstance(report, MirrorReport):
-        return []
     lines = [f"Copied from {report.origin}"]
     for c in report.copied:
         resumed = ", resumed" if c.resumed else ""
