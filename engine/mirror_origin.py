@@ -38,7 +38,6 @@ from .names import DELETING, IN_PROGRESS, parse_name
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from .config import Config
     from .destination import Entry
 
 T = TypeVar("T")
@@ -178,17 +177,6 @@ def _folders(backup: str) -> list[OriginFolder]:
                 continue
             found.append(OriginFolder(entry.name, is_subvolume(entry.path)))
     return sorted(found, key=lambda f: f.name)
-
-
-def origin_of(config: Config) -> Origin:
-    """The configured ``[origin]``: a local folder, or (with ``host``) over SSH."""
-    settings = config.origin
-    if settings is None:
-        raise ValueError("the configuration has no [origin]")
-    if settings.host is not None:
-        # mirror-ssh: the origin over SSH, its key restricted to `serve --read-only`.
-        raise NotImplementedError("an [origin] with host is not supported yet")
-    return LocalOrigin(settings.path)
 
 
 def is_backup_folder_name(name: str) -> bool:

@@ -36,12 +36,12 @@ from .destination import Entry
 from .errors import CannotStart
 from .failure_text import telling_line
 from .mirror_origin import (
+    LocalOrigin,
     Origin,
     OriginFolder,
     OriginUnreadable,
     is_backup_folder_name,
 )
-from .mirror_origin import origin_of as local_origin_of
 from .names import parse_name
 from .pathtext import rsync_unescape
 from .processes import describe_exit, run_process
@@ -75,8 +75,10 @@ WRITE_PROBE = ".pibackup-write-probe"
 def origin_of(config: Config) -> Origin:
     """The configured ``[origin]``: over SSH with ``host``, else a local folder."""
     settings = config.origin
-    if settings is None or settings.host is None:
-        return local_origin_of(config)
+    if settings is None:
+        raise ValueError("the configuration has no [origin]")
+    if settings.host is None:
+        return LocalOrigin(settings.path)
     return SshOrigin(settings.host, config.hosts[settings.host], settings.path)
 
 
