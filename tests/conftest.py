@@ -22,6 +22,13 @@ if TYPE_CHECKING:
 
 CLI = [sys.executable, "-m", "pibackup_async.cli"]
 
+# The engine keeps a signal its parent ignores (`nohup pibackup-async run` stays
+# nohup), and an ignored signal is inherited across exec: a suite started under
+# nohup would hand that to every run it starts, and the SIGHUP tests would see
+# a run that hears nothing. The runs the tests start get the default.
+if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN:
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 needs_rsync = pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync is not installed")
 
