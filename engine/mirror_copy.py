@@ -6,9 +6,10 @@ over several backups):
 
 1. the manifests (``.pibackup/``), so that what follows knows the digests;
 2. everything else (the manifests left out), ``--link-dest`` the mirror's copy
-   of the previous backup, but for the files that must not be linked (below),
-   left out;
-3. those files, without ``--link-dest``;
+   of the previous backup;
+3. the files that must not be linked (below) that pass 2 may have taken from
+   the previous copy, unlinked from this one and fetched again, without
+   ``--link-dest``;
 4. the check: every file of every source that ``.pibackup/SOURCES`` lists is
    compared with the origin's manifest (``manifest.write_manifest`` hashes it
    into a scratch file: a file linked to the previous copy takes that copy's
@@ -16,18 +17,21 @@ over several backups):
    fetched once more (``--ignore-times``, no ``--link-dest``) and checked
    again; a copy that still does not match fails.
 
-**Which files are never linked.** rsync links a file to the previous copy
-when its size, mtime and attributes are the same; a file rewritten within
-one timestamp tick keeps them (NOTES.md pitfall 21) and would be linked to
-its old content. Linking first and letting the check refetch it would work,
-but it costs a read of every such file and a second transfer, and it would
-lean on the check to repair what the copy got wrong. So the paths whose
-digest differs between the two origin manifests (the previous backup's, as
-the mirror holds it, and this one's) are left out of the linking pass and
-copied on their own: a file is linked only when both manifests give its path
-the same digest. So are the paths ``verify`` found damaged in the mirror's
-previous copy (a damaged file is never linked, SPEC §9). Backups without
-manifests get rsync's quick check alone.
+**Which files are never linked.** rsync takes a file from its
+``--link-dest`` (a hard link, or a local copy of it when only its attributes
+differ) when the size and the mtime in whole seconds are the same; a file
+rewritten within one timestamp tick keeps them (NOTES.md pitfall 21) and
+would get its old content. Letting the check catch it would cost a read of
+every such file, a warning and a second transfer, and lean on the check to
+repair what the copy got wrong. So the paths whose digest differs between
+the two origin manifests (the previous backup's, as the mirror holds it, and
+this one's) are looked at once pass 2 ends, without a read: where the copy
+has the previous copy's size and mtime second, rsync may have taken it from
+there, and it is fetched again (pass 3); elsewhere it came from the origin.
+A changed file nearly always has a new mtime, so pass 3 rarely runs. So are
+the paths ``verify`` found damaged in the mirror's previous copy (a damaged
+file is never linked, SPEC §9). Backups without manifests get rsync's quick
+check alone.
 
 Folders of another kind (received btrfs subvolumes, sent by ``btrfs send``
 when both sides are btrfs) are claimed by a ``FolderKind`` registered with
@@ -76,6 +80,7 @@ from .manifest_pairs import Unordered, differing
 from .names import IN_PROGRESS
 from .pathtext import parse_path
 from .processes import describe_exit
+from .sources.relink import lstat_in
 from .sources.rsync import RSYNC_BASE, run_rsync
 from .threads import in_worker
 from .verify import sorted_manifest
@@ -209,14 +214,14 @@ async def copy_backup(copy: BackupCopy) -> None:
     # (whole seconds) would take one of the previous copy's size, written within
     # the same second, for unchanged and put a link to the old one in its place.
     excludes.append(f"--exclude=/{MANIFEST_DIR}/")
-    with (_path_list(copy, changed, patterns=True) as unlinked,
-          _path_list(copy, changed) as listed):
-        # --from0 first: rsync reads an --exclude-from file as it parses that option.
-        left = ["--from0", f"--exclude-from={unlinked}"] if unlinked else []
-        await _rsync(copy, "copy", [*link, "--delete", *excludes, *left])
-        if listed:
-            await _rsync(copy, "changed files (not linked)",
-                         [f"--files-from={listed}", "--from0"])
+    await _rsync(copy, "copy", [*link, "--delete", *excludes])
+    if changed and copy.previous_dir is not None:
+        taken = await in_worker(_undo_quick_matches, copy.in_progress_dir, copy.previous_dir,
+                                changed, anyio.from_thread.check_cancelled)
+        if taken:
+            with _path_list(copy, taken) as listed:
+                await _rsync(copy, "changed files (not linked)",
+                             [f"--files-from={listed}", "--from0"])
     for kind, folders in others:
         await kind.copy(copy, folders)
     if copy.resumed or copy.partials:
@@ -369,6 +374,41 @@ def _never_linked(copy: BackupCopy, check: Callable[[], None]) -> list[bytes]:
     return sorted(paths)
 
 
+def _undo_quick_matches(here: str, previous: str, paths: list[bytes],
+                        check: Callable[[], None]) -> list[bytes]:
+    """Unlink each of ``paths`` that rsync may have taken from the previous copy; return them.
+
+    rsync takes a file from its ``--link-dest`` (a hard link, or a local copy of
+    it when only the attributes differ) only when the two have the same size and
+    the same mtime in whole seconds; a path whose copy differs from the previous
+    copy's in either came from the origin. The others are unlinked (a name
+    only: the previous copy keeps its inode), for a pass of their own. No link
+    is followed on the way, in either copy.
+    """
+    taken = []
+    for path in paths:
+        check()
+        parts = path.split(b"/")
+        found = lstat_in(os.fsencode(here), parts)
+        if found is None:
+            continue  # not in this backup, or a link on the way
+        fd, new = found
+        try:
+            before = lstat_in(os.fsencode(previous), parts)
+            if before is None:
+                continue
+            os.close(before[0])
+            old = before[1]
+            if (stat.S_ISREG(new.st_mode) and stat.S_ISREG(old.st_mode)
+                    and new.st_size == old.st_size
+                    and new.st_mtime_ns // 10**9 == old.st_mtime_ns // 10**9):
+                os.unlink(parts[-1], dir_fd=fd)
+                taken.append(path)
+        finally:
+            os.close(fd)
+    return taken
+
+
 def _changed_sorted(old_manifest: str, new_manifest: str, spill: str,
                     check: Callable[[], None]) -> Iterator[bytes]:
     """The paths both manifests list with other digests, whatever their order."""
@@ -438,10 +478,9 @@ def _opened(path: str) -> Iterator[BinaryIO | None]:
 
 
 @contextlib.contextmanager
-def _path_list(copy: BackupCopy, paths: list[bytes], *, patterns: bool = False
-               ) -> Iterator[str]:
+def _path_list(copy: BackupCopy, paths: list[bytes]) -> Iterator[str]:
     """A file of ``paths`` for rsync (``--from0``: any name, a newline too), removed after;
-    "" when there are none. ``patterns``: as anchored, escaped ``--exclude-from`` patterns."""
+    "" when there are none."""
     if not paths:
         yield ""
         return
@@ -449,7 +488,7 @@ def _path_list(copy: BackupCopy, paths: list[bytes], *, patterns: bool = False
     try:
         with os.fdopen(fd, "wb") as out:
             for path in paths:
-                out.write((b"/" + _pattern(path) if patterns else path) + b"\0")
+                out.write(path + b"\0")
         yield listed
     finally:
         with contextlib.suppress(OSError):

@@ -126,6 +126,51 @@ def test_several_files_rewritten_with_the_same_size_and_mtime_are_none_linked(
     assert "do not match" not in result.stderr
 
 
+def test_a_same_size_and_mtime_rewrite_whose_mode_changed_gets_its_new_content(
+        ws: Workspace) -> None:
+    """rsync's --link-dest copies a quick-check match whose attributes differ from the
+    previous copy (a new inode, the old content) rather than linking it: no inode
+    comparison can tell it; the size and mtime second do."""
+    bench = Bench(ws)
+    first = bench.backup(lambda d: (d / "edit.txt").write_text("version 0\n"))
+    second = bench.backup()
+    _rewrite_keeping_size_and_mtime(bench.origin / second, "data/edit.txt", b"version X\n")
+    os.chmod(bench.origin / second / "data" / "edit.txt", 0o600)
+    bench.write_mirror_config()
+
+    result = bench.mirror()
+
+    assert result.returncode == 0, result.stderr
+    copy = ws.dest / second / "data" / "edit.txt"
+    assert copy.read_bytes() == b"version X\n"
+    assert os.lstat(copy).st_mode & 0o777 == 0o600
+    assert (ws.dest / first / "data" / "edit.txt").read_bytes() == b"version 0\n"
+    assert "do not match" not in result.stderr
+
+
+def _passes(stderr: str, backup: str) -> list[str]:
+    """The rsync passes (``-v --log-format json``) that copied ``backup``, in order."""
+    events = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    return [e["pass_"] for e in events if e.get("event") == "rsync" and e.get("backup") == backup]
+
+
+def test_a_changed_file_of_another_size_takes_no_pass_of_its_own(ws: Workspace) -> None:
+    bench = Bench(ws)
+    first = bench.backup(lambda d: (d / "edit.txt").write_text("version 0\n"))
+    second = bench.backup(lambda d: (d / "edit.txt").write_text("version 1, longer\n"))
+    bench.write_mirror_config()
+
+    result = bench.mirror("-v", "--log-format", "json")
+
+    assert result.returncode == 0, result.stderr
+    assert _passes(result.stderr, second) == ["manifests", "copy"]
+    copy = ws.dest / second / "data" / "edit.txt"
+    assert copy.read_bytes() == b"version 1, longer\n"
+    assert ino(copy) != ino(ws.dest / first / "data" / "edit.txt")
+    assert ino(ws.dest / second / "data" / "same.txt") == ino(ws.dest / first / "data" /
+                                                               "same.txt")
+
+
 def test_a_manifest_with_the_size_and_mtime_second_of_the_previous_copys_is_not_linked(
         ws: Workspace) -> None:
     """The copy pass (``--link-dest`` the previous copy) left the manifests the first pass

@@ -124,7 +124,7 @@ def _open_folder(path: bytes | str, parent: int | None = None) -> int:
                    dir_fd=parent)
 
 
-def _lstat_in(root: bytes, parts: list[bytes]) -> tuple[int, os.stat_result] | None:
+def lstat_in(root: bytes, parts: list[bytes]) -> tuple[int, os.stat_result] | None:
     """The folder holding ``root/parts`` (open, for the caller to close) and its lstat."""
     try:
         fd = _open_folder(root)
@@ -164,11 +164,11 @@ def _unlink_damaged(destination: str, target: str, records: list[damaged.Damage]
         rel = b"/".join(parts)
         if rel in unlinked:
             continue
-        named = _lstat_in(os.path.join(os.fsencode(destination), record.backup.encode(),
+        named = lstat_in(os.path.join(os.fsencode(destination), record.backup.encode(),
                                        record.source.encode()), parts)
         if named is not None:
             os.close(named[0])
-        found = _lstat_in(os.fsencode(target), parts)
+        found = lstat_in(os.fsencode(target), parts)
         if found is None:
             continue  # gone from the source since, or a link on the way
         fd, st = found
@@ -185,7 +185,7 @@ def count_regular(target: str, paths: list[bytes]) -> int:
     """How many of ``paths`` below ``target`` are regular files, no link followed on the way."""
     count = 0
     for rel in paths:
-        found = _lstat_in(os.fsencode(target), rel.split(b"/"))
+        found = lstat_in(os.fsencode(target), rel.split(b"/"))
         if found is not None:
             os.close(found[0])
             count += stat.S_ISREG(found[1].st_mode)
