@@ -4,10 +4,12 @@ its own, checked against the origin's manifests; the caller flushes and renames 
 The copy goes in passes, each an rsync of this one backup (never one rsync
 over several backups):
 
-1. the manifests (``.pibackup/``), so that what follows knows the digests;
-2. everything else (the manifests left out), ``--link-dest`` the mirror's copy
-   of the previous backup;
-3. the files that must not be linked (below) that pass 2 may have taken from
+1. the whole backup, ``--link-dest`` the mirror's copy of the previous backup
+   (nothing left out but folders of another kind, below: any exclude costs
+   rsync work on every file);
+2. the manifests (``.pibackup/``) once more, each sent whatever rsync's quick
+   check says (pass 1 may have linked one to the previous copy's: below);
+3. the files that must not be linked (below) that pass 1 may have taken from
    the previous copy, unlinked from this one and fetched again, without
    ``--link-dest``;
 4. the check: every file of every source that ``.pibackup/SOURCES`` lists is
@@ -25,11 +27,11 @@ would get its old content. Letting the check catch it would cost a read of
 every such file, a warning and a second transfer, and lean on the check to
 repair what the copy got wrong. So the paths whose digest differs between
 the two origin manifests (the previous backup's, as the mirror holds it, and
-this one's) are looked at once pass 2 ends, without a read: where the copy
-has the previous copy's size and mtime second, rsync may have taken it from
-there, and it is fetched again (pass 3); elsewhere it came from the origin.
-A changed file nearly always has a new mtime, so pass 3 rarely runs. So are
-the paths ``verify`` found damaged in the mirror's previous copy (a damaged
+this one's) are looked at once the manifests are in, without a read: where
+the copy has the previous copy's size and mtime second, rsync may have taken
+it from there, and it is fetched again (pass 3); elsewhere it came from the
+origin. A changed file nearly always has a new mtime, so pass 3 rarely runs.
+So are the paths ``verify`` found damaged in the mirror's previous copy (a damaged
 file is never linked, SPEC §9). Backups without manifests get rsync's quick
 check alone.
 
@@ -205,16 +207,16 @@ async def copy_backup(copy: BackupCopy) -> None:
     """
     others = claimed(copy)
     left_out = [f.name for _, folders in others for f in folders]
+    link = [f"--link-dest={copy.previous_dir}"] if copy.previous_dir is not None else []
+    # Only what is there to leave out: any exclude costs rsync work on every file.
+    excludes = [f"--exclude=/{os.fsdecode(_pattern(os.fsencode(n)))}" for n in left_out]
+    await _rsync(copy, "copy", [*link, "--delete", *excludes])
+    # The manifests once more, each whatever rsync's quick check says: it compares
+    # whole seconds, so a manifest of the previous copy's size written within the
+    # same second may have come as a link to the old one.
     await _rsync(copy, "manifests", _manifest_basis(copy), inner=MANIFEST_DIR,
                  missing_ok=True)
     changed = await in_worker(_never_linked, copy, anyio.from_thread.check_cancelled)
-    link = [f"--link-dest={copy.previous_dir}"] if copy.previous_dir is not None else []
-    excludes = [f"--exclude=/{os.fsdecode(_pattern(os.fsencode(n)))}" for n in left_out]
-    # The manifests came in their own pass: left to this one, rsync's quick check
-    # (whole seconds) would take one of the previous copy's size, written within
-    # the same second, for unchanged and put a link to the old one in its place.
-    excludes.append(f"--exclude=/{MANIFEST_DIR}/")
-    await _rsync(copy, "copy", [*link, "--delete", *excludes])
     if changed and copy.previous_dir is not None:
         taken = await in_worker(_undo_quick_matches, copy.in_progress_dir, copy.previous_dir,
                                 changed, anyio.from_thread.check_cancelled)
@@ -255,14 +257,14 @@ async def written(copy: BackupCopy) -> int:
 
 
 def _manifest_basis(copy: BackupCopy) -> list[str]:
-    """The previous copy's manifests as the basis of this one's: over SSH each crosses as
-    a delta on its predecessor (a few changed lines), not whole. ``--ignore-times`` keeps
-    rsync from taking a same-size, same-mtime manifest for unchanged (then copied: the old
-    digests would judge the new files); rsync writes each into a temporary file of this
-    folder and renames it, so the previous copy is only read."""
+    """``--ignore-times`` when there is a previous copy (the copy pass may have linked its
+    manifests): each manifest is sent again, over SSH as a delta on what the copy pass
+    put there (a few changed lines); rsync writes it into a temporary file of this
+    folder and renames it, so a link to the previous copy's manifest is replaced, never
+    written through."""
     if copy.previous_dir is None:
         return []
-    return [f"--copy-dest={os.path.join(copy.previous_dir, MANIFEST_DIR)}", "--ignore-times"]
+    return ["--ignore-times"]
 
 
 def rsync_command(copy: BackupCopy, options: Iterable[str], inner: str = "") -> list[str]:
