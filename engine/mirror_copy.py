@@ -7,11 +7,11 @@ over several backups):
 1. the whole backup, ``--link-dest`` the mirror's copy of the previous backup
    (nothing left out but folders of another kind, below: any exclude costs
    rsync work on every file);
-2. the manifests (``.pibackup/``) once more, each sent whatever rsync's quick
-   check says (pass 1 may have linked one to the previous copy's: below);
-3. the files that must not be linked (below) that pass 1 may have taken from
-   the previous copy, unlinked from this one and fetched again, without
-   ``--link-dest``;
+2. the manifests (``.pibackup/``) that pass 1 may have taken from the
+   previous copy (below: a manifest of the previous one's size written within
+   the same second), unlinked and fetched again without ``--link-dest``;
+3. the same for the files that must not be linked (below), which are known
+   once the manifests are;
 4. the check: every file of every source that ``.pibackup/SOURCES`` lists is
    compared with the origin's manifest (``manifest.write_manifest`` hashes it
    into a scratch file: a file linked to the previous copy takes that copy's
@@ -211,19 +211,11 @@ async def copy_backup(copy: BackupCopy) -> None:
     # Only what is there to leave out: any exclude costs rsync work on every file.
     excludes = [f"--exclude=/{os.fsdecode(_pattern(os.fsencode(n)))}" for n in left_out]
     await _rsync(copy, "copy", [*link, "--delete", *excludes])
-    # The manifests once more, each whatever rsync's quick check says: it compares
-    # whole seconds, so a manifest of the previous copy's size written within the
-    # same second may have come as a link to the old one.
-    await _rsync(copy, "manifests", _manifest_basis(copy), inner=MANIFEST_DIR,
-                 missing_ok=True)
-    changed = await in_worker(_never_linked, copy, anyio.from_thread.check_cancelled)
-    if changed and copy.previous_dir is not None:
-        taken = await in_worker(_undo_quick_matches, copy.in_progress_dir, copy.previous_dir,
-                                changed, anyio.from_thread.check_cancelled)
-        if taken:
-            with _path_list(copy, taken) as listed:
-                await _rsync(copy, "changed files (not linked)",
-                             [f"--files-from={listed}", "--from0"])
+    if copy.previous_dir is not None:
+        # First the manifests (what the never-link list is read from), then those files.
+        await _fetch_quick_matches(copy, "manifests", await in_worker(_manifest_paths, copy))
+        changed = await in_worker(_never_linked, copy, anyio.from_thread.check_cancelled)
+        await _fetch_quick_matches(copy, "changed files (not linked)", changed)
     for kind, folders in others:
         await kind.copy(copy, folders)
     if copy.resumed or copy.partials:
@@ -256,19 +248,8 @@ async def written(copy: BackupCopy) -> int:
     return rest + sum(copy.allocated.values())
 
 
-def _manifest_basis(copy: BackupCopy) -> list[str]:
-    """``--ignore-times`` when there is a previous copy (the copy pass may have linked its
-    manifests): each manifest is sent again, over SSH as a delta on what the copy pass
-    put there (a few changed lines); rsync writes it into a temporary file of this
-    folder and renames it, so a link to the previous copy's manifest is replaced, never
-    written through."""
-    if copy.previous_dir is None:
-        return []
-    return ["--ignore-times"]
-
-
-def rsync_command(copy: BackupCopy, options: Iterable[str], inner: str = "") -> list[str]:
-    """The rsync that copies ``<name>/<inner>`` of the origin into the in-progress folder."""
+def rsync_command(copy: BackupCopy, options: Iterable[str]) -> list[str]:
+    """The rsync that copies backup ``<name>`` of the origin into the in-progress folder."""
     argv = [*RSYNC_BASE, *copy.origin.rsync_options()]
     settings = copy.config.origin
     bwlimit = None if settings is None else settings.bwlimit_bytes
@@ -279,15 +260,11 @@ def rsync_command(copy: BackupCopy, options: Iterable[str], inner: str = "") -> 
     if copy.resumed:
         argv.append("--no-W")
     argv += options
-    target = os.path.join(copy.in_progress_dir, inner).rstrip("/") + "/"
-    return [*argv, copy.origin.rsync_source(copy.name, inner), target]
+    return [*argv, copy.origin.rsync_source(copy.name), copy.in_progress_dir + "/"]
 
 
-async def _rsync(copy: BackupCopy, what: str, options: list[str], *, inner: str = "",
-                 missing_ok: bool = False) -> None:
-    argv = rsync_command(copy, options, inner)
-    if inner:
-        await in_worker(os.makedirs, os.path.join(copy.in_progress_dir, inner), 0o755, True)
+async def _rsync(copy: BackupCopy, what: str, options: list[str]) -> None:
+    argv = rsync_command(copy, options)
     log.debug("rsync", backup=copy.name, pass_=what, argv=argv)
     finished, _ = await run_rsync(argv)
     if finished.exit_code != 0:
@@ -302,9 +279,6 @@ async def _rsync(copy: BackupCopy, what: str, options: list[str], *, inner: str 
     if finished.exit_code in _OK_CODES:
         return
     text = telling_line(finished.stderr.lines) or "no error output"
-    if missing_ok and finished.exit_code == 23 and "No such file" in finished.stderr.text():
-        # A backup made before manifests existed: rsync's quick check alone.
-        return
     raise CopyFailed(f"rsync ({what}) {describe_exit(finished.exit_code)}: {text}")
 
 
@@ -374,6 +348,29 @@ def _never_linked(copy: BackupCopy, check: Callable[[], None]) -> list[bytes]:
         except Unordered:
             paths.update(_changed_sorted(old, new, copy.scratch, check))
     return sorted(paths)
+
+
+async def _fetch_quick_matches(copy: BackupCopy, what: str, paths: list[bytes]) -> None:
+    """Fetch again, without ``--link-dest``, each of ``paths`` that the copy pass may have
+    taken from the previous copy (``_undo_quick_matches``)."""
+    if not paths:
+        return
+    assert copy.previous_dir is not None
+    taken = await in_worker(_undo_quick_matches, copy.in_progress_dir, copy.previous_dir,
+                            paths, anyio.from_thread.check_cancelled)
+    if taken:
+        with _path_list(copy, taken) as listed:
+            await _rsync(copy, what, [f"--files-from={listed}", "--from0"])
+
+
+def _manifest_paths(copy: BackupCopy) -> list[bytes]:
+    """The files of the copy's ``.pibackup/`` (a backup made before manifests: none)."""
+    try:
+        with os.scandir(os.path.join(copy.in_progress_dir, MANIFEST_DIR)) as entries:
+            return [os.fsencode(f"{MANIFEST_DIR}/{e.name}") for e in entries
+                    if e.is_file(follow_symlinks=False)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def _undo_quick_matches(here: str, previous: str, paths: list[bytes],

@@ -9,10 +9,10 @@ folder on this machine (a second disk); an origin over SSH, restricted to
 ``pibackup-async serve --read-only PATH``, is another implementation of the
 same methods.
 
-The manifests (``.pibackup/``) are not read from the origin apart: they are
-fetched into the in-progress copy first, by the same transfer that reads
-everything else, and read there — whatever the origin is, the mirror checks
-against the very bytes it received.
+The manifests (``.pibackup/``) are not read from the origin apart: they come
+into the in-progress copy with everything else, by the same transfer, and
+are read there — whatever the origin is, the mirror checks against the very
+bytes it received.
 
 Everything that reads a local origin's disk runs in a worker thread,
 abandoned on cancel and after the destination's answer bound, as for the
@@ -94,9 +94,9 @@ class Origin(abc.ABC):
         OriginUnreadable, FileNotFoundError when the backup is gone."""
 
     @abc.abstractmethod
-    def rsync_source(self, name: str, inner: str = "") -> str:
-        """rsync's source argument for ``<name>/<inner>/`` of the origin (the contents of
-        that folder: a trailing slash)."""
+    def rsync_source(self, name: str) -> str:
+        """rsync's source argument for backup ``<name>`` of the origin (the contents of
+        its folder: a trailing slash)."""
 
     def rsync_options(self) -> list[str]:
         """rsync's options that reach the origin (``-e`` its transport); none for a local
@@ -141,8 +141,8 @@ class LocalOrigin(Origin):
     async def folders(self, name: str) -> list[OriginFolder]:
         return await self._call(_folders, os.path.join(self.path, name))
 
-    def rsync_source(self, name: str, inner: str = "") -> str:
-        return os.path.join(self.path, name, inner).rstrip("/") + "/"
+    def rsync_source(self, name: str) -> str:
+        return os.path.join(self.path, name) + "/"
 
     async def btrfs_send_argv(self, name: str, folder: str, parent: str | None
                               ) -> list[str] | None:

@@ -140,8 +140,8 @@ class SshOrigin(Origin):
         path = "/".join([self.path.rstrip("/"), *(p.strip("/") for p in parts if p)])
         return f"{rsync_target(self.host)}:{path}"
 
-    def rsync_source(self, name: str, inner: str = "") -> str:
-        return self._remote_path(name, inner).rstrip("/") + "/"
+    def rsync_source(self, name: str) -> str:
+        return self._remote_path(name) + "/"
 
     async def btrfs_send_argv(self, name: str, folder: str, parent: str | None
                               ) -> list[str] | None:

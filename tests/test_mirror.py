@@ -163,7 +163,9 @@ def test_a_changed_file_of_another_size_takes_no_pass_of_its_own(ws: Workspace) 
     result = bench.mirror("-v", "--log-format", "json")
 
     assert result.returncode == 0, result.stderr
-    assert _passes(result.stderr, second) == ["copy", "manifests"]
+    passes = _passes(result.stderr, second)
+    # (A manifest written within the same second as the previous one may be fetched again.)
+    assert passes[0] == "copy" and "changed files (not linked)" not in passes, passes
     copy = ws.dest / second / "data" / "edit.txt"
     assert copy.read_bytes() == b"version 1, longer\n"
     assert ino(copy) != ino(ws.dest / first / "data" / "edit.txt")
