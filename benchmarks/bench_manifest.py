@@ -43,7 +43,9 @@ changed, one with 1% changed — beside the floors no Python manifest goes
 under (listing both copies' folders; open, fstat, read, hash, close of
 each file) and coreutils ``sha256sum``'s own CPU time per file over the
 same files (the child process a manifest could hand its files to). CPU
-time is what a loaded machine sways least.
+time is what a loaded machine sways least. Then wall times: the first
+backup's ``write_manifest`` beside its reads handed to 1, 2 and 3 worker
+processes (``hash_pool_probe.py``): what a second CPU could take off it.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from benchkit import build_tree, drop_caches, measure
+from hash_pool_probe import pool_wall_s
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -134,6 +137,15 @@ def _best_cpu(work: Callable[[], object], times: int = 5) -> float:
     return best
 
 
+def _best_wall(work: Callable[[], object], times: int = 4) -> float:
+    best = float("inf")
+    for _ in range(times):
+        started = time.perf_counter()
+        work()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
 def per_file(work: Path, files: int) -> None:
     """CPU time per file of write_manifest and of its floors (``--per-file``)."""
     from pibackup_async.engine.manifest import write_manifest
@@ -195,6 +207,13 @@ def per_file(work: Path, files: int) -> None:
     print(f"one source of {files} x 4 KiB, warm cache, CPU time, best of 5; "
           f"load average {os.getloadavg()[0]:.1f}")
     for label, seconds in rows:
+        print(f"  {label:<46}{seconds * 1e3:>8.1f} ms{seconds / count * 1e6:>8.1f} us a file")
+    # Wall time, not CPU: what a second CPU could take off a first backup's manifest.
+    walls = [("write_manifest, first backup", _best_wall(lambda: write_manifest(b0, "data", None)))]
+    walls += [(f"floor in {n} worker process{'es' if n > 1 else ''} (hash_pool_probe)",
+               pool_wall_s(str(copies[0] / "data"), n)) for n in (1, 2, 3)]
+    print(f"the same, wall time, best of 4, {os.cpu_count()} CPUs")
+    for label, seconds in walls:
         print(f"  {label:<46}{seconds * 1e3:>8.1f} ms{seconds / count * 1e6:>8.1f} us a file")
     shutil.rmtree(root)
 
