@@ -235,6 +235,33 @@ def test_a_run_flushes_before_the_rename_and_again_before_retention_deletes(
 
 
 @needs_root
+def test_what_the_copies_wrote_starts_to_the_disk_while_the_manifests_are_made(
+    ws: Workspace,
+) -> None:
+    """A head start for step 6's flush: a syncfs of the destination begins after the
+    copies' last write and before the first manifest is in place (it reads back from the
+    page cache what the writeback sends to the disk); the flush before the rename still
+    follows the manifests (the test above)."""
+    files = {f"d{i // 100}/f{i}.txt": f"{i}\n" for i in range(2000)}
+    source = ws.make_source("data", files)
+    ws.write_config(f'[[sources]]\nname = "data"\ntype = "rsync"\npath = "{source}"\n')
+    done, calls = traced(ws, "run")
+    assert done.returncode == 0, done.stderr
+    name = _backup_made(ws)
+    folder = f"{ws.dest}/{name}.in-progress"
+    manifest = f"{folder}/.pibackup/data.sha256"
+    [placed] = [c for c in calls if c.name in _RENAMES and c.ok and f'"{manifest}"' in c.args]
+    copied = [c for c in calls if c.ok and c.end < placed.start and c.writes_into(folder)
+              and "/.pibackup" not in c.args]
+    assert any(c.name.startswith("write") for c in copied), "no write of the copy traced"
+    last_copy_write = max(c.end for c in copied)
+    early = [f for f in flushes_of(calls, ws.dest)
+             if f.name == "syncfs" and last_copy_write < f.start < placed.start]
+    assert early, (f"no syncfs of {ws.dest} began between the copy's last write (line "
+                   f"{last_copy_write}) and the manifest's rename (line {placed.start})")
+
+
+@needs_root
 def test_prune_flushes_each_deleting_rename_before_deleting_its_contents(
     ws: Workspace,
 ) -> None:
