@@ -221,9 +221,6 @@ async def copy_backup(copy: BackupCopy) -> None:
     if copy.resumed or copy.partials:
         await in_worker(_remove_partials, copy.in_progress_dir, left_out,
                         anyio.from_thread.check_cancelled)
-    # What the passes wrote goes to the disk while the check reads it back from the
-    # page cache: the flush before the rename has less left to wait for.
-    copy.dest.start_writeback()
     bad = await in_worker(_mismatches, copy, anyio.from_thread.check_cancelled)
     if not bad:
         return

@@ -307,32 +307,6 @@ def test_a_mirror_flushes_each_copy_before_its_rename_and_the_renames_before_ret
     assert assert_deletions_flushed(calls, dest) == [f"{OLD[0]}.deleting"]
 
 
-@needs_root
-def test_a_mirror_copy_starts_to_the_disk_while_it_is_checked(ws: Workspace) -> None:
-    """As for a run: a syncfs of the mirror begins after the copy's rsync wrote its last
-    and before the check's scratch manifest is in place (the check reads the copy back)."""
-    bench = Bench(ws)
-
-    def many(data: Path) -> None:
-        for i in range(2000):
-            (data / f"d{i // 100}").mkdir(exist_ok=True)
-            (data / f"d{i // 100}" / f"f{i}.txt").write_text(f"{i}\n")
-    [name] = [bench.backup(many)]
-    bench.write_mirror_config()
-    done, calls = traced(ws, "mirror")
-    assert done.returncode == 0, done.stderr
-    folder = f"{ws.dest}/{name}.in-progress"
-    [checked] = [c for c in calls
-                 if c.name in _RENAMES and c.ok and f'"{ws.state}/mirror-' in c.args]
-    copied = [c for c in calls if c.ok and c.end < checked.start and c.writes_into(folder)]
-    assert any(c.name.startswith("write") for c in copied), "no write of the copy traced"
-    last_copy_write = max(c.end for c in copied)
-    assert [f for f in flushes_of(calls, ws.dest)
-            if f.name == "syncfs" and last_copy_write < f.start < checked.start], (
-        f"no syncfs of {ws.dest} began between the copy's last write (line {last_copy_write}) "
-        f"and the check's manifest (line {checked.start})")
-
-
 # --- a power cut, for real: ext4 shut down without its journal flushed ------------------------
 
 # EXT4_IOC_SHUTDOWN (_IOR('X', 125, __u32)) with EXT4_GOING_FLAGS_NOLOGFLUSH: the
