@@ -89,7 +89,8 @@ class Ext4Factory:
         self.root = root
         self.made: list[Ext4] = []
 
-    def __call__(self, mount: Path, size_mb: int = 16, *, mounted: bool = True) -> Ext4:
+    def __call__(self, mount: Path, size_mb: int = 16, *, mounted: bool = True,
+                 mkfs_options: tuple[str, ...] = ()) -> Ext4:
         images = self.root / "images"
         images.mkdir(exist_ok=True)
         image = images / f"ext4-{len(self.made)}-{mount.name}.img"
@@ -102,7 +103,7 @@ class Ext4Factory:
         fs = Ext4(image, attached.stdout.strip(), mount)
         # Registered before anything else can fail, so teardown detaches it.
         self.made.append(fs)
-        _check(["mkfs.ext4", "-q", "-m", "0", fs.device])
+        _check(["mkfs.ext4", "-q", "-m", "0", *mkfs_options, fs.device])
         if mounted:
             fs.mount_now()
         return fs

@@ -218,6 +218,55 @@ def _follow(beat: Beat, pid: int) -> None:
 # --- the copy of a run, and the rsync kind -------------------------------------------
 
 
+# rsync's quick check compares mtimes in whole seconds unless told otherwise:
+# a file rewritten with the same size within the second in which its basis was
+# copied (a service restarted by a post rewriting a small file, say) would be
+# linked to its old content, and stay so until it changes again. With
+# --modify-window=-1 (rsync >= 3.1.3 receiving) it compares nanoseconds, which
+# leaves only the kernel's timestamp tick (a few ms). Only where the basis
+# keeps times finer than exFAT's 10 ms: on a destination that truncates them
+# (vfat, exFAT, ext4 with 128-byte inodes) every file would differ every night.
+PRECISE_TIMES = "--modify-window=-1"
+_COARSEST_NS = 10_000_000
+_PROBED_FILES = 32
+_PROBED_FOLDERS = 16
+
+
+def keeps_fine_times(folder: str) -> bool:
+    """A regular file below ``folder`` has an mtime finer than 10 ms.
+
+    A few files are looked at, breadth first, no link followed; a folder
+    that cannot be read counts as none (rsync's own check decides then).
+    """
+    pending = [folder]
+    files = folders = 0
+    while pending and files < _PROBED_FILES and folders < _PROBED_FOLDERS:
+        folders += 1
+        try:
+            with os.scandir(pending.pop(0)) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append(entry.path)
+                    elif entry.is_file(follow_symlinks=False):
+                        files += 1
+                        if entry.stat(follow_symlinks=False).st_mtime_ns % _COARSEST_NS:
+                            return True
+        except OSError:
+            continue
+    return False
+
+
+def _basis(link_dest: str | None, extra: Sequence[str]) -> str | None:
+    """The folder rsync compares the source with: ``--link-dest``, or step 3's own."""
+    if link_dest is not None:
+        return link_dest
+    for arg in extra:
+        for option in ("--compare-dest=", "--link-dest="):
+            if arg.startswith(option):
+                return arg.removeprefix(option)
+    return None
+
+
 def copy_argv(run: Run, source: RsyncOptions, remote: Transport | None, *,
               excludes: Sequence[str] = (), from_path: str | None = None,
               extra: Sequence[str] = ()) -> tuple[list[str], str | None]:
@@ -232,6 +281,9 @@ def copy_argv(run: Run, source: RsyncOptions, remote: Transport | None, *,
     # it links nothing itself (so nothing damaged to copy afresh).
     compared = any(arg.startswith("--compare-dest=") for arg in extra)
     link_dest = None if compared else newest_holding(run.destination, run.previous, source.name)
+    basis = _basis(link_dest, extra)
+    if basis is not None and keeps_fine_times(basis):
+        extra = [*extra, PRECISE_TIMES]
     argv = rsync_argv(run.config, source, target, link_dest,
                       excludes=excludes, from_path=from_path, remote=remote, extra=extra)
     return argv, link_dest
