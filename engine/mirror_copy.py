@@ -211,11 +211,14 @@ async def copy_backup(copy: BackupCopy) -> None:
     # Only what is there to leave out: any exclude costs rsync work on every file.
     excludes = [f"--exclude=/{os.fsdecode(_pattern(os.fsencode(n)))}" for n in left_out]
     await _rsync(copy, "copy", [*link, "--delete", *excludes])
-    if copy.previous_dir is not None:
+    previous = copy.previous_dir
+    if previous is not None:
         # First the manifests (what the never-link list is read from), then those files.
-        await _fetch_quick_matches(copy, "manifests", await in_worker(_manifest_paths, copy))
-        changed = await in_worker(_never_linked, copy, anyio.from_thread.check_cancelled)
-        await _fetch_quick_matches(copy, "changed files (not linked)", changed)
+        manifests = await in_worker(_manifest_paths, copy)
+        await _fetch_quick_matches(copy, previous, "manifests", manifests)
+        changed = await in_worker(_never_linked, copy, previous,
+                                  anyio.from_thread.check_cancelled)
+        await _fetch_quick_matches(copy, previous, "changed files (not linked)", changed)
     for kind, folders in others:
         await kind.copy(copy, folders)
     if copy.resumed or copy.partials:
@@ -331,12 +334,10 @@ def _key_path(key: bytes) -> bytes:
     return key.replace(b"\0", b"/")
 
 
-def _never_linked(copy: BackupCopy, check: Callable[[], None]) -> list[bytes]:
-    """Paths of this backup that must not be linked to the previous copy (module docstring)."""
+def _never_linked(copy: BackupCopy, previous: str, check: Callable[[], None]) -> list[bytes]:
+    """Paths of this backup that must not be linked to ``previous``, the mirror's copy of
+    the backup before (module docstring)."""
     paths = set(copy.never_link)
-    previous = copy.previous_dir
-    if previous is None:
-        return sorted(paths)
     here = copy.in_progress_dir
     for source in _sources(here):
         check()
@@ -350,14 +351,14 @@ def _never_linked(copy: BackupCopy, check: Callable[[], None]) -> list[bytes]:
     return sorted(paths)
 
 
-async def _fetch_quick_matches(copy: BackupCopy, what: str, paths: list[bytes]) -> None:
+async def _fetch_quick_matches(copy: BackupCopy, previous: str, what: str,
+                               paths: list[bytes]) -> None:
     """Fetch again, without ``--link-dest``, each of ``paths`` that the copy pass may have
-    taken from the previous copy (``_undo_quick_matches``)."""
+    taken from ``previous`` (``_undo_quick_matches``)."""
     if not paths:
         return
-    assert copy.previous_dir is not None
-    taken = await in_worker(_undo_quick_matches, copy.in_progress_dir, copy.previous_dir,
-                            paths, anyio.from_thread.check_cancelled)
+    taken = await in_worker(_undo_quick_matches, copy.in_progress_dir, previous, paths,
+                            anyio.from_thread.check_cancelled)
     if taken:
         with _path_list(copy, taken) as listed:
             await _rsync(copy, what, [f"--files-from={listed}", "--from0"])

@@ -256,17 +256,6 @@ def keeps_fine_times(folder: str) -> bool:
     return False
 
 
-def _basis(link_dest: str | None, extra: Sequence[str]) -> str | None:
-    """The folder rsync compares the source with: ``--link-dest``, or step 3's own."""
-    if link_dest is not None:
-        return link_dest
-    for arg in extra:
-        for option in ("--compare-dest=", "--link-dest="):
-            if arg.startswith(option):
-                return arg.removeprefix(option)
-    return None
-
-
 def copy_argv(run: Run, source: RsyncOptions, remote: Transport | None, *,
               excludes: Sequence[str] = (), from_path: str | None = None,
               extra: Sequence[str] = ()) -> tuple[list[str], str | None]:
@@ -279,9 +268,12 @@ def copy_argv(run: Run, source: RsyncOptions, remote: Transport | None, *,
     # Step 3 comparing with a precopy's copy, which already links against
     # that backup (window_options): rsync refuses --link-dest beside it, and
     # it links nothing itself (so nothing damaged to copy afresh).
-    compared = any(arg.startswith("--compare-dest=") for arg in extra)
-    link_dest = None if compared else newest_holding(run.destination, run.previous, source.name)
-    basis = _basis(link_dest, extra)
+    compared = next((arg.removeprefix("--compare-dest=") for arg in extra
+                     if arg.startswith("--compare-dest=")), None)
+    link_dest = (None if compared is not None
+                 else newest_holding(run.destination, run.previous, source.name))
+    # What rsync compares the source with: the earlier backup, or the precopied copy.
+    basis = compared if compared is not None else link_dest
     if basis is not None and keeps_fine_times(basis):
         extra = [*extra, PRECISE_TIMES]
     argv = rsync_argv(run.config, source, target, link_dest,
