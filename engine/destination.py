@@ -55,6 +55,7 @@ from .filesystems import (
 )
 from .heartbeat import beating, current
 from .manifest import Made, add_source, write_manifest
+from .manifest_process import write_manifest_in_child
 from .names import DELETING, IN_PROGRESS, format_name, parse_name
 from .processes import describe_exit, run_process
 from .threads import Progress, in_worker
@@ -301,6 +302,14 @@ def _rename_folder(source: str, target: str) -> None:
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _cpus() -> int:
+    """The CPUs this process may run on (a container or ``taskset`` may give it fewer)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _syncfs(path: str) -> None:
@@ -742,9 +751,11 @@ class LocalDestination(Destination):
     def __init__(self, path: str, answer_bound_s: float = ANSWER_BOUND_S) -> None:
         super().__init__(path)
         self.answer_bound_s = answer_bound_s
-        # One manifest at a time: their per-file work is Python's, which threads do not
-        # share out (four at once spent 42 µs of CPU a file, one alone 15.5).
+        # One manifest at a time in this process: their per-file work is Python's, which
+        # threads do not share out (four at once spent 42 µs of CPU a file, one alone 15.5).
         self._manifests = anyio.Lock()
+        # A manifest that reads every file goes to a process of its own, one a CPU.
+        self._children = anyio.CapacityLimiter(_cpus())
 
     async def _call(self, func: Callable[..., T], *args: object,
                     bound: float | None = None) -> T:
@@ -886,6 +897,16 @@ class LocalDestination(Destination):
             if beat is not None:
                 beat.files = count  # a plain attribute: read by the event loop
 
+        if earlier is None and self._children.total_tokens > 1:
+            # Nothing to inherit: every file is read, the walk is CPU, and the manifests
+            # of the other sources can take the other CPUs meanwhile.
+            async with self._children, self._answering(self.answer_bound_s) as progress:
+                made = await write_manifest_in_child(folder, source, None, progress,
+                                                     files_so_far)
+                files_so_far(made.files)
+                await in_worker(add_source, folder, source, progress=progress)
+                return made
+            raise AssertionError("unreachable: _answering raises when it ends the block")
         async with self._manifests, self._answering(self.answer_bound_s) as progress:
             def work() -> Made:
                 made = write_manifest(folder, source, earlier, progress.check, files_so_far)
