@@ -9,33 +9,21 @@ from typing import TYPE_CHECKING
 import anyio
 import msgspec
 import structlog
-from pibackup_async.engine import (
-    Config,
-    ConfigError,
-    DestinationUnavailable,
-    Listed,
-    Report,
-    RunOptions,
-    list_backups,
-    load_config,
-    plan_run,
-    prune_backups,
-    run_backup,
-)
-from pibackup_async.engine.config import command_problem
-from pibackup_async.engine.pruning import discard_backup
+from pibackup_async.engine.config import command_problem, load_config
+from pibackup_async.engine.errors import ConfigError
 from pibackup_async.engine.secret_env import withhold_secrets
 
-from .check import check_command
 from .exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from .logs import configure_logging
-from .progress import wanted
-from .render import listing_table, summary_table
-from .running import under_signals
+from .render import listing_table, summary_table  # at start: a run may outlive an upgrade
 
+# What one command alone uses is imported by that command when it runs: each
+# module loaded delays every command's start, from a cold page cache (issue 21).
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Callable
+
+    from pibackup_async.engine import Config, Listed, Report
 
 
 log = structlog.get_logger("pibackup")
@@ -60,11 +48,17 @@ def dispatch(args: argparse.Namespace, config_path: str) -> int:
         print(f"error: {config_path}: {refused}", file=sys.stderr)
         return EXIT_USAGE
     command: Callable[[argparse.Namespace, Config], int] = {
-        "run": _run, "check": check_command, "list": _list, "prune": _prune,
+        "run": _run, "check": _check, "list": _list, "prune": _prune,
         "restore": _restore, "diff": _diff, "du": _du, "verify": _verify,
         "mirror": _mirror,
     }[args.command]
     return command(args, config)
+
+
+def _check(args: argparse.Namespace, config: Config) -> int:
+    from .check import check_command
+
+    return check_command(args, config)
 
 
 def _restore(args: argparse.Namespace, config: Config) -> int:
@@ -98,6 +92,13 @@ def _verify(args: argparse.Namespace, config: Config) -> int:
 
 
 def _run(args: argparse.Namespace, config: Config) -> int:
+    from pibackup_async.engine.context import RunOptions
+    from pibackup_async.engine.pipeline import run_backup
+    from pibackup_async.engine.plan import plan_run
+
+    from .progress import wanted
+    from .running import under_signals
+
     if args.dry_run:
         print("\n".join(anyio.run(plan_run, config, args.jobs, args.no_report,
                                    backend="asyncio")))
@@ -116,6 +117,9 @@ def _print_summary(report: Report) -> None:
 
 def _read_backups(config: Config) -> list[Listed] | None:
     """The destination as it is (no lock, no hook); None, said on stderr, if unreadable."""
+    from pibackup_async.engine.errors import DestinationUnavailable
+    from pibackup_async.engine.listing import list_backups
+
     try:
         return list_backups(config)
     except DestinationUnavailable as e:
@@ -141,6 +145,10 @@ def _list(args: argparse.Namespace, config: Config) -> int:
 def _prune(args: argparse.Namespace, config: Config) -> int:
     name: str | None = args.discard
     if not args.dry_run:
+        from pibackup_async.engine.pruning import discard_backup, prune_backups
+
+        from .running import under_signals
+
         if name is not None:
             return under_signals("prune", lambda interruption: discard_backup(
                 config, interruption, name))
