@@ -54,7 +54,7 @@ from .filesystems import (
     on_mounted_filesystem,
 )
 from .heartbeat import beating, current
-from .manifest import Made, add_source, write_manifest
+from .manifest import Made, add_source, discard_unfinished, write_manifest
 from .manifest_process import write_manifest_in_child
 from .names import DELETING, IN_PROGRESS, format_name, parse_name
 from .processes import describe_exit, run_process
@@ -922,11 +922,23 @@ class LocalDestination(Destination):
 
     async def _manifest_in_child(self, folder: str, source: str,
                                  files_so_far: Callable[[int], None]) -> Made:
-        async with self._answering(self.answer_bound_s) as progress:
-            made = await write_manifest_in_child(folder, source, None, progress, files_so_far)
-            files_so_far(made.files)
-            await in_worker(add_source, folder, source, progress=progress)
-            return made
+        try:
+            async with self._answering(self.answer_bound_s) as progress:
+                made = await write_manifest_in_child(folder, source, None, progress,
+                                                     files_so_far)
+                files_so_far(made.files)
+                await in_worker(add_source, folder, source, progress=progress)
+                return made
+        except BaseException:
+            # A child ended midway (killed, cancelled, timed out) cannot remove its
+            # temporary file as the thread's walk does: an optional source's backup is
+            # kept without it, and must not keep that either. Not on a lost disk.
+            if self.lost is None:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(self.answer_bound_s), \
+                        contextlib.suppress(OSError):
+                    await anyio.to_thread.run_sync(discard_unfinished, folder, source,
+                                                   abandon_on_cancel=True)
+            raise
         raise AssertionError("unreachable: _answering raises when it ends the block")
 
     async def identify(self) -> Identity:

@@ -94,7 +94,7 @@ def write_manifest(backup_dir: str, source: str, earlier: str | None,
     if into is None:
         os.makedirs(os.path.join(backup_dir, MANIFEST_DIR), exist_ok=True)
     final = into or manifest_path(backup_dir, source)
-    temp = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.tmp")
+    temp = temporary_name(final)
     made = Made()
     earlier_stream = _open_earlier_manifest(earlier, source, made)
     try:
@@ -117,6 +117,19 @@ def write_manifest(backup_dir: str, source: str, earlier: str | None,
     return made
 
 
+def temporary_name(final: str) -> str:
+    """The name ``final`` is written under before its rename: ``.<name>.tmp`` beside it."""
+    return os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.tmp")
+
+
+def discard_unfinished(backup_dir: str, source: str) -> None:
+    """Remove what a manifest writer that was stopped midway left (its temporary file)."""
+    try:
+        os.unlink(temporary_name(manifest_path(backup_dir, source)))
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+
+
 def add_source(backup_dir: str, source: str) -> None:
     """Add ``source`` to ``.pibackup/SOURCES`` (the sources that have a manifest).
 
@@ -131,7 +144,7 @@ def add_source(backup_dir: str, source: str) -> None:
         except FileNotFoundError:
             names = set()
         names.add(source.encode())
-        temp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+        temp = temporary_name(path)
         with open(temp, "wb") as out:
             out.writelines(n + b"\n" for n in sorted(names))
         os.rename(temp, path)

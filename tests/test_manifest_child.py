@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import pytest
-from conftest import needs_rsync
+from conftest import needs_rsync, wait_for
 from datakit import cli_ok, complete_backups, rsync_source
 from hangkit import hanging, needs_fuse
 from pibackup_async.engine.destination import DestinationLost, LocalDestination, _cpus
@@ -67,10 +67,11 @@ def odd_copy(root: Path) -> Path:
     return copy.parent
 
 
-def sparse_copy(root: Path, gib: int = 4) -> Path:
-    """A backup folder whose copy ``data`` is one big sparse file: seconds of hashing,
+def sparse_copy(root: Path, gib: int = 4, *, name: str = "data", backup: str = "backup"
+                ) -> Path:
+    """A backup folder whose copy ``name`` is one big sparse file: seconds of hashing,
     no disk written."""
-    copy = root / "backup" / "data"
+    copy = root / backup / name
     copy.mkdir(parents=True)
     with open(copy / "zeros", "wb") as f:
         f.truncate(gib << 30)
@@ -160,6 +161,42 @@ async def test_first_backups_manifests_on_a_disk_that_stops_answering_end_within
         assert time.monotonic() - t0 < 0.5 + 10
         assert len(lost) == 2 and all("does not answer" in line for line in lost), lost
         assert children_reading(backup) == []
+
+
+@needs_two_cpus
+async def test_a_child_killed_midway_leaves_nothing_in_the_backup(tmp_path: Path) -> None:
+    # Two first-backup manifests at once: one in the engine's thread, the other in a
+    # child, which is killed as the OOM killer would. Its source fails; the other's
+    # manifest is written; no temporary manifest stays behind for a backup to keep.
+    backup = tmp_path / "dest" / "2025-01-01t03-00-00+0100.in-progress"
+    for name in ("data", "mail"):
+        sparse_copy(tmp_path / "dest", 1, name=name, backup=backup.name)
+    destination = LocalDestination(str(tmp_path / "dest"), answer_bound_s=20)
+    failed: list[str] = []
+
+    async def write(name: str) -> None:
+        try:
+            await destination.write_manifest(backup.name, name, None)
+        except OSError as e:
+            failed.append(f"{name}: {e}")
+
+    async def kill_the_child() -> None:
+        # Once it writes: its temporary manifest is there.
+        await anyio.to_thread.run_sync(wait_for, lambda: len(list(
+            (backup / ".pibackup").glob(".*.tmp"))) == 2 and children_reading(backup),
+            20, "the child's temporary manifest")
+        [pid] = children_reading(backup)
+        os.kill(pid, signal.SIGKILL)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(write, "data")
+        tg.start_soon(write, "mail")
+        tg.start_soon(kill_the_child)
+    assert len(failed) == 1 and "killed by SIGKILL" in failed[0], failed
+    left = sorted(p.name for p in (backup / ".pibackup").iterdir())
+    survivor = "mail" if failed[0].startswith("data") else "data"
+    assert left == ["SOURCES", f"{survivor}.sha256"], left
+    assert children_reading(backup) == []
 
 
 def started_children(stderr: str) -> list[list[str]]:
