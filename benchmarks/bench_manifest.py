@@ -91,6 +91,15 @@ def engine_config(path: Path, dest: Path, state: Path, sources: list[tuple[str, 
     return path
 
 
+def built_trees(work: Path, files: int = 20000) -> list[tuple[str, Path]]:
+    """The four sources' trees a run of this script built under ``work``; exits when
+    there are none (for the scripts that reuse them)."""
+    sources = [(name, work / "trees" / f"manifest-{name}-{files}") for name in NAMES]
+    if not all(tree.is_dir() for _, tree in sources):
+        sys.exit(f"no trees under {work}/trees: run bench_manifest.py --work {work} first")
+    return sources
+
+
 def change_one_percent(tree: Path, rep: int) -> int:
     """Rewrite every 100th file with new contents of the same size and a new mtime."""
     changed = 0

@@ -24,12 +24,11 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
-from bench_manifest import CLI, NAMES, engine_config
+from bench_manifest import CLI, built_trees, engine_config
 from benchkit import drop_caches
 
 CHILD = b"pibackup_async.engine.manifest_child"
@@ -68,9 +67,7 @@ def main() -> int:
     parser.add_argument("--work", type=Path, required=True, help="bench_manifest.py's --work")
     parser.add_argument("--jobs", type=int, default=2, help="concurrency (default 2, SPEC's)")
     args = parser.parse_args()
-    sources = [(name, args.work / "trees" / f"manifest-{name}-20000") for name in NAMES]
-    if not all(tree.is_dir() for _, tree in sources):
-        sys.exit(f"no trees under {args.work}/trees: run bench_manifest.py --work {args.work}")
+    sources = built_trees(args.work)
     runs = args.work / "memory-run"
     shutil.rmtree(runs, ignore_errors=True)
     (runs / "dest").mkdir(parents=True)

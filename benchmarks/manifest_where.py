@@ -24,7 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench_manifest import CLI, CLI_OFF, NAMES, engine_config, one_run
+from bench_manifest import CLI, CLI_OFF, built_trees, engine_config, one_run
 from benchkit import drop_caches
 
 # The engine with every manifest that reads every file in a child (benchmark-only).
@@ -51,7 +51,7 @@ def main() -> int:
     parser.add_argument("--work", type=Path, required=True, help="bench_manifest.py's --work")
     parser.add_argument("--rounds", type=int, default=6, help="rounds (default 6)")
     args = parser.parse_args()
-    sources = [(name, args.work / "trees" / f"manifest-{name}-20000") for name in NAMES]
+    sources = built_trees(args.work)
     runs = args.work / "where-runs"
     engines = {"thread, then a child": CLI,
                "children only": [sys.executable, "-c", CHILDREN_ONLY],

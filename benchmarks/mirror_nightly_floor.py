@@ -42,15 +42,18 @@ import subprocess
 import sys
 import time
 from datetime import datetime
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import bench_mirror as bm
-from benchkit import Ext4Filesystem, drop_caches
+from benchkit import drop_caches
+from mirror_nightly_pairs import nightly_stage
 from pibackup_async.engine.checksums import manifest_path
 from pibackup_async.engine.manifest import write_manifest
 from pibackup_async.engine.manifest_pairs import differing
 
-WORK = Path(__file__).resolve().parent / "work" / "mirror"
+if TYPE_CHECKING:
+    from pathlib import Path
+
 LIBRARIES = ("from pibackup_async.cli.main import _structlog_without_rich as s; s(); "
              "import anyio, asyncio, msgspec, tomllib")
 
@@ -93,50 +96,35 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=7, help="rounds (default 7)")
     args = parser.parse_args()
-    origin_fs = Ext4Filesystem(WORK / "images" / "origin.img", WORK / "mnt" / "origin")
-    bm.mount_origin(origin_fs, 2048)
-    origin = origin_fs.mount / "origin"
-    origin.mkdir(exist_ok=True)
-    bm.build_origin(WORK, origin, 20000, 30)
-    names = bm.backups(origin)
-    mirror_fs = Ext4Filesystem(WORK / "images" / "mirror.img", WORK / "mnt" / "mirror")
     rows: dict[str, list[float]] = {key: [] for key in (
         "hand", "sync -f after it", "check after it", "mirror", "start", "rsync", "tail",
         "libraries", "bare")}
-    try:
-        mirror = bm.fresh_mirror(mirror_fs, 1024, origin, names[:-1])
-        state = WORK / "state-floor"
-        config = bm.mirror_config(WORK / "floor.toml", mirror, state, str(origin))
-        newest = mirror / names[-1]
-        hand = [*bm.RSYNC, f"--link-dest={mirror / names[-2]}/", f"{origin / names[-1]}/",
-                f"{newest}/"]
+    with nightly_stage("floor") as stage:
         for _ in range(args.rounds):
             order = ["hand", "mirror", "libraries", "bare"]
             random.shuffle(order)
             for which in order:
-                subprocess.run(["rm", "-rf", str(newest), str(state)], check=True)
+                subprocess.run(["rm", "-rf", str(stage.newest), str(stage.state)], check=True)
                 subprocess.run(["sync"], check=True)
                 drop_caches()
                 started = time.time()
                 if which == "hand":
-                    subprocess.run(hand, check=True)
+                    subprocess.run(stage.hand, check=True)
                     copied = time.time()
-                    subprocess.run(["sync", "-f", str(newest)], check=True)
+                    subprocess.run(["sync", "-f", str(stage.newest)], check=True)
                     rows["hand"].append(copied - started)
                     rows["sync -f after it"].append(time.time() - copied)
-                    rows["check after it"].append(_check_s(newest, mirror / names[-2]))
+                    rows["check after it"].append(
+                        _check_s(stage.newest, stage.mirror / stage.names[-2]))
                 elif which == "mirror":
-                    for key, value in _mirror_times(config, started).items():
+                    for key, value in _mirror_times(stage.config, started).items():
                         rows[key].append(value)
                 else:
                     code = LIBRARIES if which == "libraries" else "pass"
                     subprocess.run([sys.executable, "-c", code], check=True)
                     rows[which].append(time.time() - started)
                 if which in ("hand", "mirror"):
-                    bm.check_copy(origin, mirror, [names[-1]])
-    finally:
-        mirror_fs.remove()
-        bm.ofs_unmount(origin_fs)()
+                    bm.check_copy(stage.origin, stage.mirror, [stage.names[-1]])
     for key, series in rows.items():
         print(f"{key:17} median {statistics.median(series):6.3f} s   "
               + " ".join(f"{value:.3f}" for value in series))
