@@ -37,8 +37,10 @@ async def write_manifest_in_child(backup_dir: str, source: str, earlier: str | N
     to ``on_file``. Raises OSError: the walk's own (errno, strerror and
     filename as the child met them), or EIO when the child failed otherwise.
     """
-    argv = [sys.executable, "-m", "pibackup_async.engine.manifest_child", backup_dir, source,
-            "--beat", f"{min(1.0, progress.stall_s / 4):g}"]
+    # -P: ``-m`` would put the working folder first on the path, and a run (as root)
+    # started where someone left a ``pibackup_async`` folder would run their code.
+    argv = [sys.executable, "-P", "-m", "pibackup_async.engine.manifest_child", backup_dir,
+            source, "--beat", f"{min(1.0, progress.stall_s / 4):g}"]
     if earlier is not None:
         argv += ["--earlier", earlier]
     errors = Tail()

@@ -89,6 +89,23 @@ async def test_the_childs_manifest_and_counts_are_the_walks_own(tmp_path: Path) 
     assert there.files == 8 and there.hashed_bytes > 3 << 20 and there.unused_earlier, there
 
 
+async def test_the_child_never_imports_a_package_planted_in_the_working_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # ``python -m`` puts the working folder first on sys.path: a run started (as
+    # root) from a folder where someone left a ``pibackup_async`` would run their code.
+    planted = tmp_path / "cwd" / "pibackup_async"
+    planted.mkdir(parents=True)
+    marker = tmp_path / "planted-code-ran"
+    (planted / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    backup = odd_copy(tmp_path)
+    monkeypatch.chdir(planted.parent)
+    made = await write_manifest_in_child(str(backup), "data", None, Progress(30),
+                                         lambda _: None)
+    assert made.files == 8
+    assert not marker.exists()
+
+
 async def test_an_error_of_the_walk_comes_back_as_its_oserror(tmp_path: Path) -> None:
     (tmp_path / "backup").mkdir()
     with pytest.raises(OSError) as raised:
