@@ -197,12 +197,22 @@ async def test_a_child_killed_midway_leaves_nothing_in_the_backup(tmp_path: Path
         except OSError as e:
             failed.append(f"{name}: {e}")
 
+    def writing_child() -> int | None:
+        """The child, once its temporary manifest is there (it writes)."""
+        for pid in children_reading(backup):
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue  # it ended meanwhile
+            source = argv[argv.index(CHILD.encode()) + 2].decode()
+            if (backup / ".pibackup" / f".{source}.sha256.tmp").exists():
+                return pid
+        return None
+
     async def kill_the_child() -> None:
-        # Once it writes: its temporary manifest is there.
-        await anyio.to_thread.run_sync(wait_for, lambda: len(list(
-            (backup / ".pibackup").glob(".*.tmp"))) == 2 and children_reading(backup),
-            20, "the child's temporary manifest")
-        [pid] = children_reading(backup)
+        await anyio.to_thread.run_sync(wait_for, writing_child, 20, "the child writing")
+        pid = writing_child()
+        assert pid is not None
         os.kill(pid, signal.SIGKILL)
 
     async with anyio.create_task_group() as tg:
