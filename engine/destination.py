@@ -924,8 +924,7 @@ class LocalDestination(Destination):
                                  files_so_far: Callable[[int], None]) -> Made:
         try:
             async with self._answering(self.answer_bound_s) as progress:
-                made = await write_manifest_in_child(folder, source, None, progress,
-                                                     files_so_far)
+                made = await write_manifest_in_child(folder, source, progress, files_so_far)
                 files_so_far(made.files)
                 await in_worker(add_source, folder, source, progress=progress)
                 return made
@@ -934,8 +933,7 @@ class LocalDestination(Destination):
             # temporary file as the thread's walk does: an optional source's backup is
             # kept without it, and must not keep that either. Not on a lost disk.
             if self.lost is None:
-                with anyio.CancelScope(shield=True), anyio.move_on_after(self.answer_bound_s), \
-                        contextlib.suppress(OSError):
+                with anyio.CancelScope(shield=True), anyio.move_on_after(self.answer_bound_s):
                     await anyio.to_thread.run_sync(discard_unfinished, folder, source,
                                                    abandon_on_cancel=True)
             raise

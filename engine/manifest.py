@@ -24,6 +24,7 @@ and between the blocks of one file.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import hashlib
 import os
@@ -123,11 +124,10 @@ def temporary_name(final: str) -> str:
 
 
 def discard_unfinished(backup_dir: str, source: str) -> None:
-    """Remove what a manifest writer that was stopped midway left (its temporary file)."""
-    try:
+    """Remove what a manifest writer that was stopped midway left (its temporary file),
+    if it can: what it cannot remove, the backup's failure or its cleanup will."""
+    with contextlib.suppress(OSError):
         os.unlink(temporary_name(manifest_path(backup_dir, source)))
-    except (FileNotFoundError, NotADirectoryError):
-        pass
 
 
 def add_source(backup_dir: str, source: str) -> None:

@@ -65,15 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="manifest_child")
     parser.add_argument("backup_dir")
     parser.add_argument("source")
-    parser.add_argument("--earlier")
     parser.add_argument("--beat", type=float, required=True)
     args = parser.parse_args(argv)
     beat = _Beat(args.beat)
     try:
         # ``check`` comes between files and between the blocks of a big one: a
         # line then, as long as the reads move, even within one file.
-        made = write_manifest(args.backup_dir, args.source, args.earlier, beat.check,
-                              beat.on_file)
+        made = write_manifest(args.backup_dir, args.source, None, beat.check, beat.on_file)
     except OSError as e:
         _say(json.dumps({"error": {"errno": e.errno, "strerror": e.strerror,
                                    "filename": os.fsdecode(e.filename) if e.filename else None}}))

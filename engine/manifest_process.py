@@ -29,9 +29,10 @@ if TYPE_CHECKING:
 _LINE_CAP = 64 * 1024
 
 
-async def write_manifest_in_child(backup_dir: str, source: str, earlier: str | None,
-                                  progress: Progress, on_file: Callable[[int], None]) -> Made:
-    """``manifest.write_manifest(backup_dir, source, earlier)`` in a child process.
+async def write_manifest_in_child(backup_dir: str, source: str, progress: Progress,
+                                  on_file: Callable[[int], None]) -> Made:
+    """``manifest.write_manifest(backup_dir, source, None)`` in a child process: a
+    manifest with nothing to inherit.
 
     Each line it says pushes ``progress`` on and hands its count of files
     to ``on_file``. Raises OSError: the walk's own (errno, strerror and
@@ -41,8 +42,6 @@ async def write_manifest_in_child(backup_dir: str, source: str, earlier: str | N
     # started where someone left a ``pibackup_async`` folder would run their code.
     argv = [sys.executable, "-P", "-m", "pibackup_async.engine.manifest_child", backup_dir,
             source, "--beat", f"{min(1.0, progress.stall_s / 4):g}"]
-    if earlier is not None:
-        argv += ["--earlier", earlier]
     errors = Tail()
     last = b""
     async with managed_process(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as child:

@@ -75,6 +75,7 @@ import structlog
 from .allocated import written_bytes
 from .checksums import MANIFEST_DIR, manifest_path, sources_path
 from .damaged import load as load_damaged
+from .destination import ANSWER_BOUND_S
 from .failure_text import telling_line
 from .heartbeat import current
 from .manifest import write_manifest
@@ -88,7 +89,7 @@ from .threads import in_worker
 from .verify import sorted_manifest
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Iterator
+    from collections.abc import AsyncIterator, Callable, Iterable, Iterator
     from typing import BinaryIO
 
     from .config import Config
@@ -229,7 +230,7 @@ async def copy_backup(copy: BackupCopy) -> None:
         return
     log.warning("files do not match the origin's manifest; fetching them once more",
                 backup=copy.name, files=len(bad), first=_shown(bad[0]))
-    with _path_list(copy, bad) as listed:
+    async with _path_list(copy, bad) as listed:
         await _rsync(copy, "refetch", [f"--files-from={listed}", "--from0", "--ignore-times"])
     bad = await in_worker(_mismatches, copy, anyio.from_thread.check_cancelled)
     if bad:
@@ -360,7 +361,7 @@ async def _fetch_quick_matches(copy: BackupCopy, previous: str, what: str,
     taken = await in_worker(_undo_quick_matches, copy.in_progress_dir, previous, paths,
                             anyio.from_thread.check_cancelled)
     if taken:
-        with _path_list(copy, taken) as listed:
+        async with _path_list(copy, taken) as listed:
             await _rsync(copy, what, [f"--files-from={listed}", "--from0"])
 
 
@@ -477,22 +478,29 @@ def _opened(path: str) -> Iterator[BinaryIO | None]:
         yield stream
 
 
-@contextlib.contextmanager
-def _path_list(copy: BackupCopy, paths: list[bytes]) -> Iterator[str]:
-    """A file of ``paths`` for rsync (``--from0``: any name, a newline too), removed after;
-    "" when there are none."""
-    if not paths:
-        yield ""
-        return
-    fd, listed = tempfile.mkstemp(prefix=SCRATCH_PREFIX, suffix=".list", dir=copy.scratch)
+@contextlib.asynccontextmanager
+async def _path_list(copy: BackupCopy, paths: list[bytes]) -> AsyncIterator[str]:
+    """A file of ``paths`` for rsync (``--from0``: any name, a newline too) in the
+    mirror's scratch folder, written and removed off the event loop."""
+    listed = await in_worker(_write_path_list, copy.scratch, paths)
     try:
-        with os.fdopen(fd, "wb") as out:
-            for path in paths:
-                out.write(path + b"\0")
         yield listed
     finally:
-        with contextlib.suppress(OSError):
-            os.unlink(listed)
+        # Shielded, so a cancel still removes it; bounded, so a hung disk cannot hold on.
+        with anyio.move_on_after(ANSWER_BOUND_S, shield=True):
+            await in_worker(_remove_quietly, listed)
+
+
+def _write_path_list(scratch: str, paths: list[bytes]) -> str:
+    fd, listed = tempfile.mkstemp(prefix=SCRATCH_PREFIX, suffix=".list", dir=scratch)
+    with os.fdopen(fd, "wb") as out:
+        out.writelines(path + b"\0" for path in paths)
+    return listed
+
+
+def _remove_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 def _pattern(name: bytes) -> bytes:

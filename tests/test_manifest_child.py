@@ -82,7 +82,7 @@ async def test_the_childs_manifest_and_counts_are_the_walks_own(tmp_path: Path) 
     backup = odd_copy(tmp_path)
     here = write_manifest(str(backup), "data", None, into=str(tmp_path / "here.sha256"))
     seen: list[int] = []
-    there = await write_manifest_in_child(str(backup), "data", None, Progress(30), seen.append)
+    there = await write_manifest_in_child(str(backup), "data", Progress(30), seen.append)
     assert there == here
     assert (backup / ".pibackup" / "data.sha256").read_bytes() == \
         (tmp_path / "here.sha256").read_bytes()
@@ -100,7 +100,7 @@ async def test_the_child_never_imports_a_package_planted_in_the_working_folder(
     (planted / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
     backup = odd_copy(tmp_path)
     monkeypatch.chdir(planted.parent)
-    made = await write_manifest_in_child(str(backup), "data", None, Progress(30),
+    made = await write_manifest_in_child(str(backup), "data", Progress(30),
                                          lambda _: None)
     assert made.files == 8
     assert not marker.exists()
@@ -109,7 +109,7 @@ async def test_the_child_never_imports_a_package_planted_in_the_working_folder(
 async def test_an_error_of_the_walk_comes_back_as_its_oserror(tmp_path: Path) -> None:
     (tmp_path / "backup").mkdir()
     with pytest.raises(OSError) as raised:
-        await write_manifest_in_child(str(tmp_path / "backup"), "data", None, Progress(30),
+        await write_manifest_in_child(str(tmp_path / "backup"), "data", Progress(30),
                                       lambda _: None)
     assert raised.value.errno == errno.ENOENT
     assert raised.value.filename == str(tmp_path / "backup" / "data")
@@ -127,7 +127,7 @@ async def test_a_child_that_dies_is_an_error_that_says_how(tmp_path: Path) -> No
 
     # A stall bound of 2 s: the child says where it is every 0.5 s.
     with pytest.raises(OSError, match="manifest's process killed by SIGKILL") as raised:
-        await write_manifest_in_child(str(backup), "data", None, Progress(2), kill)
+        await write_manifest_in_child(str(backup), "data", Progress(2), kill)
     assert raised.value.errno == errno.EIO and killed
     assert not (backup / ".pibackup" / "data.sha256").exists()
 
@@ -140,7 +140,7 @@ async def test_a_cancelled_manifest_leaves_no_process(tmp_path: Path) -> None:
             scope.cancel()
 
         t0 = time.monotonic()
-        await write_manifest_in_child(str(backup), "data", None, Progress(2), cancel)
+        await write_manifest_in_child(str(backup), "data", Progress(2), cancel)
     assert scope.cancelled_caught
     assert time.monotonic() - t0 < 5
     assert children_reading(backup) == []
