@@ -100,6 +100,17 @@ def built_trees(work: Path, files: int = 20000) -> list[tuple[str, Path]]:
     return sources
 
 
+def fresh_first_backup(runs: Path, sources: list[tuple[str, Path]], jobs: int) -> Path:
+    """An empty destination under ``runs`` (what was there removed), its configuration,
+    and the page cache dropped: the configuration of a cold first backup."""
+    shutil.rmtree(runs, ignore_errors=True)
+    (runs / "dest").mkdir(parents=True)
+    config = engine_config(runs / "config.toml", runs / "dest", runs / "state", sources, jobs)
+    subprocess.run(["sync"], check=True)
+    drop_caches()
+    return config
+
+
 def change_one_percent(tree: Path, rep: int) -> int:
     """Rewrite every 100th file with new contents of the same size and a new mtime."""
     changed = 0

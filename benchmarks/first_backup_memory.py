@@ -28,8 +28,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench_manifest import CLI, built_trees, engine_config
-from benchkit import drop_caches
+from bench_manifest import CLI, built_trees, fresh_first_backup
 
 CHILD = b"pibackup_async.engine.manifest_child"
 
@@ -69,11 +68,7 @@ def main() -> int:
     args = parser.parse_args()
     sources = built_trees(args.work)
     runs = args.work / "memory-run"
-    shutil.rmtree(runs, ignore_errors=True)
-    (runs / "dest").mkdir(parents=True)
-    config = engine_config(runs / "config.toml", runs / "dest", runs / "state", sources, args.jobs)
-    subprocess.run(["sync"], check=True)
-    drop_caches()
+    config = fresh_first_backup(runs, sources, args.jobs)
     engine = subprocess.Popen([*CLI, "run", "-c", str(config), "--no-report", "--no-progress"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     peak_sum = peak_engine = most_at_once = 0

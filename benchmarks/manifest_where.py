@@ -20,12 +20,10 @@ import argparse
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
-from bench_manifest import CLI, CLI_OFF, built_trees, engine_config, one_run
-from benchkit import drop_caches
+from bench_manifest import CLI, CLI_OFF, built_trees, fresh_first_backup, one_run
 
 # The engine with every manifest that reads every file in a child (benchmark-only).
 CHILDREN_ONLY = """
@@ -62,12 +60,7 @@ def main() -> int:
         order = list(engines)
         random.shuffle(order)
         for name in order:
-            shutil.rmtree(runs, ignore_errors=True)
-            (runs / "dest").mkdir(parents=True)
-            config = engine_config(runs / "config.toml", runs / "dest", runs / "state",
-                                   sources, 4)
-            subprocess.run(["sync"], check=True)
-            drop_caches()
+            config = fresh_first_backup(runs, sources, 4)
             measured = one_run(config, runs / "state", engines[name])
             for key, values in series[name].items():
                 values.append(measured[key])

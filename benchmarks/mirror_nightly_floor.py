@@ -45,7 +45,6 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 import bench_mirror as bm
-from benchkit import drop_caches
 from mirror_nightly_pairs import nightly_stage
 from pibackup_async.engine.checksums import manifest_path
 from pibackup_async.engine.manifest import write_manifest
@@ -104,9 +103,7 @@ def main() -> int:
             order = ["hand", "mirror", "libraries", "bare"]
             random.shuffle(order)
             for which in order:
-                subprocess.run(["rm", "-rf", str(stage.newest), str(stage.state)], check=True)
-                subprocess.run(["sync"], check=True)
-                drop_caches()
+                stage.cold()
                 started = time.time()
                 if which == "hand":
                     subprocess.run(stage.hand, check=True)

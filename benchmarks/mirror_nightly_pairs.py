@@ -46,6 +46,13 @@ class Stage(NamedTuple):
     newest: Path  # where the newest backup's copy goes
     hand: list[str]  # the hand ``rsync --link-dest`` of the newest backup into ``newest``
 
+    def cold(self) -> None:
+        """Back to the night before: the newest copy and the mirror's state gone, the
+        page cache dropped."""
+        subprocess.run(["rm", "-rf", str(self.newest), str(self.state)], check=True)
+        subprocess.run(["sync"], check=True)
+        drop_caches()
+
 
 @contextlib.contextmanager
 def nightly_stage(name: str) -> Iterator[Stage]:
@@ -81,9 +88,7 @@ def main() -> int:
             order = list(times)
             random.shuffle(order)
             for which in order:
-                subprocess.run(["rm", "-rf", str(stage.newest), str(stage.state)], check=True)
-                subprocess.run(["sync"], check=True)
-                drop_caches()
+                stage.cold()
                 started = time.perf_counter()
                 subprocess.run(stage.hand if which == "hand" else bm.mirror_argv(stage.config),
                                check=True, stdout=subprocess.DEVNULL)
